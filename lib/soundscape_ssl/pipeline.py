@@ -1,0 +1,305 @@
+"""The pipeline driver: execute the numbered notebooks with papermill into `runs/<run_id>/`.
+
+A profile (`configs/<name>.yaml`) holds `shared` parameters given to every notebook and one
+section per notebook (keyed by its number, `"01"`, or its full stem) that overrides them. The
+driver resolves the profile, prepares the archive (generating and caching the synthetic one when
+`archive_dir` is `synthetic`), writes `params.yaml` and `manifest.json`, and runs each notebook
+with papermill into `runs/<run_id>/notebooks/` plus an HTML copy. A failing notebook stops the
+run with a non-zero exit that names the notebook and the cell; the partially executed notebook
+stays for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .provenance import environment_report, to_jsonable
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; carries which notebook and which cell, for the exit message.
+
+    `cell_index` counts the code and markdown cells of the executed notebook as papermill wrote
+    it (the injected-parameters cell included, papermill's error banner excluded); `exec_count`
+    is the `In [N]` a reader sees in JupyterLab or the HTML copy.
+    """
+
+    def __init__(self, notebook: str, cell_index: int | None, error: str, output_path: Path,
+                 exec_count: int | None = None, cell_source: str = ""):
+        self.notebook, self.cell_index, self.error, self.output_path = notebook, cell_index, error, output_path
+        self.exec_count, self.cell_source = exec_count, cell_source
+        where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
+        if exec_count is not None:
+            where += f" (In [{exec_count}])"
+        first_line = cell_source.strip().splitlines()[0] if cell_source.strip() else ""
+        super().__init__(f"notebook {notebook} failed in {where}: {error}\n"
+                         + (f"  the cell starts: {first_line}\n" if first_line else "")
+                         + f"  the partially executed notebook is at {output_path}")
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The folder holding `notebooks/` and `configs/`: from `start`, the cwd, or the package's checkout."""
+    candidates = [start] if start else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for candidate in candidates:
+        for folder in [candidate, *candidate.parents]:
+            if (folder / "notebooks").is_dir() and (folder / "configs").is_dir():
+                return folder
+    raise FileNotFoundError("no folder with notebooks/ and configs/ found above "
+                            f"{', '.join(str(c) for c in candidates)}; pass --repo-root")
+
+
+def load_profile(profile: str, repo_root: Path) -> tuple[dict[str, Any], Path]:
+    """A profile by name (`demo` → configs/demo.yaml) or by path; safe YAML only."""
+    path = Path(profile)
+    if not path.suffix:
+        path = repo_root / "configs" / f"{profile}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (repo_root / "configs").glob("*.yaml"))
+        raise FileNotFoundError(f"profile {profile!r} not found at {path}; available: {available}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"profile {path} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - {"description", "shared", "synthetic_archive", "notebooks"}
+    if unknown:
+        raise ValueError(f"profile {path} has unknown top-level keys {sorted(unknown)}")
+    return data, path
+
+
+def list_notebooks(repo_root: Path) -> list[Path]:
+    notebooks = sorted(p for p in (repo_root / "notebooks").glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
+    if not notebooks:
+        raise FileNotFoundError(f"no numbered notebooks in {repo_root / 'notebooks'}")
+    return notebooks
+
+
+def select_notebooks(notebooks: list[Path], only: list[str] | None = None,
+                     start_from: str | None = None) -> list[Path]:
+    """Filter by `--only 01 03` and/or `--from 02` (numbers or full stems)."""
+    def number(p: Path) -> str:
+        return p.name[:2]
+
+    def matches(p: Path, key: str) -> bool:
+        return key in (number(p), p.stem, p.name)
+
+    selected = notebooks
+    if start_from:
+        starts = [i for i, p in enumerate(notebooks) if matches(p, start_from)]
+        if not starts:
+            raise ValueError(f"--from {start_from!r} names no notebook; have {[p.stem for p in notebooks]}")
+        selected = notebooks[starts[0]:]
+    if only:
+        missing = [key for key in only if not any(matches(p, key) for p in notebooks)]
+        if missing:
+            raise ValueError(f"--only {missing} names no notebook; have {[p.stem for p in notebooks]}")
+        selected = [p for p in selected if any(matches(p, key) for key in only)]
+    return selected
+
+
+def notebook_parameters(profile: dict[str, Any], notebook: Path, run_dir: Path,
+                        archive_dir: Path) -> dict[str, Any]:
+    """Shared values, then the notebook's own section (by number or stem), then the run's paths."""
+    sections = profile.get("notebooks") or {}
+    params = dict(profile.get("shared") or {})
+    for key in (notebook.name[:2], notebook.stem):
+        params.update(sections.get(key) or {})
+    params["run_dir"] = str(run_dir)
+    params["archive_dir"] = str(archive_dir)
+    return params
+
+
+def synthetic_archive_dir(synth_fields: dict[str, Any], cache_root: Path) -> Path:
+    """The cache folder of a synthetic archive: named by a hash of its resolved config."""
+    from .synth import SynthConfig
+
+    config = SynthConfig(**synth_fields)
+    # `workers` changes speed, not content, so it stays out of the cache key.
+    content = {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}
+    digest = hashlib.sha256(json.dumps(to_jsonable(content), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root / f"synth-{digest}"
+
+
+def prepare_archive(profile: dict[str, Any], runs_root: Path, repo_root: Path) -> Path:
+    """The archive the notebooks read: the profile's folder (relative paths from the repository
+    root), or the cached synthetic archive."""
+    archive = str((profile.get("shared") or {}).get("archive_dir") or SYNTHETIC)
+    if archive != SYNTHETIC:
+        path = (repo_root / Path(archive).expanduser()).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"archive_dir {path} is not a folder")
+        return path
+    from .synth import SynthConfig, generate_archive
+
+    fields = dict(profile.get("synthetic_archive") or {})
+    out_dir = synthetic_archive_dir(fields, runs_root / "_cache")
+    marker = out_dir / ".complete"
+    if marker.is_file():
+        log.info("reusing the cached synthetic archive %s", out_dir)
+        return out_dir
+    if out_dir.exists():  # an interrupted generation: start that archive again from scratch
+        shutil.rmtree(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    log.info("generating the synthetic archive into %s", out_dir)
+    generate_archive(tmp_dir, SynthConfig(**fields))
+    tmp_dir.rename(out_dir)
+    marker.write_text(dt.datetime.now().isoformat() + "\n")
+    return out_dir
+
+
+def default_run_id(profile_path: Path) -> str:
+    return f"{profile_path.stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def export_html(notebook_path: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
+    html_path = notebook_path.with_suffix(".html")
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def execute_notebook(notebook: Path, output_path: Path, parameters: dict[str, Any], cwd: Path) -> None:
+    """Run one notebook with papermill; raise NotebookFailed naming the cell on any error."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output_path), parameters=parameters, cwd=str(cwd),
+            kernel_name="python3", progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+        )
+    except PapermillExecutionError as error:
+        raise NotebookFailed(notebook.stem, error.cell_index, f"{error.ename}: {error.evalue}", output_path,
+                             exec_count=error.exec_count, cell_source=_failed_cell_source(output_path)) from None
+
+
+def _failed_cell_source(output_path: Path) -> str:
+    """The source of the cell whose outputs hold the error, read back from the partial notebook."""
+    import nbformat
+
+    try:
+        executed = nbformat.read(output_path, as_version=4)
+    except Exception:  # an unreadable partial notebook must not mask the real failure
+        return ""
+    for cell in executed.cells:
+        if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
+            return cell.source
+    return ""
+
+
+def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[str] | None = None,
+                 start_from: str | None = None, repo_root: Path | None = None,
+                 runs_root: Path | None = None) -> Path:
+    """Resolve the profile, prepare the archive and execute the selected notebooks in order.
+
+    Returns the run folder. Rerunning with the same `run_id` reuses the folder, so later notebooks
+    can be rerun (`--from 03`) against the products of earlier ones.
+    """
+    repo_root = find_repo_root(repo_root)
+    profile_data, profile_path = load_profile(profile, repo_root)
+    runs_root = (runs_root or repo_root / "runs").resolve()
+    run_id = run_id or default_run_id(profile_path)
+    run_dir = runs_root / run_id
+    notebooks_out = run_dir / "notebooks"
+    notebooks_out.mkdir(parents=True, exist_ok=True)
+
+    selected = select_notebooks(list_notebooks(repo_root), only=only, start_from=start_from)
+    manifest_path = run_dir / "manifest.json"
+    manifest: dict[str, Any] = {
+        "run_id": run_id,
+        "profile": str(profile_path),
+        "command": sys.argv,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "finished": None,
+        "status": "running",
+        "environment": environment_report(repo_root),
+        "notebooks": [],
+    }
+    if manifest_path.is_file():  # a rerun into the same folder keeps the earlier notebooks' records
+        previous = json.loads(manifest_path.read_text())
+        rerun = {p.stem for p in selected}
+        manifest["notebooks"] = [n for n in previous.get("notebooks", []) if n.get("notebook") not in rerun]
+    _write_json(manifest_path, manifest)
+
+    t0 = time.perf_counter()
+    archive_dir = prepare_archive(profile_data, runs_root, repo_root)
+    manifest["archive_dir"] = str(archive_dir)
+    manifest["archive_prepare_s"] = round(time.perf_counter() - t0, 2)
+
+    resolved = {
+        "profile": str(profile_path),
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "archive_dir": str(archive_dir),
+        "synthetic_archive": profile_data.get("synthetic_archive") or {},
+        "notebooks": {p.stem: notebook_parameters(profile_data, p, run_dir, archive_dir) for p in selected},
+    }
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    failure: NotebookFailed | None = None
+    for notebook in selected:
+        record: dict[str, Any] = {"notebook": notebook.stem,
+                                  "started": dt.datetime.now().isoformat(timespec="seconds"),
+                                  "status": "running"}
+        manifest["notebooks"].append(record)
+        _write_json(manifest_path, manifest)
+        output_path = notebooks_out / notebook.name
+        start = time.perf_counter()
+        log.info("executing %s", notebook.name)
+        try:
+            execute_notebook(notebook, output_path, resolved["notebooks"][notebook.stem], cwd=repo_root)
+            record["status"] = "ok"
+        except NotebookFailed as error:
+            record.update(status="failed", failed_cell=error.cell_index, failed_exec_count=error.exec_count,
+                          error=error.error)
+            failure = error
+        record["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        record["wall_s"] = round(time.perf_counter() - start, 2)
+        if output_path.is_file():
+            try:
+                record["html"] = str(export_html(output_path).relative_to(run_dir))
+            except Exception as error:  # an HTML copy is a convenience; never hide the real outcome
+                log.warning("could not export %s to HTML: %s", output_path, error)
+        _write_json(manifest_path, manifest)
+        if failure:
+            break
+
+    manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    manifest["status"] = "failed" if failure else "ok"
+    manifest["wall_s"] = round(time.perf_counter() - t0, 2)
+    _write_json(manifest_path, manifest)
+    if failure:
+        raise failure
+    return run_dir
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -33,3 +33,23 @@ def test_notebook_has_one_parameters_cell_with_run_dir(path: Path) -> None:
     shell_escapes = [c.source for c in nb.cells if c.cell_type == "code"
                      and any(line.lstrip().startswith("!") for line in c.source.splitlines())]
     assert not shell_escapes, f"{path.name}: uses `!` shell escapes"
+
+
+@pytest.mark.slow
+def test_smoke_run_of_every_notebook(tmp_path: Path) -> None:
+    """configs/smoke.yaml through the real driver: every notebook executes and leaves its products."""
+    import json
+
+    from soundscape_ssl.pipeline import run_pipeline
+
+    run_dir = run_pipeline("smoke", run_id="smoke", repo_root=REPO, runs_root=tmp_path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok"
+    assert [n["notebook"] for n in manifest["notebooks"]] == [p.stem for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        assert (run_dir / "notebooks" / path.name).is_file()
+        assert (run_dir / "notebooks" / path.with_suffix(".html").name).is_file()
+    assert (run_dir / "params.yaml").is_file()
+    figures = {p.name for p in (run_dir / "figures").iterdir()}
+    assert "01_coverage_recorder_by_day.png" in figures and "01_coverage_recorder_by_day.pdf" in figures
+    assert (run_dir / "inventory" / "files.parquet").is_file()

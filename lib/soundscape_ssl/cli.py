@@ -93,6 +93,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_module_main(module: str, argv: list[str]) -> int:
+    """Subcommands whose module has its own argparse `main` (also run as `python -m`, e.g. under torchrun)."""
+    import importlib
+
+    from .pipeline import configure_logging
+
+    configure_logging()
+    return int(importlib.import_module(f"soundscape_ssl.{module}").main(argv) or 0)
+
+
+# subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
+PASSTHROUGH_COMMANDS = {"tile": "tiling"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soundscape-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -118,10 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     inventory.add_argument("--sites-csv", default=None, help="recorder, habitat, lat, lon (default: ARCHIVE/sites.csv)")
     inventory.add_argument("--out", default=None, help="folder for files.parquet, quarantine.parquet, config.json")
     inventory.set_defaults(handler=_cmd_inventory)
+
+    # Listed for --help only: main() hands their arguments to the module's own parser.
+    commands.add_parser("tile", help="tile an inventory into a log-mel tile store "
+                                     "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiling)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH_COMMANDS:
+        return _run_module_main(PASSTHROUGH_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     from .pipeline import configure_logging
 

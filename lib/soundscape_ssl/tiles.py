@@ -1,0 +1,267 @@
+"""The tile store: its on-disk layout and its readers (random access, sequential streaming).
+
+Layout of a store folder (written by `soundscape_ssl.tiling.tile_archive`)::
+
+    plan.json                       what is being built: configs, input fingerprint, unit count
+    units/unit-000000.npy           float16 (n, n_mels, n_frames) log-mel tiles in dB, per unit
+    units/unit-000000.skipped.parquet   audio of that unit that gave no tile, with a reason
+    units/unit-000000.parquet       that unit's tile index; written last, so it marks the unit done
+    index.parquet                   all tiles, row i = tile_id i (finalise)
+    skipped.parquet                 all skips (finalise)
+    config.json                     spectrogram config, normalisation statistics, counts (finalise,
+                                    written last: a store without it is unfinished)
+    finalize.lock                   empty; serialises finalisation between processes
+
+Why plain `.npy` shards: `np.load(mmap_mode="r")` gives zero-copy random access to any tile with
+no extra dependency, one file per work unit keeps each write atomic (tmp + rename) and lets a
+rerun skip finished units, and float16 halves the size (a 3 s tile is 64 KiB; dB values from
+-100 to ~+60 keep ~0.03 dB resolution). Global order: tile_id increases with (unit, row), which
+is file order (by relpath) then time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .spectrogram import SpectrogramConfig
+
+STAGE = "tiles"
+PLAN_FILE = "plan.json"
+UNITS_DIR = "units"
+INDEX_FILE = "index.parquet"
+SKIPPED_FILE = "skipped.parquet"
+CONFIG_FILE = "config.json"
+
+# One row per tile. Level statistics are computed on the tile's resampled waveform (rms, peak)
+# and on its mel power (flatness); mel_mean_db / mel_std_db on the stored float16 values, which
+# is what the normalisation statistics are combined from.
+UNIT_INDEX_SCHEMA = pa.schema([
+    ("recorder", pa.string()),
+    ("habitat", pa.string()),
+    ("path", pa.string()),
+    ("relpath", pa.string()),
+    ("file_start_time", pa.timestamp("ns")),
+    ("offset_s", pa.float64()),
+    ("timestamp", pa.timestamp("ns")),
+    ("source_sample_rate_hz", pa.int32()),
+    ("rms_dbfs", pa.float32()),
+    ("peak_dbfs", pa.float32()),
+    ("spectral_flatness", pa.float32()),
+    ("mel_mean_db", pa.float64()),
+    ("mel_std_db", pa.float64()),
+    ("shard", pa.int32()),
+    ("shard_row", pa.int32()),
+])
+INDEX_SCHEMA = pa.schema([pa.field("tile_id", pa.int64())] + list(UNIT_INDEX_SCHEMA))
+
+# One row per run of lost tiles of one file (or per file that gave no tile at all).
+SKIPPED_SCHEMA = pa.schema([
+    ("unit", pa.int32()),
+    ("path", pa.string()),
+    ("relpath", pa.string()),
+    ("recorder", pa.string()),
+    ("reason", pa.string()),       # machine-readable code, see soundscape_ssl.tiling.SKIP_REASONS
+    ("detail", pa.string()),       # human-readable message
+    ("offset_s", pa.float64()),    # start of the first lost tile; NaN when the file gave no tile
+    ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files shorter than a tile)
+])
+
+
+def unit_name(unit_id: int) -> str:
+    return f"unit-{unit_id:06d}"
+
+
+def shard_path(store_dir: str | os.PathLike, unit_id: int) -> Path:
+    return Path(store_dir) / UNITS_DIR / f"{unit_name(unit_id)}.npy"
+
+
+def unit_index_path(store_dir: str | os.PathLike, unit_id: int) -> Path:
+    return Path(store_dir) / UNITS_DIR / f"{unit_name(unit_id)}.parquet"
+
+
+def unit_skipped_path(store_dir: str | os.PathLike, unit_id: int) -> Path:
+    return Path(store_dir) / UNITS_DIR / f"{unit_name(unit_id)}.skipped.parquet"
+
+
+def read_store_metadata(store_dir: str | os.PathLike) -> dict[str, Any]:
+    """The store's `config.json`; a clear error when the store is missing or unfinished."""
+    path = Path(store_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {store_dir} is not a finished tile store (run the tiling to the "
+            "end, or `python -m soundscape_ssl.tiling --finalize-only --out STORE`)")
+    metadata = json.loads(path.read_text())
+    if metadata.get("stage") != STAGE:
+        raise ValueError(f"{path} belongs to stage {metadata.get('stage')!r}, not {STAGE!r}")
+    return metadata
+
+
+class TileStore:
+    """Random access to a finished tile store: `store[i]` is tile i, O(1), via memory-mapped shards.
+
+    Shards are opened lazily with `np.load(mmap_mode="r")` and kept in a small LRU (each open
+    memory map holds a file descriptor; archives can have thousands of shards). Safe to use in
+    DataLoader workers: open maps are not pickled, each worker opens its own.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, max_open_shards: int = 64) -> None:
+        self.store_dir = Path(store_dir)
+        self.metadata = read_store_metadata(self.store_dir)
+        self.config = SpectrogramConfig.from_dict(self.metadata["config"])
+        self.normalization: dict[str, float] = {
+            "mean": float(self.metadata["normalization"]["mean"]),
+            "std": float(self.metadata["normalization"]["std"]),
+        }
+        locations = pq.read_table(self.store_dir / INDEX_FILE, columns=["shard", "shard_row"])
+        # int32 locations: 8 bytes per tile, copied into every DataLoader worker
+        self._shard = locations.column("shard").to_numpy().astype(np.int32)
+        self._row = locations.column("shard_row").to_numpy().astype(np.int32)
+        self._max_open_shards = max(1, max_open_shards)
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._index: pd.DataFrame | None = None
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return (self.config.n_mels, self.config.n_frames)
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """The tile index as a pandas DataFrame (row i = tile i), loaded on first use."""
+        if self._index is None:
+            self._index = pq.read_table(self.store_dir / INDEX_FILE).to_pandas()
+        return self._index
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Audio that gave no tile, with reasons (pandas DataFrame)."""
+        return pq.read_table(self.store_dir / SKIPPED_FILE).to_pandas()
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def shard(self, unit_id: int) -> np.ndarray:
+        """The memory-mapped float16 array of one shard (n, n_mels, n_frames)."""
+        shard = self._open.get(unit_id)
+        if shard is not None:
+            self._open.move_to_end(unit_id)
+            return shard
+        shard = np.load(shard_path(self.store_dir, unit_id), mmap_mode="r")
+        if shard.dtype != np.float16 or shard.shape[1:] != self.tile_shape:
+            raise ValueError(f"shard {unit_id} has {shard.dtype} {shard.shape}, expected float16 "
+                             f"(n, {self.tile_shape[0]}, {self.tile_shape[1]})")
+        self._open[unit_id] = shard
+        if len(self._open) > self._max_open_shards:
+            self._open.popitem(last=False)
+        return shard
+
+    def _position(self, tile_id: int) -> int:
+        n = len(self)
+        position = int(tile_id) + n if tile_id < 0 else int(tile_id)
+        if not 0 <= position < n:
+            raise IndexError(f"tile {tile_id} out of range for a store of {n} tiles")
+        return position
+
+    def __getitem__(self, tile_id: int) -> np.ndarray:
+        """Tile `tile_id`: float16 (n_mels, n_frames) log-mel in dB, unnormalised (a copy)."""
+        position = self._position(tile_id)
+        return np.array(self.shard(int(self._shard[position]))[int(self._row[position])])
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Tiles [start, stop) as one float16 array, read shard by shard with contiguous slices."""
+        start, stop = max(0, start), min(len(self), stop)
+        out = np.empty((max(0, stop - start),) + self.tile_shape, np.float16)
+        position = start
+        while position < stop:
+            unit_id, row = int(self._shard[position]), int(self._row[position])
+            shard = self.shard(unit_id)
+            count = min(stop - position, shard.shape[0] - row)
+            out[position - start:position - start + count] = shard[row:row + count]
+            position += count
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_index"] = None
+        return state
+
+
+def normalize_tiles(tiles: np.ndarray | torch.Tensor,
+                    normalization: dict[str, float]) -> torch.Tensor:
+    """float16/float32 dB tiles -> float32 tensor (x - mean) / std with the store's statistics."""
+    if isinstance(tiles, np.ndarray):
+        tensor = torch.from_numpy(tiles.astype(np.float32))
+    else:
+        tensor = tiles.to(torch.float32)
+    return (tensor - normalization["mean"]) / normalization["std"]
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Training view of a store: item i is a float32 tensor (1, n_mels, n_frames).
+
+    Normalised with the store's global mean/std (dB) when `normalize` is true.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, normalize: bool = True) -> None:
+        self.store = TileStore(store_dir)
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        tile = self.store[index]
+        if self.normalize:
+            return normalize_tiles(tile, self.store.normalization).unsqueeze(0)
+        return torch.from_numpy(tile.astype(np.float32)).unsqueeze(0)
+
+
+class TileBatch(NamedTuple):
+    tile_ids: np.ndarray     # (B,) int64, rows of the store's index
+    tiles: torch.Tensor      # (B, 1, n_mels, n_frames) float32
+
+
+class TileStream:
+    """Sequential inference over a store in batches, in tile_id order, with flat memory.
+
+    Reads contiguous slices of each shard (no per-tile random access). `rank` / `world_size`
+    split the store into contiguous, near-equal ranges so that ranks of a distributed inference
+    job read disjoint shards.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, batch_size: int = 256, normalize: bool = True,
+                 start: int = 0, stop: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
+        self.store = TileStore(store_dir)
+        self.batch_size = batch_size
+        self.normalize = normalize
+        first, last = max(0, start), len(self.store) if stop is None else min(stop, len(self.store))
+        span = max(0, last - first)
+        self.start = first + span * rank // world_size
+        self.stop = first + span * (rank + 1) // world_size
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return -(-(self.stop - self.start) // self.batch_size)
+
+    def __iter__(self) -> Iterator[TileBatch]:
+        for batch_start in range(self.start, self.stop, self.batch_size):
+            batch_stop = min(batch_start + self.batch_size, self.stop)
+            tiles = self.store.read_range(batch_start, batch_stop)
+            tensor = (normalize_tiles(tiles, self.store.normalization) if self.normalize
+                      else torch.from_numpy(tiles.astype(np.float32)))
+            yield TileBatch(np.arange(batch_start, batch_stop, dtype=np.int64), tensor.unsqueeze(1))

@@ -1,0 +1,404 @@
+"""Tiling an archive into a store, and reading it back: counts, times, resume, ranks, bad audio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from soundscape_ssl.spectrogram import SpectrogramConfig, waveform_to_tiles
+from soundscape_ssl.tiles import TileDataset, TileStore, TileStream
+from soundscape_ssl.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
+                                   plan_tiling, resolve_rank, tile_archive)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SOUNDSCAPES = REPO.parent / "shared" / "data" / "soundscapes"
+CONFIG = SpectrogramConfig()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small tensors: extra threads only spin on a shared machine. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate_hz: int, subtype: str = "PCM_16",
+              format: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, sample_rate_hz, subtype=subtype, format=format)
+    return path
+
+
+def noise(seconds: float, sample_rate_hz: int, seed: int, channels: int = 1) -> np.ndarray:
+    shape = (round(seconds * sample_rate_hz),) + ((channels,) if channels > 1 else ())
+    return (np.random.default_rng(seed).standard_normal(shape) * 0.1).astype(np.float32)
+
+
+def inventory(root: Path, paths: list[Path], habitat: str | None = "canopy") -> pd.DataFrame:
+    """The files table as soundscape_ssl.archive documents it (headers via soundfile)."""
+    rows = []
+    for path in paths:
+        relpath = path.relative_to(root).as_posix()
+        recorder, _, rest = path.stem.partition("_")
+        try:
+            start_time = pd.to_datetime(rest, format="%Y%m%d_%H%M%S")
+        except ValueError:
+            start_time = pd.NaT
+        info = sf.info(path)
+        rows.append(dict(recorder=recorder, habitat=habitat, lat=np.nan, lon=np.nan, path=str(path),
+                         relpath=relpath, start_time=start_time, duration_s=info.duration,
+                         sample_rate_hz=info.samplerate, channels=info.channels,
+                         format=info.format, subtype=info.subtype, frames=info.frames,
+                         bytes=path.stat().st_size))
+    table = pd.DataFrame(rows)
+    table["start_time"] = table["start_time"].astype("datetime64[ns]")
+    return table
+
+
+def expected_tiles(frames: int, rate_hz: int, config: SpectrogramConfig = CONFIG) -> int:
+    """Whole tiles, from exact rational seconds (independent of the implementation's integers)."""
+    duration = Fraction(frames, rate_hz)
+    tile, hop = Fraction(config.tile_s), Fraction(config.tile_hop_s)
+    return 0 if duration < tile else int((duration - tile) // hop) + 1
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    return {path.relative_to(store).as_posix(): path.read_bytes()
+            for path in sorted(store.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time."""
+    root = tmp_path_factory.mktemp("archive")
+    specs = [  # relpath stem, seconds, rate
+        ("R2/R2_20190522_000000", 10.0, 22050),
+        ("R1/R1_20190524_053000", 9.0, 44100),
+        ("R1/R1_20190524_060000", 3.0 - 1 / 44100, 44100),   # one frame short of a tile
+        ("R1/R1_20190524_063000", 7.7, 44100),
+        ("R1/unnamed", 6.0, 32000),
+        ("R3/R3_20190601_120000", 4.0, 48000),
+    ]
+    paths = [write_wav(root / f"{stem}.wav", noise(seconds, rate, seed), rate)
+             for seed, (stem, seconds, rate) in enumerate(specs)]
+    return root, inventory(root, paths)
+
+
+SMALL_UNITS = TilingConfig(unit_max_tiles=2, decode_block_s=1.3)
+
+
+@pytest.fixture(scope="module")
+def reference_store(archive, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("reference") / "tiles"
+    summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, rank=0, world_size=1,
+                           show_progress=False)
+    assert summary.finalized and summary.n_tiles_total == 11
+    return store
+
+
+def test_tile_counts_and_timestamps_match_the_archive(archive, reference_store):
+    _, files = archive
+    index = TileStore(reference_store).index
+    assert index["tile_id"].tolist() == list(range(len(index)))
+    assert index["relpath"].is_monotonic_increasing            # file order, then time
+    for _, file in files.iterrows():
+        tiles = index[index["relpath"] == file["relpath"]]
+        n = expected_tiles(file["frames"], file["sample_rate_hz"])
+        assert len(tiles) == n, file["relpath"]
+        assert tiles["offset_s"].tolist() == [3.0 * k for k in range(n)]
+        if n and pd.notna(file["start_time"]):
+            expected = [file["start_time"] + pd.Timedelta(seconds=3.0 * k) for k in range(n)]
+            assert tiles["timestamp"].tolist() == expected
+            assert (tiles["file_start_time"] == file["start_time"]).all()
+        if pd.isna(file["start_time"]):
+            assert tiles["timestamp"].isna().all() and tiles["file_start_time"].isna().all()
+        assert (tiles["recorder"] == file["recorder"]).all()
+        assert (tiles["habitat"] == "canopy").all()
+    config = json.loads((reference_store / "config.json").read_text())
+    assert config["counts"]["n_tiles"] == 11
+    assert config["counts"]["skipped"] == {"shorter_than_tile": {"records": 1, "tiles_lost": 0}}
+    assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.7 and 4 s files
+    assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.7 + 1.0)
+    assert SpectrogramConfig.from_dict(config["config"]) == CONFIG
+
+
+def test_stored_tiles_equal_tiling_the_decoded_file(archive, reference_store):
+    """Streaming in 1.3 s decode blocks and 2-tile units gives the tiles of the whole signal."""
+    _, files = archive
+    store = TileStore(reference_store)
+    for _, file in files.iterrows():
+        samples, rate = sf.read(file["path"], dtype="float32")
+        expected, _ = waveform_to_tiles(samples, rate)
+        rows = np.flatnonzero(store.index["relpath"].to_numpy() == file["relpath"])
+        stored = np.stack([store[int(i)] for i in rows]) if len(rows) else \
+            expected[:0].astype(np.float16)
+        assert stored.dtype == np.float16 and stored.shape == expected.shape
+        np.testing.assert_allclose(stored.astype(np.float32), expected, atol=0.05)
+
+
+def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path):
+    """Hop 1.5 s < tile 3 s: tiles straddle decode blocks and still equal in-memory tiling."""
+    _, files = archive
+    config = SpectrogramConfig(tile_hop_s=1.5)
+    store = tmp_path / "tiles"
+    tile_archive(files, store, config=config, tiling=TilingConfig(unit_max_tiles=4,
+                                                                  decode_block_s=1.0),
+                 show_progress=False)
+    tiles = TileStore(store)
+    assert tiles.config == config
+    for _, file in files.iterrows():
+        samples, rate = sf.read(file["path"], dtype="float32")
+        expected, offsets = waveform_to_tiles(samples, rate, config)
+        rows = np.flatnonzero(tiles.index["relpath"].to_numpy() == file["relpath"])
+        assert len(rows) == expected_tiles(file["frames"], rate, config)
+        assert tiles.index["offset_s"].to_numpy()[rows].tolist() == offsets.tolist()
+        for row, tile in zip(rows, expected):
+            np.testing.assert_allclose(tiles[int(row)].astype(np.float32), tile, atol=0.05)
+
+
+def test_readers_give_random_access_streaming_and_normalised_tensors(reference_store):
+    store = TileStore(reference_store)
+    everything = np.stack([store[i] for i in range(len(store))]).astype(np.float64)
+    # the stored normalisation is the mean / std of every stored value
+    assert store.normalization["mean"] == pytest.approx(everything.mean(), abs=1e-9)
+    assert store.normalization["std"] == pytest.approx(everything.std(), rel=1e-9)
+    np.testing.assert_array_equal(store[-1], store[len(store) - 1])
+    np.testing.assert_array_equal(store.read_range(1, 7), np.stack([store[i] for i in range(1, 7)]))
+    with pytest.raises(IndexError):
+        store[len(store)]
+
+    dataset = TileDataset(reference_store)
+    item = dataset[3]
+    assert item.shape == (1, 128, 256) and item.dtype == torch.float32
+    stacked = torch.stack([dataset[i] for i in range(len(dataset))]).double()
+    assert stacked.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert stacked.std(correction=0).item() == pytest.approx(1.0, abs=1e-3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, num_workers=0)
+    assert sum(len(batch) for batch in loader) == len(dataset)
+
+    batches = list(TileStream(reference_store, batch_size=3, normalize=False))
+    assert [len(b.tile_ids) for b in batches] == [3, 3, 3, 2]
+    assert np.concatenate([b.tile_ids for b in batches]).tolist() == list(range(len(store)))
+    assert torch.equal(batches[1].tiles[0, 0], torch.from_numpy(store[3].astype(np.float32)))
+    halves = [np.concatenate([b.tile_ids for b in TileStream(reference_store, batch_size=4,
+                                                             rank=r, world_size=2)])
+              for r in (0, 1)]
+    assert sorted(np.concatenate(halves).tolist()) == list(range(len(store)))
+    assert not set(halves[0]) & set(halves[1])
+
+
+def _run_tiling_process(files_parquet: Path, store: Path, extra_env: dict[str, str],
+                        ) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(REPO / "lib"), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1", **extra_env}
+    command = [sys.executable, "-m", "soundscape_ssl.tiling", "--inventory", str(files_parquet),
+               "--out", str(store), "--no-progress", "--threads", "1",
+               "--unit-max-tiles", str(SMALL_UNITS.unit_max_tiles),
+               "--decode-block-s", str(SMALL_UNITS.decode_block_s)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_a_byte_identical_store(archive, reference_store, tmp_path):
+    files_parquet = tmp_path / "files.parquet"
+    archive[1].to_parquet(files_parquet)
+    store = tmp_path / "tiles"
+    killed = _run_tiling_process(files_parquet, store, {KILL_AFTER_UNITS_ENV: "2"})
+    _, stderr = killed.communicate(timeout=120)
+    assert killed.returncode == -9, stderr
+    assert not (store / "config.json").exists()
+    done = sorted(p.name for p in (store / "units").glob("unit-*[0-9].parquet"))
+    assert done == ["unit-000000.parquet", "unit-000001.parquet"]
+    assert (store / "units" / "unit-000002.npy.tmp").exists()       # died mid-unit
+
+    summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False,
+                           rank=0, world_size=1)
+    assert (summary.units_already_done, summary.units_written) == (2, 4)
+    assert store_files(store) == store_files(reference_store)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_rank_store(archive, reference_store, tmp_path):
+    files_parquet = tmp_path / "files.parquet"
+    archive[1].to_parquet(files_parquet)
+    store = tmp_path / "tiles"
+    ranks = [_run_tiling_process(files_parquet, store, {"RANK": str(r), "WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    summaries = []
+    for process in ranks:
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [s["units_assigned"] for s in summaries] == [3, 3]    # units 0,2,4 and 1,3,5
+    assert any(s["finalized"] for s in summaries)
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_sequential_ranks_then_finalise(archive, reference_store, tmp_path):
+    store = tmp_path / "tiles"
+    first = tile_archive(archive[1], store, tiling=SMALL_UNITS, rank=1, world_size=3,
+                         show_progress=False)
+    assert not first.finalized and first.units_written == 2   # units 1 and 4
+    with pytest.raises(RuntimeError, match="not done"):
+        finalize_store(store)
+    for rank in (2, 0):
+        tile_archive(archive[1], store, tiling=SMALL_UNITS, rank=rank, world_size=3,
+                     show_progress=False)
+    assert store_files(store) == store_files(reference_store)
+    again = tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False)
+    assert again.units_written == 0 and again.finalized
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_rank_comes_from_the_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_rank() == (3, 4)
+    assert resolve_rank(0, 1) == (0, 1)
+    with pytest.raises(ValueError):
+        resolve_rank(4, 4)
+
+
+def test_work_units_do_not_depend_on_world_size(archive):
+    plan = plan_tiling(archive[1], CONFIG, SMALL_UNITS)
+    assert [unit.n_tiles for unit in plan.units] == [2, 2, 2, 2, 2, 1]
+    for world_size in (1, 2, 3, 7):
+        shares = [plan.units_for_rank(r, world_size) for r in range(world_size)]
+        assert sorted(u.unit_id for share in shares for u in share) == list(range(6))
+
+
+def test_a_store_refuses_a_different_plan(archive, reference_store, tmp_path):
+    store = tmp_path / "tiles"
+    tile_archive(archive[1].iloc[:2], store, tiling=SMALL_UNITS, show_progress=False)
+    with pytest.raises(ValueError, match="different inventory or config"):
+        tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> tuple[Path, pd.DataFrame, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    good = noise(10.0, 44100, 10)
+    paths = {}
+    paths["zero"] = root / "Z_20200101_000000.wav"
+    paths["zero"].write_bytes(b"")
+    paths["header_only"] = write_wav(root / "H_20200101_000000.wav", good[:0], 44100)
+    paths["truncated"] = write_wav(root / "T_20200101_000000.wav", good, 44100)
+    with_nan = noise(10.0, 44100, 11)
+    with_nan[round(4.0 * 44100)] = np.nan                         # inside tile 1 (3-6 s)
+    with_nan[round(9.5 * 44100)] = np.inf                         # in the dropped tail
+    paths["nan"] = write_wav(root / "N_20200101_000000.wav", with_nan, 44100, subtype="FLOAT")
+    paths["stereo"] = write_wav(root / "S_20200101_000000.wav", noise(6.0, 44100, 12, 2), 44100)
+    paths["8k"] = write_wav(root / "E_20200101_000000.wav", noise(6.5, 8000, 13), 8000)
+    paths["96k_float"] = write_wav(root / "F_20200101_000000.wav", noise(6.0, 96000, 14), 96000,
+                                   subtype="FLOAT")
+    paths["24bit"] = write_wav(root / "P_20200101_000000.wav", noise(6.0, 48000, 15), 48000,
+                               subtype="PCM_24")
+    paths["short"] = write_wav(root / "Q_20200101_000000.wav", noise(1.0, 44100, 16), 44100)
+    paths["4k"] = write_wav(root / "L_20200101_000000.wav", noise(6.0, 4000, 17), 4000)
+    paths["changed"] = write_wav(root / "M_20200101_000000.wav", noise(6.0, 48000, 20), 48000)
+    paths["flac"] = write_wav(root / "C_20200101_000000.flac", noise(30.0, 44100, 18), 44100,
+                              format="FLAC")
+    files = inventory(root, [p for p in paths.values() if p.stat().st_size > 0])
+    zero = dict(files.iloc[0])                  # what an inventory might still pass along
+    zero.update(path=str(paths["zero"]), relpath=paths["zero"].name, recorder="Z", frames=0,
+                sample_rate_hz=0, channels=0, duration_s=0.0)
+    files = pd.concat([files, pd.DataFrame([zero])], ignore_index=True)
+    files.loc[files["path"] == str(paths["changed"]), "sample_rate_hz"] = 44100  # stale inventory
+    # damage after the scan: cut the WAV to 65 %, overwrite 20 kB inside the FLAC
+    data = paths["truncated"].read_bytes()
+    paths["truncated"].write_bytes(data[:len(data) * 65 // 100])  # 6.5 s of 10
+    flac = bytearray(paths["flac"].read_bytes())
+    middle = len(flac) // 2
+    garbage = np.random.default_rng(19).integers(0, 256, 20000, np.uint8).tobytes()
+    flac[middle:middle + 20000] = garbage
+    paths["flac"].write_bytes(bytes(flac))
+    return root, files, paths
+
+
+def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, tmp_path):
+    root, files, paths = bad_corpus
+    store = tmp_path / "tiles"
+    summary = tile_archive(files, store, show_progress=False, rank=0, world_size=1)
+    assert summary.finalized
+    tiles = TileStore(store)
+    index, skipped = tiles.index, tiles.skipped
+
+    def offsets(key: str) -> list[float]:
+        return index.loc[index["path"] == str(paths[key]), "offset_s"].tolist()
+
+    def reasons(key: str) -> list[str]:
+        return skipped.loc[skipped["path"] == str(paths[key]), "reason"].tolist()
+
+    assert reasons("zero") == ["unreadable"]
+    assert reasons("header_only") == ["no_frames"]
+    assert reasons("short") == ["shorter_than_tile"]
+    assert reasons("4k") == ["unsupported_sample_rate"]
+    assert reasons("changed") == ["header_mismatch"] and offsets("changed") == []
+    assert offsets("truncated") == [0.0, 3.0] and reasons("truncated") == ["truncated"]
+    assert offsets("nan") == [0.0, 6.0] and reasons("nan") == ["non_finite_samples"]
+    nan_skip = skipped[skipped["path"] == str(paths["nan"])].iloc[0]
+    assert (nan_skip["offset_s"], nan_skip["n_tiles_lost"]) == (3.0, 1)
+    for key, n in (("stereo", 2), ("8k", 2), ("96k_float", 2), ("24bit", 2)):
+        assert offsets(key) == [3.0 * k for k in range(n)] and reasons(key) == [], key
+    # corrupt FLAC frames: lost tiles are reported, the tiles before them are kept
+    flac_kept, flac_lost = offsets("flac"), skipped[skipped["path"] == str(paths["flac"])]
+    assert set(flac_lost["reason"]) == {"decode_error"}
+    assert flac_kept[:3] == [0.0, 3.0, 6.0]
+    assert len(flac_kept) + flac_lost["n_tiles_lost"].sum() == 10
+    # kept tiles are the real audio, e.g. the stereo file's channel mean
+    stereo, _ = sf.read(paths["stereo"], dtype="float32")
+    expected, _ = waveform_to_tiles(stereo.mean(axis=1), 44100)
+    row = int(index.index[index["path"] == str(paths["stereo"])][0])
+    np.testing.assert_allclose(tiles[row].astype(np.float32), expected[0], atol=0.05)
+    assert np.isfinite(np.stack([tiles[i] for i in range(len(tiles))]).astype(np.float32)).all()
+
+    counts = json.loads((store / "config.json").read_text())["counts"]
+    assert counts["skipped"]["non_finite_samples"] == {"records": 1, "tiles_lost": 1}
+    assert counts["skipped"]["truncated"] == {"records": 1, "tiles_lost": 1}
+    assert counts["skipped"]["unreadable"]["records"] == 1
+    assert counts["n_tiles"] == len(index) == counts["n_tiles_planned"] - counts["tiles_lost"]
+
+
+def test_command_line_tiles_an_inventory_and_finalises(archive, reference_store, tmp_path, capsys):
+    inventory_dir = tmp_path / "inventory"
+    inventory_dir.mkdir()
+    archive[1].to_parquet(inventory_dir / "files.parquet")
+    store = tmp_path / "tiles"
+    assert main(["--inventory", str(inventory_dir), "--out", str(store), "--no-progress",
+                 "--unit-max-tiles", "2", "--decode-block-s", "1.3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_tiles_total"] == 11
+    assert main(["--out", str(store), "--finalize-only"]) == 0
+    assert store_files(store) == store_files(reference_store)
+
+
+@pytest.mark.realdata
+def test_tiles_the_shared_real_recordings(tmp_path):
+    if not SHARED_SOUNDSCAPES.is_dir():
+        pytest.skip(f"{SHARED_SOUNDSCAPES} not present")
+    paths = sorted(SHARED_SOUNDSCAPES.rglob("*.wav"))
+    files = inventory(SHARED_SOUNDSCAPES, paths, habitat=None)
+    store = tmp_path / "tiles"
+    summary = tile_archive(files, store, show_progress=False, rank=0, world_size=1)
+    index = TileStore(store).index
+    planned = sum(expected_tiles(f, r) for f, r in zip(files["frames"], files["sample_rate_hz"]))
+    assert summary.n_tiles_total == len(index) == planned
+    sm4 = index[index["recorder"] == "S4A03895"]
+    assert len(sm4) == 96 * 3                                      # 10 s files -> 3 tiles each
+    first = sm4.iloc[1]
+    assert first["timestamp"] == pd.Timestamp("2019-05-22 00:00:03")
+    assert index["rms_dbfs"].between(-120, 0).all()
+    assert index["spectral_flatness"].between(0, 1).all()

@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -127,11 +128,13 @@ def notebook_parameters(profile: dict[str, Any], notebook: Path, run_dir: Path,
 
 def synthetic_archive_dir(synth_fields: dict[str, Any], cache_root: Path) -> Path:
     """The cache folder of a synthetic archive: named by a hash of its resolved config."""
-    from .synth import SynthConfig
+    from .synth import GENERATOR_VERSION, SynthConfig
 
     config = SynthConfig(**synth_fields)
-    # `workers` changes speed, not content, so it stays out of the cache key.
+    # `workers` changes speed, not content, so it stays out of the cache key; the generator's
+    # version goes in, so a changed generator never reuses an archive made by an older one.
     content = {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}
+    content["generator_version"] = GENERATOR_VERSION
     digest = hashlib.sha256(json.dumps(to_jsonable(content), sort_keys=True).encode()).hexdigest()[:12]
     return cache_root / f"synth-{digest}"
 
@@ -248,6 +251,8 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
         manifest["notebooks"] = [n for n in previous.get("notebooks", []) if n.get("notebook") not in rerun]
     _write_json(manifest_path, manifest)
 
+    # Progress bars in batch logs: a line every 10 s rather than every 0.1 s (tqdm reads TQDM_*).
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
     t0 = time.perf_counter()
     archive_dir = prepare_archive(profile_data, runs_root, repo_root)
     manifest["archive_dir"] = str(archive_dir)

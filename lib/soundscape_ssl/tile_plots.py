@@ -1,0 +1,116 @@
+"""Drawing log-mel tiles for people: galleries with time and frequency axes, tile statistics.
+
+Figures are `matplotlib.figure.Figure` objects (no pyplot state), saved by the caller with
+`soundscape_ssl.figures.save_figure`. The frequency axis is labelled in kHz at the mel bands'
+real centre frequencies, so a 4 kHz call reads as 4 kHz on every tile.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .spectrogram import SpectrogramConfig, mel_band_centers_hz
+
+FREQUENCY_TICKS_KHZ = (0.5, 1, 2, 4, 8, 12)
+
+
+def draw_tile(axes: Axes, tile_db: np.ndarray, config: SpectrogramConfig, title: str | None = None,
+              dynamic_range_db: float = 80.0, label_axes: bool = True) -> None:
+    """One log-mel tile (n_mels x n_frames, dB) with time in s and frequency in kHz.
+
+    The colour scale spans `dynamic_range_db` below the tile's maximum, so a quiet tile shows its
+    own structure instead of a uniform dark square.
+    """
+    tile_db = np.asarray(tile_db, dtype=np.float32)
+    top = float(tile_db.max())
+    duration_s = config.n_frames * config.hop_length / config.sample_rate_hz
+    axes.imshow(tile_db, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+                vmin=top - dynamic_range_db, vmax=top, extent=(0.0, duration_s, -0.5, config.n_mels - 0.5))
+    centres_hz = mel_band_centers_hz(config)
+    ticks = [khz for khz in FREQUENCY_TICKS_KHZ if centres_hz[0] <= khz * 1000 <= centres_hz[-1]]
+    axes.set_yticks(np.interp([khz * 1000 for khz in ticks], centres_hz, np.arange(config.n_mels)),
+                    labels=[f"{khz:g}" for khz in ticks] if label_axes else [])
+    if label_axes:
+        axes.set_xlabel("time (s)")
+        axes.set_ylabel("frequency (kHz)")
+    else:
+        axes.set_xticklabels([])
+    if title:
+        axes.set_title(title, fontsize=8)
+
+
+def plot_tile_gallery(tiles: Sequence[np.ndarray], titles: Sequence[str], config: SpectrogramConfig,
+                      n_cols: int = 4, row_labels: Sequence[str] | None = None,
+                      suptitle: str | None = None) -> Figure:
+    """A grid of tiles, filled row by row; with `row_labels`, one row per label of `n_cols` tiles."""
+    n_rows = max(1, int(np.ceil(len(tiles) / n_cols)))
+    figure = Figure(figsize=(2.4 * n_cols + 0.8, 1.7 * n_rows + 0.6), layout="constrained")
+    grid = figure.subplots(n_rows, n_cols, squeeze=False)
+    for i, axes in enumerate(grid.flat):
+        if i >= len(tiles):
+            axes.axis("off")
+            continue
+        row, col = divmod(i, n_cols)
+        draw_tile(axes, tiles[i], config, title=titles[i], label_axes=(col == 0 and row == n_rows - 1))
+        if row_labels is not None and col == 0:
+            axes.set_ylabel(row_labels[row], fontsize=8)
+    if suptitle:
+        figure.suptitle(suptitle)
+    return figure
+
+
+def pick_examples(index: pd.DataFrame, by: str | pd.Series, n_per_group: int, seed: int = 0,
+                  groups: Sequence[str] | None = None) -> pd.DataFrame:
+    """Up to `n_per_group` random rows per group (deterministic for a seed), groups in order.
+
+    `by` is a column of `index` or a Series aligned with it; returns the chosen rows with a
+    `group` column, ordered by group and then by position in `index`.
+    """
+    keys = index[by] if isinstance(by, str) else pd.Series(by, index=index.index)
+    order = list(groups) if groups is not None else sorted(keys.dropna().unique(), key=str)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for group in order:
+        rows = np.flatnonzero((keys == group).to_numpy())
+        if len(rows) == 0:
+            continue
+        picked = np.sort(rng.choice(rows, size=min(n_per_group, len(rows)), replace=False))
+        chosen.append(index.iloc[picked].assign(group=group))
+    if not chosen:
+        return index.iloc[:0].assign(group=pd.Series(dtype=object))
+    return pd.concat(chosen)
+
+
+def tiles_per_recorder_and_day(index: pd.DataFrame) -> pd.DataFrame:
+    """Tile counts, recorders x calendar days of the tile's own timestamp (untimed tiles: 'no date')."""
+    days = index["timestamp"].dt.strftime("%Y-%m-%d").fillna("no date")
+    table = pd.crosstab(index["recorder"], days)
+    table.columns.name = "day"
+    return table
+
+
+def plot_tile_statistics(index: pd.DataFrame, near_silent_rms_dbfs: float) -> Figure:
+    """Histograms of tile level (RMS dBFS) and spectral flatness, with the near-silence threshold."""
+    figure = Figure(figsize=(10.0, 3.2), layout="constrained")
+    level_axes, flatness_axes, joint_axes = figure.subplots(1, 3)
+    level = index["rms_dbfs"].to_numpy(dtype=float)
+    flatness = index["spectral_flatness"].to_numpy(dtype=float)
+    level_axes.hist(level, bins=60, color="C0")
+    level_axes.axvline(near_silent_rms_dbfs, color="C3", linestyle="--",
+                       label=f"near-silent < {near_silent_rms_dbfs:g} dBFS")
+    level_axes.set_xlabel("tile RMS level (dBFS)")
+    level_axes.set_ylabel("tiles")
+    level_axes.legend(frameon=False, fontsize=8)
+    flatness_axes.hist(flatness, bins=60, color="C1")
+    flatness_axes.set_xlabel("spectral flatness (mel bands; 1 = white noise)")
+    joint_axes.scatter(level, flatness, s=3, alpha=0.4, color="C2", rasterized=True)
+    joint_axes.axvline(near_silent_rms_dbfs, color="C3", linestyle="--")
+    joint_axes.set_xlabel("tile RMS level (dBFS)")
+    joint_axes.set_ylabel("spectral flatness")
+    figure.suptitle("Cheap per-tile statistics: level and noisiness")
+    return figure

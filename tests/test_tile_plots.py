@@ -1,0 +1,49 @@
+"""Tile galleries and statistics figures: example picking is deterministic and complete."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from soundscape_ssl import tile_plots
+from soundscape_ssl.spectrogram import SpectrogramConfig
+
+
+def _index() -> pd.DataFrame:
+    return pd.DataFrame({
+        "recorder": ["A"] * 5 + ["B"] * 2,
+        "timestamp": pd.to_datetime(["2024-05-24 05:00"] * 3 + ["2024-05-25 05:00"] * 2
+                                    + ["2024-05-24 06:00", None]),
+        "rms_dbfs": np.linspace(-80, -20, 7),
+        "spectral_flatness": np.linspace(0.1, 0.9, 7),
+    })
+
+
+def test_pick_examples_is_deterministic_and_capped_per_group() -> None:
+    index = _index()
+    first = tile_plots.pick_examples(index, "recorder", n_per_group=3, seed=1)
+    again = tile_plots.pick_examples(index, "recorder", n_per_group=3, seed=1)
+    assert first.index.tolist() == again.index.tolist()
+    assert first.groupby("group").size().to_dict() == {"A": 3, "B": 2}
+    labels = pd.Series(["x", "y", "x", "y", "x", "z", "z"])
+    chosen = tile_plots.pick_examples(index, labels, n_per_group=1, groups=["z", "x", "missing"])
+    assert chosen["group"].tolist() == ["z", "x"]
+    assert set(labels[chosen.index]) == {"z", "x"}
+
+
+def test_tiles_per_recorder_and_day_counts_every_tile() -> None:
+    table = tile_plots.tiles_per_recorder_and_day(_index())
+    assert table.loc["A", "2024-05-24"] == 3 and table.loc["A", "2024-05-25"] == 2
+    assert table.loc["B", "no date"] == 1
+    assert table.to_numpy().sum() == 7
+
+
+def test_gallery_and_statistics_figures_draw() -> None:
+    config = SpectrogramConfig()
+    tiles = [np.random.default_rng(i).normal(-60, 10, (128, 256)).astype(np.float16) for i in range(5)]
+    figure = tile_plots.plot_tile_gallery(tiles, [f"t{i}" for i in range(5)], config, n_cols=3)
+    assert len(figure.axes) == 6 and figure.axes[0].get_title() == "t0"
+    labels = [t.get_text() for t in figure.axes[3].get_yticklabels()]
+    assert labels == ["0.5", "1", "2", "4", "8", "12"]  # kHz at the bands' real centres
+    stats_figure = tile_plots.plot_tile_statistics(_index(), near_silent_rms_dbfs=-60)
+    assert len(stats_figure.axes) == 3

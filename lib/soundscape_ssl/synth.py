@@ -79,6 +79,16 @@ _FILE_SUBSTREAMS = ("floor", "wind", "traffic", "aircraft", "rain", "insects", "
 
 _INT16_FULL_SCALE = 32767.0
 
+# Bumped whenever a change to the generator changes its output for the same config, so cached
+# archives (runs/_cache, keyed by config and this number) are regenerated.
+GENERATOR_VERSION = 2
+
+# Annotated upper edges of the smoothly rolling-off broadband sources: where their spectrum has
+# fallen about 20 dB below its low-frequency level.
+TRAFFIC_F_HIGH_HZ = 2500.0
+AIRCRAFT_F_HIGH_HZ = 3500.0
+WIND_F_HIGH_HZ = 800.0
+
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -691,11 +701,13 @@ _INSECT_PEAK_DBFS_RANGE = {"cricket": (-58.0, -40.0), "katydid": (-52.0, -36.0),
 GEOPHONY: tuple[SourceInfo, ...] = (
     SourceInfo("rain", "rain", "drop impulses + hiss, episodes spanning whole files", (600, 13000), "both",
                "episodes on rainy days"),
-    SourceInfo("wind", "wind", "low-frequency rumble with gusts", (50, 450), "both (stronger in grassland)",
+    SourceInfo("wind", "wind", "low-frequency rumble with gusts, smooth roll-off", (50, WIND_F_HIGH_HZ), "both (stronger in grassland)",
                "windy days, mostly afternoon"),
-    SourceInfo("traffic", "traffic", "distant road: low-frequency broadband, slow swells", (50, 1800), "both",
+    SourceInfo("traffic", "traffic", "distant road: low-frequency broadband rolling off above 1 kHz, slow swells",
+               (50, TRAFFIC_F_HIGH_HZ), "both",
                "day, rush hours"),
-    SourceInfo("aircraft", "aircraft", "pass-by: broadband rise/fall + engine harmonics", (60, 2800), "both",
+    SourceInfo("aircraft", "aircraft", "pass-by: broadband rise/fall rolling off above 1.5 kHz + engine harmonics",
+               (60, AIRCRAFT_F_HIGH_HZ), "both",
                "day, rarely night"),
 )
 
@@ -866,13 +878,14 @@ def _render_wind(rng: np.random.Generator, plan: FilePlan, n: int, sr: int, file
         return []
     exposure_db = 4.0 if plan.site.habitat == "grassland" else 0.0  # no canopy to break the wind
     level_db = -52.0 + 14.0 * plan.weather.windiness + exposure_db + rng.normal(0.0, 3.0)
-    rumble = _colored_noise(rng, n, sr, 50.0, 450.0, lambda f: (100.0 / f) ** 2)
+    # Brown rumble that fades smoothly (no brick-wall edge a model could key on).
+    rumble = _colored_noise(rng, n, sr, 50.0, 1500.0, lambda f: (100.0 / f) ** 2 / (1.0 + (f / 400.0) ** 4))
     control_t, curve = _slow_random_curve(rng, file_s, corner_hz=0.25, control_hz=20.0)
     gusts = np.interp(np.arange(n, dtype=np.float32) / np.float32(sr), control_t, np.exp(0.8 * curve))
     gusts = gusts.astype(np.float32)
     gain = 10 ** (level_db / 20) / ((rumble.std() + 1e-12) * np.sqrt(np.mean(gusts ** 2)))
     signal = rumble * gusts * np.float32(gain)
-    return [_Planted("wind", "wind", 0, _fade_edges(signal, sr, 0.5), 50.0, 450.0)]
+    return [_Planted("wind", "wind", 0, _fade_edges(signal, sr, 0.5), 50.0, WIND_F_HIGH_HZ)]
 
 
 def _render_traffic(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
@@ -883,7 +896,9 @@ def _render_traffic(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
         return []
     level_db = (-44.0 - 20.0 * math.log10(plan.site.road_distance_m / 400.0) + 6.0 * rush
                 - 6.0 * (1.0 - daylight) + rng.normal(0.0, 2.0))
-    hum = _colored_noise(rng, n, sr, 50.0, 1800.0, lambda f: (200.0 / f) ** 1.5)
+    # Distant road noise: the high frequencies are absorbed by air and ground on the way, so the
+    # spectrum rolls off smoothly above ~1 kHz rather than ending at an edge.
+    hum = _colored_noise(rng, n, sr, 50.0, 4000.0, lambda f: (200.0 / f) ** 1.5 / (1.0 + (f / 1000.0) ** 4))
     hum /= hum.std() + 1e-12
     # Individual vehicles: slow swells of 5-20 s over a steady hum (built at 20 Hz, interpolated).
     control_t = np.arange(int(math.ceil(file_s * 20.0)) + 2) / 20.0
@@ -893,7 +908,8 @@ def _render_traffic(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
             -0.5 * ((control_t - rng.uniform(0, file_s)) / rng.uniform(2.5, 8.0)) ** 2)
     swell /= np.sqrt(np.mean(swell ** 2))
     signal = hum * np.interp(np.arange(n) / sr, control_t, swell).astype(np.float32) * 10 ** (level_db / 20)
-    return [_Planted("traffic", "traffic", 0, _fade_edges(signal.astype(np.float32), sr, 0.5), 50.0, 1800.0)]
+    return [_Planted("traffic", "traffic", 0, _fade_edges(signal.astype(np.float32), sr, 0.5), 50.0,
+                     TRAFFIC_F_HIGH_HZ)]
 
 
 def _render_aircraft(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
@@ -909,7 +925,7 @@ def _render_aircraft(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
     t = np.arange(a, b) / sr
     u = (t - start_s) / pass_s
     envelope = np.sin(np.pi * u) ** 4  # slow rise and fall, silent at the ends of the pass
-    roar = _colored_noise(rng, b - a, sr, 60.0, 2800.0, lambda f: 300.0 / f)
+    roar = _colored_noise(rng, b - a, sr, 60.0, 6000.0, lambda f: 300.0 / f / (1.0 + (f / 1500.0) ** 4))
     roar /= roar.std() + 1e-12
     # Engine harmonics sliding down as the aircraft passes (Doppler).
     blade_hz = rng.uniform(95.0, 140.0)
@@ -918,7 +934,7 @@ def _render_aircraft(rng: np.random.Generator, plan: FilePlan, n: int, sr: int,
     lines = sum(0.5 / k * _fm_tone(blade_hz * k * doppler, sr, phase0 * k) for k in range(1, 5))
     level_db = rng.uniform(-46.0, -30.0)
     signal = (roar + lines) * envelope * 10 ** (level_db / 20)
-    f_high = max(2800.0, 4 * blade_hz * 1.04 + 20.0)
+    f_high = max(AIRCRAFT_F_HIGH_HZ, 4 * blade_hz * 1.04 + 20.0)
     return [_Planted("aircraft", "aircraft", a, signal.astype(np.float32), 60.0, f_high)]
 
 

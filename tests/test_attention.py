@@ -12,6 +12,7 @@ import torch
 import torchaudio
 from matplotlib.figure import Figure
 
+from soundscape_ssl.spectrogram import frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
 from soundscape_ssl.attention import (
     ENERGY_SOURCE,
     RANKING_FILE,
@@ -22,11 +23,8 @@ from soundscape_ssl.attention import (
     box_masks_for_tiles,
     energy_maps,
     energy_threshold_mask,
-    frame_times_s,
     head_attention_maps,
-    hz_to_mel_bin,
     mask_scores,
-    mel_bin_centres_hz,
     patch_means,
     patch_loudness_db,
     plot_head_maps,

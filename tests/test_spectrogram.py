@@ -95,7 +95,7 @@ def test_block_wise_resampling_equals_resampling_whole():
     resampler = get_resampler(44100, 32000)
     signal = torch.randn(5 * 44100, generator=torch.Generator().manual_seed(1))
     whole = resampler.resample(signal)
-    orig, new, width = resampler.orig, resampler.new, resampler.width
+    orig, _new, width = resampler.orig, resampler.new, resampler.width
     padded = torch.nn.functional.pad(signal, (width, 10 * orig + width))
     pieces, frame = [], 0
     for block in (7, 1, 130, 64, 300):  # frames per block, deliberately uneven
@@ -190,10 +190,10 @@ def test_gpu_front_end_matches_cpu():
 
 
 def test_mel_band_centres_rise_within_the_band_limits():
-    from soundscape_ssl.spectrogram import frame_times_s, mel_band_centers_hz
+    from soundscape_ssl.spectrogram import frame_times_s, mel_bin_centres_hz
 
     config = SpectrogramConfig()
-    centres = mel_band_centers_hz(config)
+    centres = mel_bin_centres_hz(config)
     assert centres.shape == (config.n_mels,)
     assert np.all(np.diff(centres) > 0)
     assert config.f_min_hz < centres[0] < 200 and 13000 < centres[-1] < config.f_max_hz

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -64,7 +63,7 @@ from tqdm.auto import tqdm
 from .groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from .models import SpectrogramViT
 from .provenance import write_config_json
-from .spectrogram import SpectrogramConfig
+from .spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
 from .tiles import normalize_tiles
 
 logger = logging.getLogger(__name__)
@@ -78,9 +77,6 @@ ENERGY_SOURCE = "energy"  # `source` of the baseline's rows in the scores table
 # (0.1 six times) must not need a seventh patch for 60%.
 _SHARE_TOLERANCE = 1e-9
 # Slaney mel scale (librosa / torchaudio "slaney"): linear below 1 kHz, logarithmic above.
-_SLANEY_HZ_PER_MEL = 200.0 / 3.0
-_SLANEY_MIN_LOG_HZ = 1000.0
-_SLANEY_LOG_STEP = math.log(6.4) / 27.0
 # Frequencies labelled on spectrogram axes (those inside the tile's band are used).
 _AXIS_FREQUENCIES_HZ = (100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0)
 
@@ -135,56 +131,6 @@ class AttentionConfig:
 
 
 # --- Spectrogram geometry: the front end's mel bins and frames --------------------------------
-
-def hz_to_mel(frequencies_hz: Any, mel_scale: str = "slaney") -> np.ndarray:
-    """Frequencies in Hz to mels on the scale the front end's filterbank uses ("slaney" or "htk")."""
-    frequencies_hz = np.asarray(frequencies_hz, dtype=float)
-    if mel_scale == "htk":
-        return 2595.0 * np.log10(1.0 + frequencies_hz / 700.0)
-    if mel_scale != "slaney":
-        raise ValueError(f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
-    linear = frequencies_hz / _SLANEY_HZ_PER_MEL
-    min_log_mel = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
-    with np.errstate(divide="ignore"):  # log of 0 Hz is discarded by the where
-        logarithmic = min_log_mel + np.log(frequencies_hz / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOG_STEP
-    return np.where(frequencies_hz >= _SLANEY_MIN_LOG_HZ, logarithmic, linear)
-
-
-def mel_to_hz(mels: Any, mel_scale: str = "slaney") -> np.ndarray:
-    """Inverse of `hz_to_mel`."""
-    mels = np.asarray(mels, dtype=float)
-    if mel_scale == "htk":
-        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    if mel_scale != "slaney":
-        raise ValueError(f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
-    min_log_mel = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
-    logarithmic = _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOG_STEP * (mels - min_log_mel))
-    return np.where(mels >= min_log_mel, logarithmic, mels * _SLANEY_HZ_PER_MEL)
-
-
-def _mel_grid(config: SpectrogramConfig) -> tuple[float, float]:
-    """(mel of f_min_hz, mel spacing of the filter centres) of the front end's filterbank."""
-    mel_low, mel_high = hz_to_mel([config.f_min_hz, config.f_max_hz], config.mel_scale)
-    # n_mels triangles between n_mels + 2 equally spaced mel points; filter m peaks at point m + 1.
-    return float(mel_low), float(mel_high - mel_low) / (config.n_mels + 1)
-
-
-def mel_bin_centres_hz(config: SpectrogramConfig) -> np.ndarray:
-    """(n_mels,) centre (peak) frequency of each mel filter of the front end, low to high."""
-    mel_low, mel_step = _mel_grid(config)
-    return mel_to_hz(mel_low + mel_step * np.arange(1, config.n_mels + 1), config.mel_scale)
-
-
-def hz_to_mel_bin(frequencies_hz: Any, config: SpectrogramConfig) -> np.ndarray:
-    """Fractional mel-bin position of frequencies: bin m's centre frequency maps to exactly m."""
-    mel_low, mel_step = _mel_grid(config)
-    return (hz_to_mel(frequencies_hz, config.mel_scale) - mel_low) / mel_step - 1.0
-
-
-def frame_times_s(config: SpectrogramConfig) -> np.ndarray:
-    """(n_frames,) tile-relative centre time of each STFT frame (centred STFT: frame j at j * hop)."""
-    return np.arange(config.n_frames) * (config.hop_length / config.sample_rate_hz)
-
 
 # --- Attention maps and masks ----------------------------------------------------------------
 

@@ -427,20 +427,59 @@ def waveform_to_tiles(waveform: np.ndarray | torch.Tensor, sample_rate_hz: int,
     return features.log_mel_db.cpu().numpy(), offsets_s
 
 
-def mel_band_centers_hz(config: SpectrogramConfig) -> np.ndarray:
-    """Centre frequency of each mel band (the filter's weighted mean frequency), in Hz.
+# --- Mel geometry: where a frequency or a time lands on a tile ------------------------------
 
-    Taken from the front end's own filterbank, so plots and time-frequency boxes land on the
-    bands the tiles actually hold, whatever mel scale and normalisation the config names.
-    """
-    n_freqs = config.n_fft // 2 + 1
-    filterbank = torchaudio.functional.melscale_fbanks(
-        n_freqs=n_freqs, f_min=config.f_min_hz, f_max=config.f_max_hz, n_mels=config.n_mels,
-        sample_rate=config.sample_rate_hz, norm=config.mel_norm, mel_scale=config.mel_scale).numpy()
-    bin_hz = np.linspace(0.0, config.sample_rate_hz / 2, n_freqs)
-    return (bin_hz[:, None] * filterbank).sum(axis=0) / filterbank.sum(axis=0)
+# Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above.
+_SLANEY_HZ_PER_MEL = 200.0 / 3.0
+_SLANEY_MIN_LOG_HZ = 1000.0
+_SLANEY_LOG_STEP = math.log(6.4) / 27.0
+
+
+def hz_to_mel(frequencies_hz: Any, mel_scale: str = "slaney") -> np.ndarray:
+    """Frequencies in Hz to mels on the scale the front end's filterbank uses ("slaney" or "htk")."""
+    frequencies_hz = np.asarray(frequencies_hz, dtype=float)
+    if mel_scale == "htk":
+        return 2595.0 * np.log10(1.0 + frequencies_hz / 700.0)
+    if mel_scale != "slaney":
+        raise ValueError(f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
+    linear = frequencies_hz / _SLANEY_HZ_PER_MEL
+    min_log_mel = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
+    with np.errstate(divide="ignore"):  # log of 0 Hz is discarded by the where
+        logarithmic = min_log_mel + np.log(frequencies_hz / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOG_STEP
+    return np.where(frequencies_hz >= _SLANEY_MIN_LOG_HZ, logarithmic, linear)
+
+
+def mel_to_hz(mels: Any, mel_scale: str = "slaney") -> np.ndarray:
+    """Inverse of `hz_to_mel`."""
+    mels = np.asarray(mels, dtype=float)
+    if mel_scale == "htk":
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    if mel_scale != "slaney":
+        raise ValueError(f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
+    min_log_mel = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
+    logarithmic = _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOG_STEP * (mels - min_log_mel))
+    return np.where(mels >= min_log_mel, logarithmic, mels * _SLANEY_HZ_PER_MEL)
+
+
+def _mel_grid(config: SpectrogramConfig) -> tuple[float, float]:
+    """(mel of f_min_hz, mel spacing of the filter centres) of the front end's filterbank."""
+    mel_low, mel_high = hz_to_mel([config.f_min_hz, config.f_max_hz], config.mel_scale)
+    # n_mels triangles between n_mels + 2 equally spaced mel points; filter m peaks at point m + 1.
+    return float(mel_low), float(mel_high - mel_low) / (config.n_mels + 1)
+
+
+def mel_bin_centres_hz(config: SpectrogramConfig) -> np.ndarray:
+    """(n_mels,) centre (peak) frequency of each mel filter of the front end, low to high."""
+    mel_low, mel_step = _mel_grid(config)
+    return mel_to_hz(mel_low + mel_step * np.arange(1, config.n_mels + 1), config.mel_scale)
+
+
+def hz_to_mel_bin(frequencies_hz: Any, config: SpectrogramConfig) -> np.ndarray:
+    """Fractional mel-bin position of frequencies: bin m's centre frequency maps to exactly m."""
+    mel_low, mel_step = _mel_grid(config)
+    return (hz_to_mel(frequencies_hz, config.mel_scale) - mel_low) / mel_step - 1.0
 
 
 def frame_times_s(config: SpectrogramConfig) -> np.ndarray:
-    """Centre time of each frame of a tile, in seconds from the tile's start (centred STFT)."""
-    return np.arange(config.n_frames) * config.hop_length / config.sample_rate_hz
+    """(n_frames,) tile-relative centre time of each STFT frame (centred STFT: frame j at j * hop)."""
+    return np.arange(config.n_frames) * (config.hop_length / config.sample_rate_hz)

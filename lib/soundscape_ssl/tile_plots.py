@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .spectrogram import SpectrogramConfig, mel_band_centers_hz
+from .spectrogram import SpectrogramConfig, mel_bin_centres_hz
 
 FREQUENCY_TICKS_KHZ = (0.5, 1, 2, 4, 8, 12)
 
@@ -31,7 +31,7 @@ def draw_tile(axes: Axes, tile_db: np.ndarray, config: SpectrogramConfig, title:
     duration_s = config.n_frames * config.hop_length / config.sample_rate_hz
     axes.imshow(tile_db, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
                 vmin=top - dynamic_range_db, vmax=top, extent=(0.0, duration_s, -0.5, config.n_mels - 0.5))
-    centres_hz = mel_band_centers_hz(config)
+    centres_hz = mel_bin_centres_hz(config)
     ticks = [khz for khz in FREQUENCY_TICKS_KHZ if centres_hz[0] <= khz * 1000 <= centres_hz[-1]]
     axes.set_yticks(np.interp([khz * 1000 for khz in ticks], centres_hz, np.arange(config.n_mels)),
                     labels=[f"{khz:g}" for khz in ticks] if label_axes else [])

@@ -1,0 +1,101 @@
+"""Self-describing pretraining checkpoints: written atomically, loadable with `weights_only=True`.
+
+A checkpoint is a plain dict of tensors, state_dicts and JSON-like values (no pickled classes,
+no numpy arrays, no argparse Namespace), so `torch.load(path, weights_only=True)` reads it and
+a later stage can rebuild the backbone from the checkpoint alone:
+
+    format             CHECKPOINT_FORMAT
+    package_version    soundscape_ssl version that wrote it
+    method             "dino" | "mae" | "vicreg"
+    step, epoch        optimizer steps completed; epoch the next step belongs to
+    world_size         ranks that trained it (the data order depends on it)
+    backbone_config    `models.BackboneConfig` as a dict
+    method_config      the method's config as a dict
+    train_config       the whole `train.TrainConfig` as a dict
+    spectrogram_config the tile store's `SpectrogramConfig` as a dict (None for in-memory data)
+    normalization      {"mean": dB, "std": dB} the tiles were normalised with (or None)
+    git                {"git_sha", "git_dirty"}
+    model              the method's state_dict (backbone, heads, EMA teacher, centre ...)
+    backbone           state_dict of the backbone later stages should embed with
+    optimizer          the optimizer's state_dict
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .provenance import git_state, to_jsonable
+from .models import BackboneConfig, SpectrogramViT, build_backbone
+
+CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_FORMAT = "soundscape_ssl.pretrain.v1"
+_TENSOR_KEYS = ("model", "backbone", "optimizer")
+
+
+def build_checkpoint(*, method: str, step: int, epoch: int, world_size: int, backbone_config: Any,
+                     method_config: Any, train_config: Any, spectrogram_config: Any,
+                     normalization: dict[str, float] | None, model_state: dict[str, torch.Tensor],
+                     backbone_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """Assemble a checkpoint dict; configs (dataclasses or dicts) become plain JSON-like dicts."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "package_version": __version__,
+        "method": method,
+        "step": int(step),
+        "epoch": int(epoch),
+        "world_size": int(world_size),
+        "backbone_config": to_jsonable(backbone_config),
+        "method_config": to_jsonable(method_config),
+        "train_config": to_jsonable(train_config),
+        "spectrogram_config": to_jsonable(spectrogram_config),
+        "normalization": None if normalization is None else {k: float(v) for k, v in normalization.items()},
+        "git": git_state(),
+        "model": model_state,
+        "backbone": backbone_state,
+        "optimizer": optimizer_state,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path:
+    """Write `checkpoint` to `path` atomically: a reader (or a rerun after a kill) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(checkpoint, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True` and check that it is one of ours."""
+    checkpoint = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r})")
+    return checkpoint
+
+
+def checkpoint_metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the weights and optimizer state: what produced the checkpoint."""
+    return {key: value for key, value in checkpoint.items() if key not in _TENSOR_KEYS}
+
+
+def load_backbone(checkpoint_path: str | os.PathLike,
+                  map_location: str | torch.device = "cpu") -> tuple[SpectrogramViT, dict[str, Any]]:
+    """The trained backbone (in eval mode) and the checkpoint's metadata (configs, step, normalisation).
+
+    For DINO this is the EMA teacher's backbone, for MAE the encoder, for VICReg the backbone.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, map_location)
+    model = build_backbone(BackboneConfig(**checkpoint["backbone_config"]))
+    model.load_state_dict(checkpoint["backbone"])
+    model.to(map_location)
+    return model.eval(), checkpoint_metadata(checkpoint)

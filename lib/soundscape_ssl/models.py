@@ -1,0 +1,256 @@
+"""Vision Transformer backbones for 1-channel log-mel tiles (models only: no training code here).
+
+A backbone is timm's `VisionTransformer` with `in_chans=1` and `img_size=(n_mels, n_frames)`,
+so a 128 x 256 tile with 16 x 16 patches gives an 8 x 16 (frequency x time) patch grid.
+Two spectrogram-specific choices:
+
+* Positional embeddings of narrower time crops are *sliced*, not interpolated. A local DINO crop
+  of 96 frames keeps the frequency rows' embeddings exactly and takes the first 6 time columns;
+  timm's default (bicubic resampling) would stretch the time axis and tell the model that 96
+  frames span the same duration as 256. Frequency position is absolute in a spectrogram (a
+  4 kHz call is not an 8 kHz call); time position within a 3 s tile is arbitrary.
+* The last block's self-attention is recomputed from that block's own qkv projection, because
+  timm uses fused scaled-dot-product attention and never materialises the weights. Nothing is
+  patched globally: the recomputation reads the same input the block sees in the forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import NamedTuple
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+# (embed_dim, depth, num_heads) of the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti/S).
+ARCHITECTURES: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    """Shape of a spectrogram ViT; serialised into every checkpoint so it can be rebuilt.
+
+    `embed_dim`, `depth` and `num_heads` override the named architecture (tests use 2-layer
+    models); None keeps the architecture's value.
+    """
+
+    arch: str = "vit_small"  # one of ARCHITECTURES
+    patch_size: int = 16  # square patches, in mel bins x frames
+    n_mels: int = 128  # tile height (frequency bins)
+    n_frames: int = 256  # tile width (time frames) the positional embedding is laid out for
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1  # stochastic depth (DINO's ViT-S setting)
+
+    def resolved(self) -> tuple[int, int, int]:
+        """(embed_dim, depth, num_heads) after applying the overrides to the named architecture."""
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        embed_dim, depth, num_heads = ARCHITECTURES[self.arch]
+        return (self.embed_dim or embed_dim, self.depth or depth, self.num_heads or num_heads)
+
+    def validate(self) -> None:
+        embed_dim, depth, num_heads = self.resolved()
+        if self.n_mels % self.patch_size or self.n_frames % self.patch_size:
+            raise ValueError(
+                f"tile {self.n_mels}x{self.n_frames} is not a whole number of "
+                f"{self.patch_size}x{self.patch_size} patches")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+
+
+class PooledEmbeddings(NamedTuple):
+    """Tile-level embeddings from the final (layer-normed) tokens, each (batch, embed_dim)."""
+
+    cls: torch.Tensor  # the class token
+    mean_patch: torch.Tensor  # the mean over patch tokens (did better than CLS for MAE)
+
+
+class LastBlockAttention(NamedTuple):
+    tokens: torch.Tensor  # (batch, n_prefix + n_patches, embed_dim), after the final norm
+    attention: torch.Tensor  # (batch, heads, n_tokens, n_tokens), rows sum to 1 over keys
+    grid_hw: tuple[int, int]  # patch grid (frequency rows, time columns)
+
+
+def attention_weights(attention: Attention, normed_tokens: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights (batch, heads, n_tokens, n_tokens) of a timm `Attention` module.
+
+    Recomputed in float32 from the module's own qkv projection (and q/k norms, if any), given the
+    tokens the module receives (i.e. after the block's `norm1`).
+    """
+    if not isinstance(attention, Attention):
+        raise TypeError(f"expected timm.layers.Attention, got {type(attention).__name__}")
+    batch, n_tokens, _ = normed_tokens.shape
+    qkv = attention.qkv(normed_tokens).float()
+    qkv = qkv.reshape(batch, n_tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    query, key, _ = qkv.unbind(0)
+    query, key = attention.q_norm(query), attention.k_norm(key)
+    logits = (query * attention.scale) @ key.transpose(-2, -1)
+    return logits.softmax(dim=-1)
+
+
+class SpectrogramViT(VisionTransformer):
+    """A timm ViT for (batch, 1, n_mels, n_frames) log-mel tiles; `forward` returns the CLS embedding.
+
+    Inputs may be narrower (or wider) in time than `n_frames`, as long as both sides are whole
+    patches; see the module docstring for how positions are handled.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        config.validate()
+        embed_dim, depth, num_heads = config.resolved()
+        super().__init__(
+            img_size=(config.n_mels, config.n_frames),
+            patch_size=config.patch_size,
+            in_chans=1,
+            num_classes=0,  # no classifier: the backbone outputs embeddings
+            global_pool="token",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            drop_path_rate=config.drop_path_rate,
+            dynamic_img_size=True,  # patch grid follows the input, e.g. 8x6 for a 96-frame crop
+        )
+        self.config = config
+        self._warned_wide_input = False
+
+    @property
+    def patch_grid_hw(self) -> tuple[int, int]:
+        """Patch grid of a full tile: (frequency rows, time columns)."""
+        return tuple(self.patch_embed.grid_size)
+
+    def grid_hw_for(self, tiles: torch.Tensor) -> tuple[int, int]:
+        """Patch grid of an input batch of shape (batch, 1, n_mels, n_frames)."""
+        return tiles.shape[-2] // self.config.patch_size, tiles.shape[-1] // self.config.patch_size
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Add positions to NHWC patch embeddings and prepend the class token.
+
+        Same frequency rows and no more time columns than a full tile: slice the time columns.
+        Anything else (a wider input, another number of mel bins) falls back to timm's
+        interpolation, with a one-off warning because it changes what a time step means.
+        """
+        batch, rows, columns, channels = x.shape
+        full_rows, full_columns = self.patch_grid_hw
+        if rows != full_rows or columns > full_columns:
+            if not self._warned_wide_input:
+                logger.warning("input grid %dx%d differs from the %dx%d the model was built for: "
+                               "interpolating positional embeddings", rows, columns, full_rows, full_columns)
+                self._warned_wide_input = True
+            return super()._pos_embed(x)
+        prefix_pos = self.pos_embed[:, : self.num_prefix_tokens]
+        patch_pos = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, full_rows, full_columns, channels)
+        patch_pos = patch_pos[:, :, :columns].reshape(1, rows * columns, channels)
+        patches = x.reshape(batch, rows * columns, channels) + patch_pos
+        cls = (self.cls_token + prefix_pos).expand(batch, -1, -1)
+        return self.pos_drop(torch.cat([cls, patches], dim=1))
+
+    def embed_tokens(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + positions: (batch, 1 + n_patches, embed_dim), class token first."""
+        tokens = self._pos_embed(self.patch_embed(tiles))
+        return self.norm_pre(self.patch_drop(tokens))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run embedded tokens (any subset of patches, class token first) through blocks and final norm."""
+        return self.norm(self.blocks(tokens))
+
+    def pooled(self, tokens: torch.Tensor) -> PooledEmbeddings:
+        """CLS and mean-of-patches embeddings from final tokens."""
+        return PooledEmbeddings(cls=tokens[:, 0], mean_patch=tokens[:, self.num_prefix_tokens:].mean(dim=1))
+
+    def embed(self, tiles: torch.Tensor) -> PooledEmbeddings:
+        """Tile embeddings (CLS and mean of patch tokens) for a batch of tiles."""
+        return self.pooled(self.forward_features(tiles))
+
+    def last_block_attention(self, tiles: torch.Tensor) -> LastBlockAttention:
+        """Final tokens and every head's attention weights in the last block, in one forward pass."""
+        tokens = self.embed_tokens(tiles)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        last = self.blocks[-1]
+        weights = attention_weights(last.attn, last.norm1(tokens))
+        tokens = self.norm(last(tokens))
+        return LastBlockAttention(tokens=tokens, attention=weights, grid_hw=self.grid_hw_for(tiles))
+
+    def cls_attention_maps(self, tiles: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+        """Per-head attention of the class token to each patch: (batch, heads, grid rows, grid columns).
+
+        The class token also attends to itself, so a raw map sums to 1 minus that self-attention;
+        `renormalize=True` rescales each map to sum to 1 over patches (a distribution over the
+        spectrogram, ready for "keep the top 60% of attention mass" thresholding).
+        """
+        result = self.last_block_attention(tiles)
+        rows, columns = result.grid_hw
+        maps = result.attention[:, :, 0, self.num_prefix_tokens:]
+        if renormalize:
+            maps = maps / maps.sum(dim=-1, keepdim=True)
+        return maps.reshape(maps.shape[0], maps.shape[1], rows, columns)
+
+
+def build_backbone(config: BackboneConfig) -> SpectrogramViT:
+    """A freshly initialised spectrogram ViT (timm's default ViT initialisation)."""
+    return SpectrogramViT(config)
+
+
+def patchify(tiles: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(batch, 1, H, W) -> (batch, n_patches, patch_size**2), patches in row-major grid order.
+
+    The order matches the patch tokens of `SpectrogramViT` (frequency rows outer, time inner).
+    """
+    batch, channels, height, width = tiles.shape
+    rows, columns = height // patch_size, width // patch_size
+    patches = tiles.reshape(batch, channels, rows, patch_size, columns, patch_size)
+    patches = patches.permute(0, 2, 4, 3, 5, 1)  # batch, rows, columns, p, p, channels
+    return patches.reshape(batch, rows * columns, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `patchify` for 1-channel tiles: (batch, n_patches, p*p) -> (batch, 1, H, W)."""
+    batch = patches.shape[0]
+    rows, columns = grid_hw
+    tiles = patches.reshape(batch, rows, columns, patch_size, patch_size, 1).permute(0, 5, 1, 3, 2, 4)
+    return tiles.reshape(batch, 1, rows * patch_size, columns * patch_size)
+
+
+class MethodOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, torch.Tensor]  # detached scalars for logging and collapse checks
+
+
+class SSLMethod(torch.nn.Module):
+    """What the training engine needs from a self-supervised method (DINO, MAE, VICReg).
+
+    A method owns every module it trains (backbone, heads, EMA teacher, centre) so that its
+    `state_dict()` is the whole training state of the model, and DDP can wrap it as one module.
+    """
+
+    name: str = ""
+
+    def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
+        """The loss for a batch of normalised tiles (batch, 1, n_mels, n_frames) at optimizer step `step`."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Adjust gradients after backward and clipping, e.g. DINO freezes its last layer early on."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Update non-gradient state after the optimizer step, e.g. DINO's EMA teacher."""
+
+    def export_backbone(self) -> SpectrogramViT:
+        """The backbone that later stages embed with."""
+        raise NotImplementedError
+
+    def collapse_reason(self, metrics: dict[str, float]) -> str | None:
+        """A human-readable reason if these (rank-averaged) metrics show representation collapse."""
+        return None

@@ -1,0 +1,767 @@
+"""Pretraining entry point: wires data, method, optimizer, DDP, logging and checkpoints.
+
+    torchrun --standalone --nproc_per_node=8 -m soundscape_ssl.train --config pretrain.yaml \\
+        --epochs 50 --dino.out_dim 65536
+    python -m soundscape_ssl.train --config demo.json --max_steps 20      # one process, CPU or GPU
+
+`--config` is a JSON or YAML file with `TrainConfig` fields (nested sections as mappings);
+each `--key value` (or `--section.key value`) after it overrides one field, parsed as YAML.
+The engine (`engine.train_one_epoch`) trains; the methods (`dino`, `mae`, `vicreg`) define
+losses; this module only connects them.
+
+Behaviour worth knowing:
+* Rerunning with the same `out_dir` resumes from `out_dir/checkpoint.pth` at the same step,
+  with the same optimizer, centre and teacher state, the same data order and the same
+  augmentation draws (see `engine`). The checkpoint is written atomically every
+  `checkpoint_every_steps`, at every epoch end, at the end, and after SIGTERM/SIGINT
+  (then the process exits with 128 + the signal number).
+* Derived values (world size, effective batch, peak lr = base_lr x effective batch / 256,
+  steps per epoch, total and warm-up steps) are computed, logged and written to config.json.
+* A non-finite loss stops every rank with exit code 3, detected collapse with exit code 4, a
+  bad configuration (or tiles and checkpoint that do not fit it) with exit code 2; the last
+  good checkpoint is kept.
+* Rank 0 alone writes `log.jsonl` (its first record of every start holds the git sha, the
+  command line, the full config and the derived values), TensorBoard events under
+  `tensorboard/` and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .augment import AugmentConfig, Normalization
+from .checkpoint import CHECKPOINT_NAME, build_checkpoint, load_checkpoint, save_checkpoint
+from .dino import DinoConfig, DinoMethod
+from .engine import NonFiniteLossError, StepRecord, train_one_epoch
+from .mae import MaeConfig, MaeMethod
+from .models import BackboneConfig, SSLMethod
+from .provenance import environment_report, to_jsonable, write_config_json
+from .schedules import CosineSchedule, scaled_learning_rate
+from .vicreg import VicregConfig, VicregMethod
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dino", "mae", "vicreg")
+EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE_LOSS = 3
+EXIT_COLLAPSE = 4
+# Settings that may change between a run and its resumption without changing what is trained.
+RESUME_FREE_KEYS = {"method", "model", "dino", "mae", "vicreg", "max_steps", "log_every", "checkpoint_every_steps",
+                    "num_workers", "compile", "cpu_threads", "collapse_check_after_steps", "collapse_patience",
+                    "out_dir", "store_dir", "dataset_factory"}
+# Parameters that are not weights: no weight decay (as in DINO, MAE and timm).
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "mask_token", "last_layer.scale")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a pretraining run needs; serialised to config.json and into every checkpoint."""
+
+    method: str = "dino"  # one of METHODS
+    store_dir: str = ""  # tile store written by the tiling stage
+    out_dir: str = ""  # runs/<run_id>/pretrain/<method>: checkpoint.pth, log.jsonl, config.json
+    dataset_factory: str | None = None  # "module:function" (store_dir -> TrainData); None = the tile store
+    model: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    dino: DinoConfig = dataclasses.field(default_factory=DinoConfig)
+    mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
+    vicreg: VicregConfig = dataclasses.field(default_factory=VicregConfig)
+    epochs: int = 100  # the schedules span this many epochs (max_steps does not shorten them)
+    batch_size_per_gpu: int = 64  # tiles per rank per step
+    base_lr: float = 5e-4  # peak lr for an effective batch of 256 (linear scaling rule)
+    min_lr: float = 1e-6  # cosine schedule's final lr
+    warmup_epochs: float = 10.0  # linear lr warm-up from 0
+    weight_decay: float = 0.04  # cosine-scheduled from weight_decay to weight_decay_end
+    weight_decay_end: float = 0.4  # (DINO's setting; MAE uses a constant 0.05: set both)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # MAE uses (0.9, 0.95)
+    clip_grad_norm: float | None = 3.0  # max global gradient norm; None = no clipping
+    num_workers: int = 8  # data-loader worker processes per rank
+    compile: bool = False  # torch.compile the transformer blocks (GPU; minutes of warm-up)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
+    device: str = "auto"  # "auto" (CUDA when available), "cuda" or "cpu"
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimizer steps in total (smoke tests, demos)
+    log_every: int = 20  # steps between log records (and collapse checks)
+    checkpoint_every_steps: int = 500  # also written at every epoch end and at the end
+    collapse_check_after_steps: int | None = None  # None = after the lr warm-up
+    collapse_patience: int = 3  # consecutive log records showing collapse before stopping
+    cpu_threads: int | None = None  # torch intra-op threads per process; None = torch's default
+
+    def method_config(self) -> DinoConfig | MaeConfig | VicregConfig:
+        return getattr(self, self.method)
+
+    def validate(self) -> None:
+        """Raise ValueError with a readable message for any inconsistent setting."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir is required")
+        if not self.store_dir and not self.dataset_factory:
+            raise ValueError("store_dir is required (the tile store to train on)")
+        for name in ("epochs", "batch_size_per_gpu", "log_every", "checkpoint_every_steps", "collapse_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
+            raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
+        self.model.validate()
+        self.augment.validate()
+        method_config = self.method_config()
+        if isinstance(method_config, MaeConfig):
+            method_config.validate()
+        else:
+            method_config.validate(self.model.n_frames, self.model.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration files and command-line overrides
+
+
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    """`value` (from JSON, YAML or the command line) as the annotated field type, or a clear error."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping of {annotation.__name__} fields, got {value!r}")
+        return config_from_dict(annotation, value, prefix=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ValueError(f"{where} must be a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-4" (no dot) as a string
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {annotation!r} at {where}")
+
+
+def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build the config dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                         f"valid keys: {', '.join(prefix + n for n in names)}")
+    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """["--a.b", "3", "--c=x"] -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"expected --key value, got {token!r}")
+        key, has_value, raw = token[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(tokens):
+                raise ValueError(f"--{key} needs a value")
+            index += 1
+            raw = tokens[index]
+        node = overrides
+        *parents, leaf = key.replace("-", "_").split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        index += 1
+    return overrides
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from a JSON/YAML file (optional) plus `--key value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else (yaml.safe_load(text) or {})
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(TrainConfig, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class TrainData:
+    """A dataset of normalised tiles (1, n_mels, n_frames) and what describes it."""
+
+    dataset: Dataset
+    normalization: dict[str, float] | None  # {"mean": dB, "std": dB} used to normalise the tiles
+    spectrogram_config: dict[str, Any] | None  # the tile store's SpectrogramConfig as a dict
+
+
+def tile_store_data(store_dir: str) -> TrainData:
+    """The default data: `TileDataset(store_dir)` with the store's normalisation and spectrogram config."""
+    from .tiles import TileDataset, TileStore
+
+    store = TileStore(store_dir)
+    normalization = {"mean": float(store.normalization["mean"]), "std": float(store.normalization["std"])}
+    return TrainData(TileDataset(store_dir, normalize=True), normalization, to_jsonable(store.config))
+
+
+def resolve_data_factory(spec: str | None) -> Callable[[str], TrainData]:
+    """`None` -> `tile_store_data`; "package.module:function" -> that function."""
+    if not spec:
+        return tile_store_data
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ValueError(f"dataset_factory must look like 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class ResumableShardSampler(Sampler[int]):
+    """This rank's share of a seeded per-epoch shuffle, startable at any batch of the epoch.
+
+    Every rank draws the same permutation of all tiles for an epoch (seeded by seed and epoch),
+    keeps the first world_size x (n // world_size) and takes every world_size-th of them from
+    its rank on. Each epoch yields whole batches only, so every rank takes the same number of
+    steps, and `set_position(epoch, batch)` skips batches without loading them.
+    """
+
+    def __init__(self, n_items: int, rank: int, world_size: int, batch_size: int, seed: int) -> None:
+        self.n_items, self.rank, self.world_size = n_items, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = (n_items // world_size) // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n_items, generator=generator)
+        shard = order[: self.world_size * (self.n_items // self.world_size)][self.rank:: self.world_size]
+        used = shard[self.start_batch * self.batch_size: self.steps_per_epoch * self.batch_size]
+        return iter(used.tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start_batch) * self.batch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring
+
+
+@dataclasses.dataclass
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_preference: str) -> DistributedContext:
+    """Rank and device from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_preference == "cuda" or (device_preference == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                device_id=device if use_cuda else None)
+    return DistributedContext(rank, local_rank, world_size, device)
+
+
+def build_method(config: TrainConfig, normalization: Normalization, total_steps: int,
+                 steps_per_epoch: int) -> SSLMethod:
+    if config.method == "dino":
+        return DinoMethod(config.model, config.dino, config.augment, normalization, total_steps, steps_per_epoch)
+    if config.method == "mae":
+        return MaeMethod(config.model, config.mae)
+    return VicregMethod(config.model, config.vicreg, config.augment, normalization)
+
+
+def parameter_groups(method: SSLMethod) -> list[dict[str, Any]]:
+    """Trainable parameters split into weights (decayed) and biases, norms and embeddings (not decayed)."""
+    decay, no_decay = [], []
+    for name, parameter in method.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+
+
+def compile_for_training(method: SSLMethod) -> None:
+    """torch.compile every transformer stack in place (state_dict keys unchanged); one graph per crop width."""
+    for name, module in method.named_modules():
+        if name.endswith("blocks") and isinstance(module, torch.nn.Sequential):
+            module.compile(dynamic=False)
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class CollapseDetectedError(RuntimeError):
+    """The method's collapse monitor fired for `collapse_patience` consecutive log records."""
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGINT so that training stops after the current step (checkpoint first)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        if threading.current_thread() is threading.main_thread():  # signal handlers need the main thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("received %s: stopping after this step and writing the checkpoint",
+                       signal.Signals(signum).name)
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+class RunLog:
+    """Rank 0's JSON-lines log and TensorBoard writer; every method is a no-op on other ranks."""
+
+    def __init__(self, out_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self._file = open(out_dir / "log.jsonl", "a") if enabled else None
+        self._tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: logging to log.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(to_jsonable(record), sort_keys=False) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "event") and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What `run` returns: where the run stopped and why."""
+
+    step: int
+    epoch: int
+    total_steps: int
+    last_loss: float | None
+    checkpoint_path: str
+    finished: bool  # reached the end of the schedules (not just max_steps)
+
+
+class _Trainer:
+    """State shared by the training loop and its per-step callback."""
+
+    def __init__(self, config: TrainConfig, context: DistributedContext, data: TrainData) -> None:
+        self.config, self.context, self.data = config, context, data
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        device = context.device
+        self.autocast_dtype = torch.bfloat16 if (
+            config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")) else None
+
+        self.sampler = ResumableShardSampler(len(data.dataset), context.rank, context.world_size,
+                                             config.batch_size_per_gpu, config.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(data.dataset)} tiles do not fill one step of batch_size_per_gpu="
+                             f"{config.batch_size_per_gpu} x {context.world_size} ranks")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.end_step = min(self.total_steps, config.max_steps or self.total_steps)
+        warmup_steps = min(round(config.warmup_epochs * self.steps_per_epoch), self.total_steps)
+        effective_batch = config.batch_size_per_gpu * context.world_size
+        peak_lr = scaled_learning_rate(config.base_lr, effective_batch)
+        self.lr_schedule = CosineSchedule(peak_lr, config.min_lr, self.total_steps, warmup_steps)
+        self.wd_schedule = CosineSchedule(config.weight_decay, config.weight_decay_end, self.total_steps)
+        self.collapse_check_after = (warmup_steps if config.collapse_check_after_steps is None
+                                     else config.collapse_check_after_steps)
+        self.derived = {
+            "world_size": context.world_size,
+            "effective_batch_size": effective_batch,
+            "peak_lr": peak_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": warmup_steps,
+            "end_step": self.end_step,
+            "n_tiles": len(data.dataset),
+            "device": str(device),
+            "autocast": str(self.autocast_dtype) if self.autocast_dtype else "none",
+            "collapse_check_after_steps": self.collapse_check_after,
+        }
+
+        normalization = data.normalization or {"mean": 0.0, "std": 1.0}
+        if data.normalization is None:
+            logger.warning("the dataset states no normalisation: augmentations treat tile values as dB")
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.method = build_method(config, Normalization(normalization["mean"], normalization["std"]),
+                                   self.total_steps, self.steps_per_epoch).to(device)
+        if context.distributed and device.type == "cuda":
+            # VICReg's expander normalises over the global batch, as in its reference code (no-op for DINO/MAE).
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        # Fused AdamW: one kernel for all parameters (CUDA and CPU), instead of several per tensor.
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.method), lr=peak_lr, betas=config.adam_betas,
+                                           fused=True)
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.log: RunLog | None = None  # opened by `run` once the configuration is known to be usable
+        self.last_loss: float | None = None
+        self.last_saved_step: int | None = None
+        self._window: dict[str, float] = {}
+        self._window_start = time.perf_counter()
+        self._collapse_streak = 0
+        self._progress = None
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def resume_if_possible(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.context.device)
+        if checkpoint["method"] != self.config.method:
+            raise ValueError(f"{self.checkpoint_path} was written by method {checkpoint['method']!r}, this run is "
+                             f"{self.config.method!r}: use another out_dir")
+        if checkpoint["backbone_config"] != to_jsonable(self.config.model):
+            raise ValueError(f"{self.checkpoint_path} holds a different model ({checkpoint['backbone_config']}): "
+                             "use another out_dir")
+        if checkpoint["method_config"] != to_jsonable(self.config.method_config()):
+            logger.warning("resuming with changed %s settings: %s -> %s", self.config.method,
+                           checkpoint["method_config"], to_jsonable(self.config.method_config()))
+        changed = {key: (old, new) for key, old in checkpoint["train_config"].items()
+                   if key not in RESUME_FREE_KEYS and (new := to_jsonable(getattr(self.config, key, None))) != old}
+        if changed:
+            logger.warning("resuming with changed settings (schedules may differ from the first run's): %s", changed)
+        if checkpoint["world_size"] != self.context.world_size:
+            logger.warning("resuming a %d-rank run on %d ranks: the data order after step %d differs",
+                           checkpoint["world_size"], self.context.world_size, checkpoint["step"])
+        self.method.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.step = self.resumed_from = int(checkpoint["step"])
+        self.last_saved_step = self.step
+        logger.info("resumed from %s at step %d (epoch %d)", self.checkpoint_path, self.step, checkpoint["epoch"])
+
+    def save(self) -> None:
+        if self.last_saved_step == self.step:
+            return
+        self.last_saved_step = self.step
+        if not self.context.is_main:
+            return
+        checkpoint = build_checkpoint(
+            method=self.config.method, step=self.step, epoch=self.step // self.steps_per_epoch,
+            world_size=self.context.world_size, backbone_config=self.config.model,
+            method_config=self.config.method_config(), train_config=self.config,
+            spectrogram_config=self.data.spectrogram_config, normalization=self.data.normalization,
+            model_state=self.method.state_dict(), backbone_state=self.method.export_backbone().state_dict(),
+            optimizer_state=self.optimizer.state_dict())
+        save_checkpoint(self.checkpoint_path, checkpoint)
+
+    # -- logging and checks -------------------------------------------------------------------
+
+    def _reduced_metrics(self, record: StepRecord) -> dict[str, float]:
+        """The method's metrics and the gradient norm, averaged over ranks (so all ranks agree on checks)."""
+        names = list(record.metrics) + ["grad_norm"]
+        device = self.context.device
+        values = torch.stack([value.detach().float().to(device).reshape(())
+                              for value in [*record.metrics.values(), record.grad_norm]])
+        if self.context.distributed:
+            dist.all_reduce(values)
+            values /= self.context.world_size
+        return dict(zip(names, values.tolist()))
+
+    def on_step(self, record: StepRecord) -> None:
+        self.step = record.step
+        self.last_loss = record.loss
+        window = self._window
+        window["steps"] = window.get("steps", 0) + 1
+        window["loss"] = window.get("loss", 0.0) + record.loss
+        window["data_wait_s"] = window.get("data_wait_s", 0.0) + record.data_wait_s
+        if self._progress is not None:
+            self._progress.update(1)
+        if record.step % self.config.log_every == 0 or record.step == self.end_step:
+            self._log_and_check(record)
+        if record.step % self.config.checkpoint_every_steps == 0:
+            self.save()
+
+    def _log_and_check(self, record: StepRecord) -> None:
+        metrics = self._reduced_metrics(record)
+        elapsed = time.perf_counter() - self._window_start
+        window = self._window
+        tiles = window["steps"] * self.config.batch_size_per_gpu * self.context.world_size
+        entry = {
+            "event": "train", "step": record.step, "epoch": record.epoch,
+            "loss": window["loss"] / window["steps"], "lr": record.learning_rate,
+            "weight_decay": record.weight_decay, "tiles_per_s": tiles / elapsed,
+            "data_wait_fraction": window["data_wait_s"] / elapsed, **metrics,
+            "wall_time": time.time(),
+        }
+        self.log.write(entry)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{entry['loss']:.4f}", tiles_per_s=f"{entry['tiles_per_s']:.1f}")
+        self._window, self._window_start = {}, time.perf_counter()
+
+        reason = self.method.collapse_reason(metrics) if record.step > self.collapse_check_after else None
+        self._collapse_streak = self._collapse_streak + 1 if reason else 0
+        if reason and self._collapse_streak >= self.config.collapse_patience:
+            raise CollapseDetectedError(f"{reason} (seen in {self._collapse_streak} consecutive log records up "
+                                        f"to step {record.step}; the checkpoint of step {self.last_saved_step} "
+                                        "is kept)")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train(self, model: torch.nn.Module, stop_requested: _SignalFlag) -> TrainSummary:
+        config, context = self.config, self.context
+        loader = DataLoader(self.data.dataset, batch_size=config.batch_size_per_gpu, sampler=self.sampler,
+                            drop_last=True, num_workers=config.num_workers,
+                            pin_memory=context.device.type == "cuda",
+                            persistent_workers=config.num_workers > 0,
+                            prefetch_factor=4 if config.num_workers > 0 else None)
+        self._progress = tqdm(total=self.end_step, initial=self.step, desc=f"pretrain {config.method}",
+                              unit="step", mininterval=10.0, disable=not context.is_main)
+        self._window_start = time.perf_counter()
+        try:
+            while self.step < self.end_step:
+                epoch = self.step // self.steps_per_epoch
+                self.sampler.set_position(epoch, self.step % self.steps_per_epoch)
+                self.step, stopped = train_one_epoch(
+                    model, self.method, self.optimizer, loader, epoch=epoch, start_step=self.step,
+                    end_step=self.end_step, device=context.device, lr_schedule=self.lr_schedule,
+                    wd_schedule=self.wd_schedule, autocast_dtype=self.autocast_dtype,
+                    clip_grad_norm=config.clip_grad_norm, seed=config.seed, rank=context.rank,
+                    stop_requested=stop_requested, on_step=self.on_step)
+                if stopped:
+                    self.save()
+                    if context.distributed:
+                        dist.barrier()  # torchrun kills the others when one exits: let rank 0 finish saving
+                    raise StopRequested(stop_requested.signum or signal.SIGTERM)
+                if self.step % self.steps_per_epoch == 0:
+                    self.save()  # epoch end
+            self.save()
+        finally:
+            self._progress.close()
+        if context.distributed:
+            dist.barrier()  # nobody exits (and tears down the group) before rank 0 has saved
+        return TrainSummary(step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
+                            last_loss=self.last_loss, checkpoint_path=str(self.checkpoint_path),
+                            finished=self.step >= self.total_steps)
+
+
+def _check_tile_shape(data: TrainData, model: BackboneConfig) -> None:
+    sample = data.dataset[0]
+    expected = (1, model.n_mels, model.n_frames)
+    if tuple(sample.shape) != expected:
+        raise ValueError(f"tiles have shape {tuple(sample.shape)} but the model expects {expected}: "
+                         "set model.n_mels and model.n_frames to the tile store's")
+
+
+def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = None,
+        argv: list[str] | None = None) -> TrainSummary:
+    """Pretrain (or resume) as configured; raises on non-finite loss, collapse or a stop signal.
+
+    `data_factory` overrides `config.dataset_factory` (tests pass in-memory data this way).
+    """
+    config.validate()
+    context = setup_distributed(config.device)
+    previous_threads = torch.get_num_threads()
+    try:
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        if context.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        out_dir = Path(config.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
+        _check_tile_shape(data, config.model)
+        trainer = _Trainer(config, context, data)
+        trainer.resume_if_possible()
+        trainer.log = RunLog(out_dir, context.is_main)
+        if config.compile:
+            compile_for_training(trainer.method)
+        model = trainer.method
+        if context.distributed:
+            model = DistributedDataParallel(
+                trainer.method, device_ids=[context.local_rank] if context.device.type == "cuda" else None,
+                broadcast_buffers=False)  # DINO's centre is all-reduced by the method itself
+        environment = environment_report()
+        start_record = {
+            "event": "start", "git_sha": environment["git_sha"], "git_dirty": environment["git_dirty"],
+            "argv": argv, "config": config, "derived": trainer.derived, "resumed_from_step": trainer.resumed_from,
+            "environment": environment, "wall_time": time.time(),
+        }
+        if context.is_main:
+            write_config_json(out_dir, "pretrain", config, derived=trainer.derived,
+                              git_sha=environment["git_sha"], git_dirty=environment["git_dirty"])
+            logger.info("git %s%s; config %s", environment["git_sha"],
+                        " (dirty)" if environment["git_dirty"] else "", json.dumps(to_jsonable(config)))
+            logger.info("derived: %s", json.dumps(trainer.derived))
+        trainer.log.write(start_record)
+        try:
+            with _SignalFlag() as stop_flag:
+                summary = trainer.train(model, stop_flag)
+        except (NonFiniteLossError, CollapseDetectedError) as error:
+            trainer.log.write({"event": "stopped", "step": trainer.step, "reason": str(error),
+                               "wall_time": time.time()})
+            raise
+        finally:
+            trainer.log.close()
+        logger.info("stopped at step %d of %d; checkpoint %s", summary.step, summary.total_steps,
+                    summary.checkpoint_path)
+        return summary
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
+        if context.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any TrainConfig field may follow as --key value or --section.key value (e.g. --epochs 50 "
+               "--dino.out_dim 4096 --model.arch vit_tiny); values are parsed as YAML.")
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields")
+    args, override_tokens = parser.parse_known_args(argv)
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, override_tokens)
+        config.validate()
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
+        logger.error("bad configuration: %s", error)
+        return EXIT_CONFIG_ERROR
+    try:
+        run(config, argv=argv)
+    except (ValueError, FileNotFoundError) as error:  # e.g. a missing tile store, a checkpoint of another model
+        logger.error("cannot train: %s", error)
+        return EXIT_CONFIG_ERROR
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        return EXIT_NON_FINITE_LOSS
+    except CollapseDetectedError as error:
+        logger.error("%s", error)
+        return EXIT_COLLAPSE
+    except StopRequested as stop:
+        logger.warning("%s; checkpoint written, rerun the same command to resume", stop)
+        return 128 + stop.signum
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

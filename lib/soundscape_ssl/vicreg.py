@@ -1,0 +1,149 @@
+"""VICReg (Bardes, Ponce & LeCun 2022) for log-mel tiles: variance, invariance and covariance terms.
+
+Two augmented time crops of each tile go through the backbone and an expander MLP. The loss
+pulls the two expansions together (invariance: mean squared error), keeps every expanded
+dimension's standard deviation over the batch above 1 (variance: a hinge, so the embedding
+cannot shrink to a point) and pushes the off-diagonal covariances to zero (covariance: the
+dimensions carry different information). No teacher, no negatives, no centring. Variance and
+covariance are computed over the global batch (all ranks), as in the reference code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import AugmentConfig, Normalization, augmented_views, spec_augment
+from .models import BackboneConfig, MethodOutput, SpectrogramViT, SSLMethod, build_backbone
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclasses.dataclass
+class VicregConfig:
+    """VICReg hyper-parameters (the paper's loss weights; a narrower expander than its 8192)."""
+
+    expander_dim: int = 2048
+    expander_layers: int = 3
+    invariance_weight: float = 25.0
+    variance_weight: float = 25.0
+    covariance_weight: float = 1.0
+    crop_frames: int = 224  # both views are time crops of this width
+    pooling: str = "cls"  # representation fed to the expander: "cls" token or "mean" of patches
+    spec_mask: bool = True  # SpecAugment masks on both views (VICReg is symmetric)
+    collapse_std: float = 0.05  # representation spread below this (see `representation_spread`): collapse
+
+    def validate(self, n_frames: int, patch_size: int) -> None:
+        if not 0 < self.crop_frames <= n_frames or self.crop_frames % patch_size:
+            raise ValueError(f"vicreg.crop_frames={self.crop_frames} must be a multiple of the patch size "
+                             f"{patch_size} and at most the tile width {n_frames}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"vicreg.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.expander_layers < 1:
+            raise ValueError("vicreg.expander_layers must be >= 1")
+
+
+def build_expander(in_dim: int, width: int, n_layers: int) -> nn.Sequential:
+    """Linear-BatchNorm-ReLU blocks and a final plain linear layer (VICReg's expander)."""
+    layers: list[nn.Module] = []
+    widths = [in_dim] + [width] * n_layers
+    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(width_in, width_out))
+        if index < n_layers - 1:
+            layers += [nn.BatchNorm1d(width_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _gather_with_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks; gradients flow back to each rank's own slice."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return torch.cat(dist_functional.all_gather(x))
+    return x
+
+
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    n = matrix.shape[0]
+    return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(invariance, variance, covariance) terms for two batches of expansions (batch, dim).
+
+    Invariance uses the local batch; variance and covariance the batch gathered over all ranks.
+    """
+    invariance = F.mse_loss(z_a, z_b)
+    z_a, z_b = _gather_with_gradient(z_a), _gather_with_gradient(z_b)
+    n, dim = z_a.shape
+    z_a = z_a - z_a.mean(dim=0)
+    z_b = z_b - z_b.mean(dim=0)
+    std_a = torch.sqrt(z_a.var(dim=0) + 1e-4)
+    std_b = torch.sqrt(z_b.var(dim=0) + 1e-4)
+    variance = (F.relu(1.0 - std_a).mean() + F.relu(1.0 - std_b).mean()) / 2
+    cov_a = (z_a.T @ z_a) / (n - 1)
+    cov_b = (z_b.T @ z_b) / (n - 1)
+    covariance = off_diagonal(cov_a).pow(2).sum() / dim + off_diagonal(cov_b).pow(2).sum() / dim
+    return invariance, variance, covariance
+
+
+def representation_spread(representations: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised representations, times sqrt(dim).
+
+    About 1 when the representations spread over the sphere, 0 when they collapse to a point
+    (the SimSiam collapse monitor); independent of the embedding's scale.
+    """
+    normalized = F.normalize(representations.float(), dim=-1)
+    return normalized.std(dim=0).mean() * math.sqrt(normalized.shape[-1])
+
+
+class VicregMethod(SSLMethod):
+    """Backbone + expander; `forward` makes two views per tile and returns the VICReg loss."""
+
+    name = "vicreg"
+
+    def __init__(self, backbone_config: BackboneConfig, config: VicregConfig, augment: AugmentConfig,
+                 normalization: Normalization) -> None:
+        super().__init__()
+        config.validate(backbone_config.n_frames, backbone_config.patch_size)
+        augment.validate()
+        self.config, self.augment, self.normalization = config, augment, normalization
+        self.backbone = build_backbone(backbone_config)
+        self.expander = build_expander(self.backbone.embed_dim, config.expander_dim, config.expander_layers)
+
+    def _represent(self, views: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(views)
+        pooled = self.backbone.pooled(tokens)
+        return pooled.cls if self.config.pooling == "cls" else pooled.mean_patch
+
+    def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
+        views = augmented_views(tiles, 2, self.config.crop_frames, self.augment, self.normalization, generator)
+        if self.config.spec_mask:
+            views = spec_augment(views, self.augment, generator)
+        representations = self._represent(views)
+        z_a, z_b = self.expander(representations).float().chunk(2)
+        invariance, variance, covariance = vicreg_terms(z_a, z_b)
+        config = self.config
+        loss = (config.invariance_weight * invariance + config.variance_weight * variance
+                + config.covariance_weight * covariance)
+        metrics = {
+            "invariance": invariance.detach(),
+            "variance": variance.detach(),
+            "covariance": covariance.detach(),
+            "representation_spread": representation_spread(representations.detach()),
+        }
+        return MethodOutput(loss, metrics)
+
+    def export_backbone(self) -> SpectrogramViT:
+        return self.backbone
+
+    def collapse_reason(self, metrics: dict[str, float]) -> str | None:
+        spread = metrics.get("representation_spread")
+        if spread is not None and spread < self.config.collapse_std:
+            return (f"VICReg collapse: the backbone's normalised representations have spread {spread:.4f} "
+                    f"(threshold {self.config.collapse_std}); raise variance_weight or lower the learning rate")
+        return None

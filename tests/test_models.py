@@ -1,0 +1,129 @@
+"""Spectrogram ViT backbones: patch grids, time-crop positions, pooled embeddings, last-block attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soundscape_ssl.models import (
+    ARCHITECTURES,
+    BackboneConfig,
+    SpectrogramViT,
+    build_backbone,
+    patchify,
+    unpatchify,
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning threads suffer on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TINY = dict(arch="vit_tiny", depth=2, embed_dim=64, num_heads=4, n_mels=32, n_frames=64, patch_size=8,
+            drop_path_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> SpectrogramViT:
+    torch.manual_seed(0)
+    return build_backbone(BackboneConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiles() -> torch.Tensor:
+    return torch.randn(3, 1, 32, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_non_square_patch_grid(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
+    assert tiny_model.patch_grid_hw == (4, 8)
+    tokens = tiny_model.forward_features(tiles)
+    assert tokens.shape == (3, 1 + 4 * 8, 64)
+    assert tiny_model(tiles).shape == (3, 64)
+
+
+def test_study_default_is_vit_small_with_8x16_grid() -> None:
+    config = BackboneConfig()
+    assert config.resolved() == ARCHITECTURES["vit_small"] == (384, 12, 6)
+    model = build_backbone(BackboneConfig(depth=1)).eval()  # one block keeps the test fast
+    maps = model.cls_attention_maps(torch.randn(1, 1, 128, 256))
+    assert maps.shape == (1, 6, 8, 16)
+
+
+def test_narrow_time_crop_slices_positions_instead_of_stretching(tiny_model: SpectrogramViT,
+                                                                tiles: torch.Tensor) -> None:
+    crop = tiles[..., :16]  # 2 time columns of patches
+    tokens = tiny_model.embed_tokens(crop)
+    patch_embeddings = tiny_model.patch_embed(crop).reshape(3, 8, 64)  # NHWC -> (batch, rows*cols, dim)
+    grid_pos = tiny_model.pos_embed[:, 1:].reshape(1, 4, 8, 64)[:, :, :2].reshape(1, 8, 64)
+    torch.testing.assert_close(tokens[:, 1:], patch_embeddings + grid_pos)
+    torch.testing.assert_close(tokens[:, 0], (tiny_model.cls_token + tiny_model.pos_embed[:, :1])[:, 0].expand(3, -1))
+    # The first columns of a full tile get exactly the same token as the crop.
+    torch.testing.assert_close(tiny_model.embed_tokens(tiles)[:, 1:].reshape(3, 4, 8, 64)[:, :, :2].reshape(3, 8, 64),
+                               tokens[:, 1:])
+
+
+def test_wider_input_falls_back_to_interpolation(tiny_model: SpectrogramViT) -> None:
+    assert tiny_model.forward_features(torch.randn(2, 1, 32, 96)).shape == (2, 1 + 4 * 12, 64)
+
+
+def test_pooled_embeddings(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
+    tokens = tiny_model.forward_features(tiles)
+    pooled = tiny_model.embed(tiles)
+    torch.testing.assert_close(pooled.cls, tiny_model(tiles))
+    torch.testing.assert_close(pooled.mean_patch, tokens[:, 1:].mean(dim=1))
+    assert not torch.allclose(pooled.cls, pooled.mean_patch)
+
+
+def test_last_block_attention_matches_timms_explicit_softmax(tiny_model: SpectrogramViT,
+                                                             tiles: torch.Tensor) -> None:
+    result = tiny_model.last_block_attention(tiles)
+    assert result.attention.shape == (3, 4, 33, 33)
+    assert result.grid_hw == (4, 8)
+    torch.testing.assert_close(result.attention.sum(-1), torch.ones(3, 4, 33))
+    torch.testing.assert_close(result.tokens, tiny_model.forward_features(tiles))
+
+    # Reference: timm's own non-fused path, whose softmax output passes through attn_drop.
+    last_attention = tiny_model.blocks[-1].attn
+    captured: list[torch.Tensor] = []
+    handle = last_attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    last_attention.fused_attn = False
+    try:
+        tiny_model.forward_features(tiles)
+    finally:
+        last_attention.fused_attn = True
+        handle.remove()
+    torch.testing.assert_close(result.attention, captured[0], atol=1e-6, rtol=1e-5)
+
+
+def test_cls_attention_maps(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
+    raw = tiny_model.cls_attention_maps(tiles, renormalize=False)
+    full = tiny_model.last_block_attention(tiles).attention
+    assert raw.shape == (3, 4, 4, 8)  # (batch, heads, frequency rows, time columns)
+    torch.testing.assert_close(raw.reshape(3, 4, 32), full[:, :, 0, 1:])
+    cls_to_itself = full[:, :, 0, 0]
+    torch.testing.assert_close(raw.sum(dim=(-2, -1)) + cls_to_itself, torch.ones(3, 4))
+    renormalized = tiny_model.cls_attention_maps(tiles)
+    torch.testing.assert_close(renormalized.sum(dim=(-2, -1)), torch.ones(3, 4))
+    torch.testing.assert_close(renormalized, raw / raw.sum(dim=(-2, -1), keepdim=True))
+
+
+def test_patchify_order_matches_the_patch_grid(tiles: torch.Tensor) -> None:
+    patches = patchify(tiles, 8)
+    assert patches.shape == (3, 32, 64)
+    row, column = 2, 5
+    torch.testing.assert_close(patches[:, row * 8 + column], tiles[:, 0, 16:24, 40:48].reshape(3, 64))
+    torch.testing.assert_close(unpatchify(patches, 8, (4, 8)), tiles)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_frames=60), "whole number"),
+    (dict(embed_dim=65), "divisible"),
+    (dict(arch="vit_huge"), "unknown arch"),
+])
+def test_bad_backbone_config(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_backbone(BackboneConfig(**{**TINY, **changes}))

@@ -1,0 +1,316 @@
+"""Spectrogram augmentations, schedules and the three SSL methods (DINO, MAE, VICReg) on tiny ViTs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from soundscape_ssl.augment import (
+    AugmentConfig,
+    Normalization,
+    apply_random_gain,
+    augmented_views,
+    mix_with_background,
+    random_time_crop,
+    shift_frequency,
+    spec_augment,
+)
+from soundscape_ssl.dino import DinoConfig, DinoMethod, dino_cross_entropy
+from soundscape_ssl.mae import MaeConfig, MaeMethod, normalized_patch_targets, patch_keep_order
+from soundscape_ssl.models import BackboneConfig, SSLMethod
+from soundscape_ssl.schedules import CosineSchedule, LinearWarmupSchedule, scaled_learning_rate
+from soundscape_ssl.vicreg import VicregConfig, VicregMethod, representation_spread, vicreg_terms
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning threads suffer on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+BACKBONE = BackboneConfig(arch="vit_tiny", depth=2, embed_dim=64, num_heads=2, n_mels=32, n_frames=64,
+                          patch_size=8, drop_path_rate=0.0)
+NORMALIZATION = Normalization(mean_db=-60.0, std_db=12.0)
+NO_AUGMENT = AugmentConfig(gain_db=0.0, mix_probability=0.0, time_masks=0, frequency_masks=0)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _tiny_dino(**changes) -> DinoMethod:
+    config = DinoConfig(out_dim=256, head_hidden_dim=128, head_bottleneck_dim=32, global_crop_frames=48,
+                        local_crops=2, local_crop_frames=16, freeze_last_layer_epochs=0)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return DinoMethod(BACKBONE, config, AugmentConfig(), NORMALIZATION, total_steps=100, steps_per_epoch=10)
+
+
+def _tiny_mae(**changes) -> MaeMethod:
+    return MaeMethod(BACKBONE, MaeConfig(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **changes))
+
+
+def _tiny_vicreg() -> VicregMethod:
+    return VicregMethod(BACKBONE, VicregConfig(expander_dim=128, crop_frames=48), AugmentConfig(), NORMALIZATION)
+
+
+# -- augmentations ------------------------------------------------------------------------------
+
+
+def _frame_ramp(batch: int = 6) -> torch.Tensor:
+    """Tiles whose value is the frame index (plus 100 x tile index), to read crops back."""
+    frames = torch.arange(64.0)[None, None, None, :].expand(batch, 1, 32, 64)
+    return frames + 100.0 * torch.arange(batch, dtype=torch.float32)[:, None, None, None]
+
+
+def test_random_time_crop_takes_contiguous_frames_at_random_offsets() -> None:
+    tiles = _frame_ramp()
+    crops = random_time_crop(tiles, 16, _generator())
+    assert crops.shape == (6, 1, 32, 16)
+    starts = crops[:, 0, 0, 0] - 100.0 * torch.arange(6)
+    torch.testing.assert_close(crops[:, 0, 0], starts[:, None] + 100.0 * torch.arange(6)[:, None] + torch.arange(16.0))
+    assert starts.min() >= 0 and starts.max() <= 48
+    assert len(set(starts.tolist())) > 1  # independent offsets per tile
+    torch.testing.assert_close(crops, random_time_crop(tiles, 16, _generator()))  # reproducible
+
+
+def test_frequency_shift_moves_bins_and_repeats_edges() -> None:
+    tiles = torch.arange(32.0)[None, None, :, None].expand(8, 1, 32, 4).contiguous()
+    shifted = shift_frequency(tiles, 3, _generator())
+    shifts = shifted[:, 0, 16, 0] - 16.0  # how far each tile's content moved down the bin index
+    assert shifts.abs().max() <= 3 and len(set(shifts.tolist())) > 1
+    for tile, shift in zip(shifted, shifts.long().tolist()):
+        expected = (torch.arange(32) + shift).clamp(0, 31).float()
+        torch.testing.assert_close(tile[0, :, 0], expected)
+    assert shift_frequency(tiles, 0, _generator()) is tiles
+
+
+def test_random_gain_is_a_constant_offset_in_db() -> None:
+    tiles = torch.randn(16, 1, 32, 64)
+    gained = apply_random_gain(tiles, 6.0, NORMALIZATION, _generator())
+    offsets_db = (gained - tiles) * NORMALIZATION.std_db
+    per_tile = offsets_db[:, 0, 0, 0]
+    torch.testing.assert_close(offsets_db, per_tile[:, None, None, None].expand_as(offsets_db))
+    assert per_tile.abs().max() <= 6.0 and per_tile.std() > 1.0
+
+
+def test_mixing_adds_powers() -> None:
+    signal_db = torch.tensor([-30.0, -100.0, -60.0]).reshape(1, 1, 3, 1)
+    background_db = torch.tensor([-60.0, -60.0, -50.0]).reshape(1, 1, 3, 1)
+    mixed = mix_with_background(NORMALIZATION.from_db(signal_db), NORMALIZATION.from_db(background_db), 1.0,
+                                (10.0, 10.0), NORMALIZATION, _generator())
+    expected_db = 10 * torch.log10(10 ** (signal_db / 10) + 10 ** ((background_db - 10.0) / 10))
+    torch.testing.assert_close(NORMALIZATION.to_db(mixed), expected_db)
+    # A loud bin barely changes, a silent bin takes the attenuated background level.
+    assert abs(NORMALIZATION.to_db(mixed)[0, 0, 0, 0].item() + 30.0) < 0.01
+    assert abs(NORMALIZATION.to_db(mixed)[0, 0, 1, 0].item() + 70.0) < 0.01
+    untouched = mix_with_background(signal_db, background_db, 0.0, (10.0, 10.0), NORMALIZATION, _generator())
+    assert untouched is signal_db
+
+
+def test_spec_augment_masks_whole_bands_with_zero() -> None:
+    tiles = torch.randn(32, 1, 32, 64) + 5.0  # no natural zeros
+    config = AugmentConfig(time_masks=2, max_time_mask_frames=30, frequency_masks=1, max_frequency_mask_bins=6)
+    masked = spec_augment(tiles, config, _generator())
+    hidden = masked == 0
+    assert 0.0 < hidden.float().mean() < 0.5
+    torch.testing.assert_close(masked[~hidden], tiles[~hidden])
+    frames_hidden = hidden[:, 0].all(dim=1)  # whole time columns
+    bins_hidden = hidden[:, 0].all(dim=2)  # whole frequency rows
+    torch.testing.assert_close(hidden[:, 0], frames_hidden[:, None, :] | bins_hidden[:, :, None])
+    assert frames_hidden.sum(dim=1).max() <= 2 * 16  # each time mask is capped at a quarter of 64 frames
+    assert bins_hidden.sum(dim=1).max() <= 6
+
+
+def test_augmented_views_are_view_major_crops_of_each_tile() -> None:
+    tiles = _frame_ramp(batch=4)
+    views = augmented_views(tiles, 3, 24, NO_AUGMENT, NORMALIZATION, _generator())
+    assert views.shape == (12, 1, 32, 24)
+    tile_of_row = torch.div(views[:, 0, 0, 0], 100, rounding_mode="floor")
+    torch.testing.assert_close(tile_of_row, torch.arange(4.0).repeat(3))
+    augmented = augmented_views(tiles, 3, 24, AugmentConfig(mix_probability=1.0), NORMALIZATION, _generator())
+    assert not torch.allclose(augmented, views)
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_with_linear_warmup() -> None:
+    schedule = CosineSchedule(base=1.0, final=0.1, total_steps=110, warmup_steps=10)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5) and schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.55)  # half way through the cosine
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+    values = [schedule(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    momentum = CosineSchedule(base=0.996, final=1.0, total_steps=100)
+    assert momentum(0) == pytest.approx(0.996) and momentum(100) == pytest.approx(1.0)
+    temperature = LinearWarmupSchedule(start=0.04, end=0.07, warmup_steps=30)
+    assert temperature(15) == pytest.approx(0.055) and temperature(30) == temperature(99) == 0.07
+    assert scaled_learning_rate(5e-4, 1024) == pytest.approx(2e-3)
+
+
+# -- DINO ---------------------------------------------------------------------------------------
+
+
+def test_dino_cross_entropy_skips_same_view_pairs() -> None:
+    torch.manual_seed(0)
+    student = torch.randn(4 * 2, 5)  # 4 views of 2 tiles
+    teacher_probs = torch.softmax(torch.randn(2 * 2, 5), dim=-1)  # 2 global views
+    loss = dino_cross_entropy(student, teacher_probs, 0.1, n_student_views=4, n_teacher_views=2)
+    log_p = torch.log_softmax(student / 0.1, dim=-1).reshape(4, 2, 5)
+    q = teacher_probs.reshape(2, 2, 5)
+    pairs = [(t, s) for t in range(2) for s in range(4) if s != t]
+    expected = sum(-(q[t] * log_p[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_dino_teacher_starts_as_student_and_follows_by_ema() -> None:
+    method = _tiny_dino()
+    for teacher, student in zip(method.teacher.parameters(), method.student.parameters()):
+        assert torch.equal(teacher, student) and not teacher.requires_grad
+    before = [p.detach().clone() for p in method.teacher.parameters()]
+    with torch.no_grad():
+        for parameter in method.student.parameters():
+            parameter.add_(1.0)
+    method.after_optimizer_step(0)
+    momentum = method.teacher_momentum(0)
+    for old, teacher, student in zip(before, method.teacher.parameters(), method.student.parameters()):
+        torch.testing.assert_close(teacher, momentum * old + (1 - momentum) * student)
+
+
+def test_dino_centre_is_an_ema_of_teacher_outputs() -> None:
+    method = _tiny_dino(center_momentum=0.9).eval()
+    tiles = torch.randn(4, 1, 32, 64)
+    method(tiles, 0, _generator())
+    with torch.no_grad():
+        teacher_logits = method.teacher(augmented_views(tiles, 2, 48, method.augment, NORMALIZATION, _generator()))
+    torch.testing.assert_close(method.center, 0.1 * teacher_logits.mean(dim=0, keepdim=True))
+
+
+def test_dino_freezes_last_layer_at_first() -> None:
+    method = DinoMethod(BACKBONE, DinoConfig(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                                             global_crop_frames=48, local_crops=0, freeze_last_layer_epochs=1),
+                        AugmentConfig(), NORMALIZATION, total_steps=20, steps_per_epoch=5)
+    method(torch.randn(4, 1, 32, 64), 0, _generator()).loss.backward()
+    assert method.student.head.last_layer.direction.grad is not None
+    method.before_optimizer_step(4)
+    assert method.student.head.last_layer.direction.grad is None
+    assert method.student.head.mlp[0].weight.grad is not None
+
+
+def test_dino_collapse_rules() -> None:
+    method = _tiny_dino()
+    assert method.collapse_reason({"teacher_entropy_fraction": 0.6, "teacher_max_marginal": 0.1}) is None
+    assert "uniform" in method.collapse_reason({"teacher_entropy_fraction": 0.995, "teacher_max_marginal": 0.0})
+    assert "one prototype" in method.collapse_reason({"teacher_entropy_fraction": 0.1, "teacher_max_marginal": 0.95})
+
+
+def test_dino_rejects_crops_that_are_not_whole_patches() -> None:
+    with pytest.raises(ValueError, match="global_crop_frames"):
+        _tiny_dino(global_crop_frames=50)
+
+
+# -- MAE ----------------------------------------------------------------------------------------
+
+
+def test_random_masking_hides_the_requested_share() -> None:
+    order, n_visible = patch_keep_order(5, (4, 8), 0.75, "random", _generator())
+    assert n_visible == 8
+    assert order.shape == (5, 32)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(32).expand(5, -1))  # a permutation per tile
+    assert not torch.equal(order[0], order[1])
+
+
+def test_time_masking_hides_whole_columns() -> None:
+    order, n_visible = patch_keep_order(6, (4, 8), 0.6, "time", _generator())
+    assert n_visible == (8 - 5) * 4
+    for tile_order in order:
+        visible = torch.zeros(32, dtype=torch.bool)
+        visible[tile_order[:n_visible]] = True
+        columns_visible = visible.reshape(4, 8)
+        assert torch.equal(columns_visible.all(dim=0), columns_visible.any(dim=0))  # columns all in or all out
+        assert columns_visible.all(dim=0).sum() == 3
+
+
+def test_normalized_patch_targets() -> None:
+    targets = normalized_patch_targets(torch.randn(2, 10, 64) * 5 + 3)
+    torch.testing.assert_close(targets.mean(-1), torch.zeros(2, 10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(targets.std(-1), torch.ones(2, 10), atol=1e-4, rtol=0)
+
+
+def test_mae_loss_only_sees_hidden_patches() -> None:
+    method = _tiny_mae(mask_ratio=0.5).eval()
+    tiles = torch.randn(2, 1, 32, 64)
+    output = method(tiles, 0, _generator())
+    assert output.metrics["hidden_fraction"].item() == 0.5
+    order, n_visible = patch_keep_order(2, (4, 8), 0.5, "random", _generator())
+    # Changing the tiles only inside visible patches changes the targets only where the loss ignores
+    # them, but it does change the encoder input: so compare with a tile edited in hidden patches.
+    edited = tiles.clone()
+    edited_patches = edited.reshape(2, 1, 4, 8, 8, 8)  # (batch, 1, rows, 8, columns, 8) view
+    hidden_patch = order[0, n_visible].item()
+    row, column = divmod(hidden_patch, 8)
+    edited_patches[0, 0, row, :, column, :] += torch.randn(8, 8)
+    assert method(edited, 0, _generator()).loss.item() != pytest.approx(output.loss.item())
+    with pytest.raises(ValueError, match="whole"):
+        method(tiles[..., :48], 0, _generator())
+
+
+# -- VICReg -------------------------------------------------------------------------------------
+
+
+def test_vicreg_terms_against_a_direct_computation() -> None:
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(32, 8) * 0.5, torch.randn(32, 8) * 2.0
+    invariance, variance, covariance = vicreg_terms(z_a, z_b)
+    assert invariance.item() == pytest.approx(((z_a - z_b) ** 2).mean().item())
+    hinge = lambda z: torch.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()  # noqa: E731
+    assert variance.item() == pytest.approx(((hinge(z_a) + hinge(z_b)) / 2).item(), rel=1e-5)
+
+    def off_diagonal_term(z: torch.Tensor) -> float:
+        cov = torch.cov(z.T)
+        return ((cov ** 2).sum() - (cov.diagonal() ** 2).sum()).item() / z.shape[1]
+
+    assert covariance.item() == pytest.approx(off_diagonal_term(z_a) + off_diagonal_term(z_b), rel=1e-4)
+
+
+def test_representation_spread_detects_collapse() -> None:
+    spread_out = representation_spread(torch.randn(256, 64))
+    collapsed = representation_spread(torch.ones(256, 64) + 1e-4 * torch.randn(256, 64))
+    assert 0.8 < spread_out.item() < 1.2
+    assert collapsed.item() < 0.01
+    method = _tiny_vicreg()
+    assert method.collapse_reason({"representation_spread": collapsed.item()}) is not None
+    assert method.collapse_reason({"representation_spread": spread_out.item()}) is None
+
+
+# -- every method learns ------------------------------------------------------------------------
+
+
+def _dino_with_fixed_targets() -> DinoMethod:
+    """DINO whose teacher and centre stay put, so the loss measures only the student fitting them
+    (the EMA and the centre are tested above; with them moving, the loss is not monotone)."""
+    return _tiny_dino(teacher_momentum=1.0, center_momentum=1.0)
+
+
+@pytest.mark.parametrize("build", [_dino_with_fixed_targets, _tiny_mae, _tiny_vicreg], ids=["dino", "mae", "vicreg"])
+def test_loss_falls_on_a_fixed_batch(build) -> None:
+    torch.manual_seed(0)
+    method: SSLMethod = build()
+    tiles = torch.randn(16, 1, 32, 64, generator=_generator(1))
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(8):
+        output = method(tiles, step, _generator(2))  # the same views every step
+        optimizer.zero_grad()
+        output.loss.backward()
+        method.before_optimizer_step(step)
+        optimizer.step()
+        method.after_optimizer_step(step)
+        losses.append(output.loss.item())
+        assert all(math.isfinite(value.item()) for value in output.metrics.values())
+    assert losses[-1] < 0.9 * losses[0], losses

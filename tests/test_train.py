@@ -1,0 +1,397 @@
+"""The pretraining entry point: configs, exact resume, checkpoints, NaN/collapse/signal stops, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from soundscape_ssl import train
+from soundscape_ssl.checkpoint import CHECKPOINT_FORMAT, load_backbone
+from soundscape_ssl.engine import NonFiniteLossError
+from soundscape_ssl.models import SpectrogramViT
+from soundscape_ssl.train import (
+    CollapseDetectedError,
+    ResumableShardSampler,
+    StopRequested,
+    TrainConfig,
+    TrainData,
+    config_from_dict,
+    load_config,
+    main,
+    parse_overrides,
+    run,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N_TILES = 48  # 6 steps per epoch at 8 tiles per step
+
+
+class _RandomTiles(Dataset):
+    """Deterministic normalised 32 x 64 'tiles'; `fill` replaces every value (e.g. NaN)."""
+
+    def __init__(self, n_tiles: int = N_TILES, fill: float | None = None) -> None:
+        self.tiles = torch.randn(n_tiles, 1, 32, 64, generator=torch.Generator().manual_seed(0))
+        if fill is not None:
+            self.tiles.fill_(fill)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tiles[index]
+
+
+class _SignalOnFetch(_RandomTiles):
+    """Sends SIGTERM to this process when tile number `at_fetch` is read (num_workers=0)."""
+
+    def __init__(self, at_fetch: int) -> None:
+        super().__init__()
+        self.fetches, self.at_fetch = 0, at_fetch
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.fetches += 1
+        if self.fetches == self.at_fetch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__getitem__(index)
+
+
+class _CrashOnFetch(_RandomTiles):
+    """Raises when tile number `at_fetch` is read: a crash (or kill -9) in the middle of a step."""
+
+    def __init__(self, at_fetch: int) -> None:
+        super().__init__()
+        self.fetches, self.at_fetch = 0, at_fetch
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.fetches += 1
+        if self.fetches == self.at_fetch:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(index)
+
+
+NORMALIZATION = {"mean": -60.0, "std": 12.0}
+
+
+def tiny_tile_data(store_dir: str) -> TrainData:
+    """Dataset factory for configs (`dataset_factory: test_train:tiny_tile_data`), also under torchrun."""
+    return TrainData(_RandomTiles(), NORMALIZATION, {"n_mels": 32, "note": "in-memory test tiles"})
+
+
+def nan_tile_data(store_dir: str) -> TrainData:
+    return TrainData(_RandomTiles(fill=float("nan")), NORMALIZATION, None)
+
+
+def _tiny_settings(out_dir: Path, method: str = "dino", **top_level) -> dict:
+    settings = {
+        "method": method, "store_dir": "in-memory", "out_dir": str(out_dir), "device": "cpu",
+        "epochs": 2, "batch_size_per_gpu": 8, "num_workers": 0, "warmup_epochs": 1.0, "log_every": 2,
+        "checkpoint_every_steps": 100, "base_lr": 1e-3,
+        "cpu_threads": 1,  # tiny models gain nothing from threads, and spinning threads suffer on shared cores
+        "model": {"arch": "vit_tiny", "depth": 2, "embed_dim": 64, "num_heads": 2, "n_mels": 32,
+                  "n_frames": 64, "patch_size": 8, "drop_path_rate": 0.1},
+        "dino": {"out_dim": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 32, "global_crop_frames": 48,
+                 "local_crops": 2, "local_crop_frames": 16},
+        "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+        "vicreg": {"expander_dim": 128, "crop_frames": 48},
+    }
+    settings.update(top_level)
+    return settings
+
+
+def _tiny_config(out_dir: Path, method: str = "dino", **top_level) -> TrainConfig:
+    return config_from_dict(TrainConfig, _tiny_settings(out_dir, method, **top_level))
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_state(a, b, where: str = "") -> None:
+    """Exact equality of nested checkpoint content (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {where}"
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {where}"
+        for index, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{a!r} != {b!r} at {where}"
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_config_file_plus_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("method: mae\nstore_dir: runs/r/tiles\nout_dir: runs/r/pretrain/mae\n"
+                    "mae:\n  mask_ratio: 0.6\nmodel:\n  arch: vit_tiny\n")
+    config = load_config(path, ["--mae.masking", "time", "--base_lr=1e-4", "--adam_betas", "[0.9, 0.95]",
+                                "--max_steps", "null", "--compile", "true", "--model.depth", "4"])
+    assert config.method == "mae" and config.mae.mask_ratio == 0.6 and config.mae.masking == "time"
+    assert config.base_lr == 1e-4 and isinstance(config.base_lr, float)
+    assert config.adam_betas == (0.9, 0.95) and config.max_steps is None and config.compile is True
+    assert config.model.arch == "vit_tiny" and config.model.depth == 4
+    assert parse_overrides(["--dino.out-dim", "4096"]) == {"dino": {"out_dim": 4096}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--dino.outdim", "4"], "unknown config key.*dino.outdim"),
+    (["--epochs", "many"], "epochs must be an integer"),
+    (["--compile", "1"], "compile must be true or false"),
+    (["--epochs"], "needs a value"),
+])
+def test_bad_config_is_explained(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["--store_dir", "s", "--out_dir", "o", *overrides])
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        _tiny_config(tmp_path, method="simclr").validate()
+    with pytest.raises(ValueError, match="global_crop_frames"):
+        config = _tiny_config(tmp_path)
+        config.dino.global_crop_frames = 100
+        config.validate()
+
+
+def test_sampler_shards_are_disjoint_and_resumable() -> None:
+    shards = []
+    for rank in range(3):
+        sampler = ResumableShardSampler(50, rank, 3, 4, seed=7)
+        sampler.set_position(epoch=2)
+        shards.append(list(sampler))
+        assert sampler.steps_per_epoch == 4 and len(shards[-1]) == 16
+        sampler.set_position(epoch=2, start_batch=3)
+        assert list(sampler) == shards[-1][12:]
+    assert len(set(sum(shards, []))) == 48
+    other_epoch = ResumableShardSampler(50, 0, 3, 4, seed=7)
+    other_epoch.set_position(epoch=3)
+    assert list(other_epoch) != shards[0]
+
+
+def test_default_data_is_the_tile_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real path reads the store's normalisation and spectrogram config (contract of soundscape_ssl.tiles)."""
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass
+    class FakeSpectrogramConfig:
+        sample_rate_hz: int = 32000
+        n_mels: int = 128
+
+    class FakeStore:
+        def __init__(self, store_dir):
+            self.normalization = {"mean": -71.5, "std": 9.25}
+            self.config = FakeSpectrogramConfig()
+
+    opened = []
+    fake_tiles = types.SimpleNamespace(TileStore=FakeStore,
+                                       TileDataset=lambda store_dir, normalize: opened.append((store_dir, normalize)))
+    monkeypatch.setitem(sys.modules, "soundscape_ssl.tiles", fake_tiles)
+    assert train.resolve_data_factory(None) is train.tile_store_data
+    data = train.tile_store_data("runs/r/tiles")
+    assert opened == [("runs/r/tiles", True)]
+    assert data.normalization == {"mean": -71.5, "std": 9.25}
+    assert data.spectrogram_config == {"sample_rate_hz": 32000, "n_mels": 128}
+
+
+def test_trains_on_a_real_tile_store(tmp_path: Path) -> None:
+    """The default data path end to end: WAV -> inventory -> tile store -> TileDataset -> checkpoint."""
+    import numpy as np
+    import soundfile
+
+    from soundscape_ssl.archive import scan_archive
+    from soundscape_ssl.spectrogram import SpectrogramConfig
+    from soundscape_ssl.tiles import TileStore
+    from soundscape_ssl.tiling import tile_archive
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    times_s = np.arange(20 * 32000) / 32000
+    warble = np.sin(2 * np.pi * (3000 + 500 * np.sin(2 * np.pi * 2 * times_s)) * times_s)
+    noise = np.random.default_rng(0).standard_normal(times_s.size)
+    soundfile.write(archive / "REC1_20200101_050000.wav", (0.2 * warble + 0.05 * noise).astype(np.float32), 32000)
+    store_dir = tmp_path / "tiles"
+    # 0.75 s tiles at a 375-sample hop: 64 frames, the tiny model's width.
+    tile_archive(scan_archive(archive, show_progress=False).files, store_dir, show_progress=False,
+                 config=SpectrogramConfig(n_mels=32, tile_s=0.75, tile_hop_s=0.75))
+    config = _tiny_config(tmp_path / "out", "vicreg", store_dir=str(store_dir), max_steps=2)
+    assert run(config).step == 2
+    checkpoint = _load(tmp_path / "out" / "checkpoint.pth")
+    assert checkpoint["spectrogram_config"]["n_mels"] == 32 and checkpoint["spectrogram_config"]["tile_s"] == 0.75
+    assert checkpoint["normalization"] == pytest.approx(TileStore(store_dir).normalization)
+
+
+# -- training, checkpoints, resume --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dino", "mae", "vicreg"])
+def test_resume_continues_exactly(tmp_path: Path, method: str) -> None:
+    """12 steps straight == 4 steps, stop, rerun (resuming mid-epoch and crossing an epoch end)."""
+    straight = run(_tiny_config(tmp_path / "straight", method), data_factory=tiny_tile_data)
+    assert straight.step == straight.total_steps == 12 and straight.finished
+
+    first = run(_tiny_config(tmp_path / "resumed", method, max_steps=4), data_factory=tiny_tile_data)
+    assert first.step == 4 and not first.finished
+    assert _load(tmp_path / "resumed" / "checkpoint.pth")["step"] == 4
+    second = run(_tiny_config(tmp_path / "resumed", method), data_factory=tiny_tile_data)
+    assert second.step == 12 and second.last_loss == straight.last_loss
+
+    a, b = _load(tmp_path / "straight" / "checkpoint.pth"), _load(tmp_path / "resumed" / "checkpoint.pth")
+    assert a["step"] == b["step"] == 12 and a["epoch"] == b["epoch"] == 2
+    _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["optimizer"], b["optimizer"], "optimizer")
+    _assert_same_state(a["backbone"], b["backbone"], "backbone")
+    starts = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "start"]
+    assert [record["resumed_from_step"] for record in starts] == [None, 4]
+
+
+def test_checkpoint_is_self_describing_and_loads_weights_only(tmp_path: Path) -> None:
+    run(_tiny_config(tmp_path, "dino", max_steps=3), data_factory=tiny_tile_data)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["method"] == "dino"
+    assert checkpoint["step"] == 3 and checkpoint["epoch"] == 0 and checkpoint["world_size"] == 1
+    assert checkpoint["backbone_config"]["embed_dim"] == 64
+    assert checkpoint["method_config"]["out_dim"] == 256
+    assert checkpoint["train_config"]["batch_size_per_gpu"] == 8
+    assert checkpoint["normalization"] == NORMALIZATION
+    assert checkpoint["spectrogram_config"]["note"] == "in-memory test tiles"
+    assert "center" in checkpoint["model"]
+    # The exported backbone is DINO's EMA teacher.
+    for key, value in checkpoint["backbone"].items():
+        assert torch.equal(value, checkpoint["model"][f"teacher.backbone.{key}"])
+
+    model, meta = load_backbone(tmp_path / "checkpoint.pth")
+    assert isinstance(model, SpectrogramViT) and not model.training
+    json.dumps(meta)  # metadata is plain JSON: no pickled objects, no numpy
+    assert meta["step"] == 3 and "model" not in meta and "optimizer" not in meta
+    embeddings = model.embed(torch.randn(2, 1, 32, 64))
+    assert embeddings.cls.shape == embeddings.mean_patch.shape == (2, 64)
+
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    assert config_json["stage"] == "pretrain" and config_json["derived"]["peak_lr"] == pytest.approx(1e-3 * 8 / 256)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and "git_sha" in records[0]
+    assert records[0]["config"]["model"]["depth"] == 2 and records[0]["derived"]["total_steps"] == 12
+    train_records = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 3]
+    for key in ("loss", "lr", "tiles_per_s", "teacher_entropy_fraction", "center_norm", "grad_norm"):
+        assert key in train_records[-1]
+    assert train_records[0]["lr"] == pytest.approx(1e-3 * 8 / 256 * 1 / 6)  # step 1 of a 6-step warm-up
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_rerun_after_the_end_does_nothing(tmp_path: Path) -> None:
+    config = _tiny_config(tmp_path, "mae", epochs=1)
+    run(config, data_factory=tiny_tile_data)
+    before = (tmp_path / "checkpoint.pth").stat().st_mtime_ns
+    again = run(config, data_factory=tiny_tile_data)
+    assert again.step == 6 and again.finished
+    assert (tmp_path / "checkpoint.pth").stat().st_mtime_ns == before
+
+
+def test_resume_refuses_another_model(tmp_path: Path) -> None:
+    run(_tiny_config(tmp_path, "mae", max_steps=1), data_factory=tiny_tile_data)
+    config = _tiny_config(tmp_path, "mae")
+    config.model.depth = 3
+    with pytest.raises(ValueError, match="different model"):
+        run(config, data_factory=tiny_tile_data)
+
+
+def test_sigterm_writes_a_checkpoint_and_rerun_finishes(tmp_path: Path) -> None:
+    config = _tiny_config(tmp_path, "vicreg")
+    with pytest.raises(StopRequested) as stop:
+        # Fetch 1 is run()'s shape check; fetch 1 + 3 * 8 + 1 is the first tile of the fourth batch.
+        run(config, data_factory=lambda store_dir: TrainData(_SignalOnFetch(at_fetch=1 + 3 * 8 + 1), NORMALIZATION,
+                                                             None))
+    assert stop.value.signum == signal.SIGTERM
+    assert _load(tmp_path / "checkpoint.pth")["step"] == 4  # the step whose batch was loading completed
+    assert run(config, data_factory=tiny_tile_data).step == 12
+
+
+def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path) -> None:
+    config = _tiny_config(tmp_path, "mae", checkpoint_every_steps=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        # Fetch 1 is the shape check; the crash hits the batch of the sixth step, before any epoch end.
+        run(config, data_factory=lambda store_dir: TrainData(_CrashOnFetch(at_fetch=1 + 5 * 8 + 1), NORMALIZATION,
+                                                             None))
+    assert _load(tmp_path / "checkpoint.pth")["step"] == 3
+    assert run(config, data_factory=tiny_tile_data).step == 12
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["resumed_from_step"] for r in records if r["event"] == "start"] == [None, 3]
+
+
+# -- stops with a clear message and exit code ---------------------------------------------------
+
+
+def _write_config(path: Path, settings: dict) -> Path:
+    path.write_text(json.dumps(settings))
+    return path
+
+
+def test_non_finite_loss_stops_with_exit_code_3(tmp_path: Path) -> None:
+    settings = _tiny_settings(tmp_path / "out", "mae", dataset_factory="test_train:nan_tile_data")
+    assert main(["--config", str(_write_config(tmp_path / "c.json", settings))]) == train.EXIT_NON_FINITE_LOSS
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        run(config_from_dict(TrainConfig, settings))
+
+
+def test_dino_uniform_collapse_stops_with_exit_code_4(tmp_path: Path) -> None:
+    # A huge teacher temperature makes the teacher's output uniform: the collapse DINO must avoid.
+    settings = _tiny_settings(tmp_path / "out", "dino", dataset_factory="test_train:tiny_tile_data",
+                              log_every=1, collapse_check_after_steps=0, collapse_patience=2)
+    settings["dino"].update(teacher_temp=100.0, warmup_teacher_temp=100.0)
+    assert main(["--config", str(_write_config(tmp_path / "c.json", settings))]) == train.EXIT_COLLAPSE
+    with pytest.raises(CollapseDetectedError, match="uniform distribution"):
+        run(config_from_dict(TrainConfig, settings))
+    stopped = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])
+    assert stopped["event"] == "stopped" and stopped["step"] == 2
+
+
+def test_bad_config_exits_with_code_2(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.json", _tiny_settings(tmp_path / "out"))
+    assert main(["--config", str(path), "--no_such_key", "1"]) == train.EXIT_CONFIG_ERROR
+    assert main(["--config", str(path), "--method", "byol"]) == train.EXIT_CONFIG_ERROR
+
+
+# -- two processes --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
+    settings = _tiny_settings(tmp_path / "out", "dino", dataset_factory="test_train:tiny_tile_data",
+                              epochs=2)
+    config_path = _write_config(tmp_path / "pretrain.json", settings)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "lib")]),
+           "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "soundscape_ssl.train", "--config", str(config_path), "--max_steps", "2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    checkpoint = _load(tmp_path / "out" / "checkpoint.pth")
+    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records].count("start") == 1  # rank 0 alone logs
+    assert records[0]["derived"]["effective_batch_size"] == 16 and records[0]["derived"]["steps_per_epoch"] == 3
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "soundscape_ssl.train", "--config", str(config_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _load(tmp_path / "out" / "checkpoint.pth")["step"] == 6

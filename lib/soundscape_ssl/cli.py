@@ -104,7 +104,7 @@ def _run_module_main(module: str, argv: list[str]) -> int:
 
 
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
-PASSTHROUGH_COMMANDS = {"tile": "tiling"}
+PASSTHROUGH_COMMANDS = {"tile": "tiling", "embed": "embed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands their arguments to the module's own parser.
     commands.add_parser("tile", help="tile an inventory into a log-mel tile store "
                                      "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiling)")
+    commands.add_parser("embed", help="embed a tile store or any audio files with a checkpoint's backbone "
+                                      "(options: soundscape-ssl embed --help; also python -m soundscape_ssl.embed)")
     return parser
 
 

@@ -952,7 +952,7 @@ def _tile_archive(files_df: pd.DataFrame, store_dir: Path, config: SpectrogramCo
 
 
 @contextlib.contextmanager
-def _finalize_lock(store_dir: Path) -> Iterator[None]:
+def finalize_lock(store_dir: Path) -> Iterator[None]:
     """Serialise finalisation between processes (two ranks may finish together). An flock is
     released by the kernel when its holder dies, so a killed finalise never blocks a rerun;
     where the file system has no flock we go on without (the outputs are identical anyway)."""
@@ -973,7 +973,7 @@ def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:
     Raises RuntimeError while units are missing.
     """
     store_dir = Path(store_dir)
-    with _finalize_lock(store_dir):
+    with finalize_lock(store_dir):
         return _finalize_locked(store_dir)
 
 

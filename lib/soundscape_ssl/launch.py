@@ -1,0 +1,94 @@
+"""Launching pretraining from a notebook: a torchrun command run as a checked, streamed subprocess.
+
+`!torchrun ...` in a notebook never fails it; `run_streaming` does: it streams the child's output
+line by line into the cell (so a papermill log shows progress) and raises
+`subprocess.CalledProcessError` on a non-zero exit, naming what the exit code means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .provenance import to_jsonable
+
+# Exit codes of `python -m soundscape_ssl.train` (see its module docstring).
+TRAIN_EXIT_MEANINGS = {
+    2: "bad configuration or data",
+    3: "the loss became NaN or infinite",
+    4: "representation collapse detected",
+    128 + 2: "interrupted (SIGINT); rerun to resume from checkpoint.pth",
+    128 + 15: "terminated (SIGTERM); rerun to resume from checkpoint.pth",
+}
+
+
+def write_train_config(out_dir: str | os.PathLike, settings: dict[str, Any]) -> Path:
+    """Write the TrainConfig fields of one run to `out_dir/train_config.json` (validated first).
+
+    `settings` holds TrainConfig fields, nested sections as dicts (`{"model": {"arch": ...}}`).
+    Validation here turns a typo into an error in the notebook cell, not in a subprocess log.
+    """
+    from .train import TrainConfig, config_from_dict
+
+    config = config_from_dict(TrainConfig, json.loads(json.dumps(to_jsonable(settings))))
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train_config.json"
+    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def torchrun_command(module: str, module_args: Sequence[str], nproc_per_node: int = 1, nnodes: int = 1,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "soundscape-ssl") -> list[str]:
+    """`python -m torch.distributed.run ... -m MODULE ARGS`: standalone on one node, c10d rendezvous on many.
+
+    torchrun is invoked through the current interpreter so the notebook's environment is the
+    one that trains, whatever `torchrun` on PATH would be.
+    """
+    if nproc_per_node < 1 or nnodes < 1:
+        raise ValueError(f"nproc_per_node and nnodes must be >= 1, got {nproc_per_node}, {nnodes}")
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        command += ["--standalone", f"--nproc_per_node={nproc_per_node}"]
+    else:
+        if not rdzv_endpoint:
+            raise ValueError("a multi-node launch needs rdzv_endpoint=HOST:PORT of the first node")
+        command += [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+    return command + ["-m", module, *module_args]
+
+
+def cpu_training_environment(threads: int) -> dict[str, str]:
+    """Environment for CPU training children: thread counts fixed, idle OpenMP threads sleeping.
+
+    OMP_WAIT_POLICY must be set before torch is imported, hence in the child's environment:
+    spinning OpenMP workers cut CPU training throughput 3-10x on a shared 2-core machine
+    (measured with benchmarks/pretrain.py).
+    """
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run_streaming(command: Sequence[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
+                  echo: Callable[[str], None] = print,
+                  exit_meanings: dict[int, str] | None = None) -> None:
+    """Run `command`, echoing each output line as it comes; raise CalledProcessError on failure."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, env=full_env, cwd=cwd) as process:
+        tail: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            echo(line)
+            tail = (tail + [line])[-40:]
+        code = process.wait()
+    if code != 0:
+        meaning = (exit_meanings or {}).get(code, "")
+        raise subprocess.CalledProcessError(
+            code, list(command), output="\n".join(tail),
+            stderr=f"exit {code}: {meaning}" if meaning else None)

@@ -1,0 +1,63 @@
+"""Launching pretraining from notebooks: commands, validated configs, streamed checked subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from soundscape_ssl import launch, training_report
+
+
+def test_single_node_is_standalone_and_multi_node_needs_an_endpoint() -> None:
+    command = launch.torchrun_command("soundscape_ssl.train", ["--config", "c.json"], nproc_per_node=8)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in command and "--nproc_per_node=8" in command
+    assert command[-4:] == ["-m", "soundscape_ssl.train", "--config", "c.json"]
+    multi = launch.torchrun_command("soundscape_ssl.train", [], nproc_per_node=4, nnodes=2,
+                                    rdzv_endpoint="node01:29500")
+    assert "--standalone" not in multi
+    assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node01:29500"} <= set(multi)
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        launch.torchrun_command("m", [], nnodes=2)
+
+
+def test_train_config_is_validated_before_launch(tmp_path) -> None:
+    path = launch.write_train_config(tmp_path / "dino", {
+        "method": "dino", "store_dir": "/tiles", "out_dir": str(tmp_path / "dino"),
+        "model": {"arch": "vit_tiny", "depth": 2}, "dino": {"out_dim": 512}})
+    written = json.loads(path.read_text())
+    assert written["model"]["depth"] == 2 and written["dino"]["out_dim"] == 512
+    assert written["mae"]["mask_ratio"] == 0.75  # defaults filled in: the file is the whole config
+    with pytest.raises(ValueError, match="method"):
+        launch.write_train_config(tmp_path / "x", {"method": "simclr", "store_dir": "/t", "out_dir": "/o"})
+
+
+def test_run_streaming_echoes_lines_and_raises_with_the_meaning() -> None:
+    lines: list[str] = []
+    launch.run_streaming([sys.executable, "-c", "print('one'); print('two')"], echo=lines.append)
+    assert lines == ["one", "two"]
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        launch.run_streaming([sys.executable, "-c", "import sys; print('boom'); sys.exit(4)"],
+                             echo=lines.append, exit_meanings=launch.TRAIN_EXIT_MEANINGS)
+    assert caught.value.returncode == 4
+    assert "collapse" in caught.value.stderr and "boom" in caught.value.output
+
+
+def test_training_log_keeps_the_latest_record_per_step_and_skips_cut_lines(tmp_path) -> None:
+    records = [{"event": "start", "git_sha": "abc"},
+               {"event": "train", "step": 10, "loss": 3.0, "lr": 1e-4, "tiles_per_s": 5.0},
+               {"event": "train", "step": 20, "loss": 2.0, "lr": 2e-4, "tiles_per_s": 6.0},
+               {"event": "start", "git_sha": "abc", "resumed_from_step": 10},
+               {"event": "train", "step": 20, "loss": 1.5, "lr": 2e-4, "tiles_per_s": 7.0}]
+    text = "\n".join(json.dumps(r) for r in records) + '\n{"event": "train", "st'
+    (tmp_path / "log.jsonl").write_text(text)
+    table, events = training_report.read_training_log(tmp_path)
+    assert table["step"].tolist() == [10, 20] and table["loss"].tolist() == [3.0, 1.5]
+    assert [e.get("resumed_from_step") for e in events] == [None, 10]
+    summary = training_report.training_summary({"dino": table})
+    assert bool(summary.loc[0, "loss_fell"]) and summary.loc[0, "steps"] == 20
+    figure = training_report.plot_training_curves({"dino": table})
+    assert len(figure.axes) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from soundscape_ssl.models import (
     ARCHITECTURES,
@@ -64,6 +65,56 @@ def test_narrow_time_crop_slices_positions_instead_of_stretching(tiny_model: Spe
     # The first columns of a full tile get exactly the same token as the crop.
     torch.testing.assert_close(tiny_model.embed_tokens(tiles)[:, 1:].reshape(3, 4, 8, 64)[:, :, :2].reshape(3, 8, 64),
                                tokens[:, 1:])
+
+
+def _window_offset(model: SpectrogramViT, crop: torch.Tensor, tokens: torch.Tensor) -> int:
+    """The time-column offset of the positional window that `tokens` were built with (asserts one fits)."""
+    rows, full_columns = model.patch_grid_hw
+    columns = crop.shape[-1] // model.config.patch_size
+    patch_embeddings = model.patch_embed(crop).reshape(crop.shape[0], rows * columns, -1)
+    grid_pos = model.pos_embed[:, 1:].reshape(1, rows, full_columns, -1)
+    matches = [offset for offset in range(full_columns - columns + 1)
+               if torch.allclose(tokens[:, 1:], patch_embeddings
+                                 + grid_pos[:, :, offset:offset + columns].reshape(1, rows * columns, -1))]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def test_training_slides_the_positional_window_over_every_column(tiles: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**TINY)).train()
+    crop = tiles[..., :16]  # 2 of 8 columns: offsets 0..6
+    with torch.no_grad():
+        offsets = []
+        for seed in range(40):
+            torch.manual_seed(seed)
+            offsets.append(_window_offset(model, crop, model.embed_tokens(crop)))
+        torch.manual_seed(3)
+        repeated = _window_offset(model, crop, model.embed_tokens(crop))
+        # Eval mode: always the first columns, whatever the random state.
+        model.eval()
+        torch.manual_seed(3)
+        assert _window_offset(model, crop, model.embed_tokens(crop)) == 0
+    assert sorted(set(offsets)) == list(range(7))  # every valid window is drawn, so every column trains
+    assert repeated == offsets[3]  # drawn from torch's global generator: reproducible from its seed
+
+
+def test_full_tile_positions_are_timms_and_draw_nothing(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
+    """A full tile gets the whole grid, in eval and training mode, without touching the random state."""
+    with torch.no_grad():
+        patch_embeddings = tiny_model.patch_embed(tiles)
+        reference = VisionTransformer._pos_embed(tiny_model, patch_embeddings)  # timm's own positions
+        torch.testing.assert_close(tiny_model._pos_embed(patch_embeddings), reference, rtol=0, atol=0)
+        first = tiny_model(tiles)
+        torch.manual_seed(123)
+        torch.testing.assert_close(tiny_model(tiles), first, rtol=0, atol=0)
+        tiny_model.train()
+        try:
+            state = torch.get_rng_state()
+            torch.testing.assert_close(tiny_model._pos_embed(patch_embeddings), reference, rtol=0, atol=0)
+            assert torch.equal(torch.get_rng_state(), state)
+        finally:
+            tiny_model.eval()
 
 
 def test_wider_input_falls_back_to_interpolation(tiny_model: SpectrogramViT) -> None:

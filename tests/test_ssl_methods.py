@@ -288,6 +288,35 @@ def test_representation_spread_detects_collapse() -> None:
     assert method.collapse_reason({"representation_spread": spread_out.item()}) is None
 
 
+# -- every positional column trains -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [_tiny_dino, _tiny_vicreg], ids=["dino", "vicreg"])
+def test_crops_narrower_than_the_tile_train_every_positional_column(build) -> None:
+    """Crops of 6 (and, for DINO, 2) of 8 columns must still train all 8 columns that a full tile uses.
+
+    With the window always at column 0, columns 6-7 got no gradient at all.
+    """
+    torch.manual_seed(0)
+    method: SSLMethod = build()
+    method.train()
+    backbone = method.student.backbone if isinstance(method, DinoMethod) else method.backbone
+    rows, columns = backbone.patch_grid_hw
+    tiles = torch.randn(8, 1, 32, 64, generator=_generator(1))
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    column_gradient = torch.zeros(columns)
+    for step in range(6):
+        torch.manual_seed(1000 + step)  # as the engine does before every step
+        output = method(tiles, step, _generator(step))
+        optimizer.zero_grad()
+        output.loss.backward()
+        column_gradient += backbone.pos_embed.grad[0, 1:].reshape(rows, columns, -1).abs().sum(dim=(0, 2))
+        method.before_optimizer_step(step)
+        optimizer.step()
+        method.after_optimizer_step(step)
+    assert (column_gradient > 0).all(), column_gradient
+
+
 # -- every method learns ------------------------------------------------------------------------
 
 

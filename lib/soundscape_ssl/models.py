@@ -5,10 +5,22 @@ so a 128 x 256 tile with 16 x 16 patches gives an 8 x 16 (frequency x time) patc
 Two spectrogram-specific choices:
 
 * Positional embeddings of narrower time crops are *sliced*, not interpolated. A local DINO crop
-  of 96 frames keeps the frequency rows' embeddings exactly and takes the first 6 time columns;
+  of 96 frames keeps the frequency rows' embeddings exactly and takes 6 consecutive time columns;
   timm's default (bicubic resampling) would stretch the time axis and tell the model that 96
   frames span the same duration as 256. Frequency position is absolute in a spectrogram (a
   4 kHz call is not an 8 kHz call); time position within a 3 s tile is arbitrary.
+  Which 6: in training, a window at a random column offset (uniform over the valid offsets);
+  in eval mode, and for full-width inputs, the first columns / the whole grid. Always taking
+  the first columns left the last ones untrained (224-frame global crops use 14 of 16 columns,
+  so columns 14-15 never got a gradient) while inference on 256-frame tiles uses all 16. The
+  window is not tied to the crop's real place in the tile: crops start at any frame, not on
+  patch boundaries, and since time position is arbitrary a random window trains every column
+  alike and teaches relative time. One offset per forward call, not per crop: the addition
+  stays a broadcast and the draw is one CPU integer (no device sync); each crop's content
+  already sits at its own random place, so nothing correlates with the shared offset. It comes
+  from torch's global generator, which the engine seeds per (seed, rank, step), so runs are
+  deterministic and resume bit-exactly; full-width inputs (MAE) draw nothing. DINO's teacher
+  runs in eval mode (offset 0) and follows the student's columns through its EMA.
 * The last block's self-attention is recomputed from that block's own qkv projection, because
   timm uses fused scaled-dot-product attention and never materialises the weights. Nothing is
   patched globally: the recomputation reads the same input the block sees in the forward pass.
@@ -134,12 +146,24 @@ class SpectrogramViT(VisionTransformer):
         """Patch grid of an input batch of shape (batch, 1, n_mels, n_frames)."""
         return tiles.shape[-2] // self.config.patch_size, tiles.shape[-1] // self.config.patch_size
 
+    def time_column_offset(self, columns: int) -> int:
+        """First positional column used for an input `columns` patches wide (at most a full tile).
+
+        0 in eval mode and for full-width inputs; in training, uniform over the valid offsets,
+        drawn on the CPU from torch's global generator (see the module docstring for why).
+        """
+        n_offsets = self.patch_grid_hw[1] - columns + 1
+        if not self.training or n_offsets == 1:
+            return 0
+        return int(torch.randint(n_offsets, ()))
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add positions to NHWC patch embeddings and prepend the class token.
 
-        Same frequency rows and no more time columns than a full tile: slice the time columns.
-        Anything else (a wider input, another number of mel bins) falls back to timm's
-        interpolation, with a one-off warning because it changes what a time step means.
+        Same frequency rows and no more time columns than a full tile: slice a window of time
+        columns (see `time_column_offset`). Anything else (a wider input, another number of mel
+        bins) falls back to timm's interpolation, with a one-off warning because it changes what
+        a time step means.
         """
         batch, rows, columns, channels = x.shape
         full_rows, full_columns = self.patch_grid_hw
@@ -151,7 +175,8 @@ class SpectrogramViT(VisionTransformer):
             return super()._pos_embed(x)
         prefix_pos = self.pos_embed[:, : self.num_prefix_tokens]
         patch_pos = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, full_rows, full_columns, channels)
-        patch_pos = patch_pos[:, :, :columns].reshape(1, rows * columns, channels)
+        offset = self.time_column_offset(columns)
+        patch_pos = patch_pos[:, :, offset:offset + columns].reshape(1, rows * columns, channels)
         patches = x.reshape(batch, rows * columns, channels) + patch_pos
         cls = (self.cls_token + prefix_pos).expand(batch, -1, -1)
         return self.pos_drop(torch.cat([cls, patches], dim=1))

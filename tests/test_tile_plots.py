@@ -47,3 +47,10 @@ def test_gallery_and_statistics_figures_draw() -> None:
     assert labels == ["0.5", "1", "2", "4", "8", "12"]  # kHz at the bands' real centres
     stats_figure = tile_plots.plot_tile_statistics(_index(), near_silent_rms_dbfs=-60)
     assert len(stats_figure.axes) == 3
+
+
+def test_level_categories_from_statistics() -> None:
+    index = pd.DataFrame({"rms_dbfs": [-80, -40, -40, -40, -40, -40],
+                          "spectral_flatness": [0.5, 0.01, 0.2, 0.3, 0.4, 0.9]})
+    categories = tile_plots.level_categories(index, near_silent_rms_dbfs=-60)
+    assert categories.tolist() == ["near-silent", "tonal", "other", "other", "other", "broadband noise"]

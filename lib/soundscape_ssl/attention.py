@@ -76,7 +76,6 @@ ENERGY_SOURCE = "energy"  # `source` of the baseline's rows in the scores table
 # A share counts as reaching a target when it is within this of it: float sums of equal weights
 # (0.1 six times) must not need a seventh patch for 60%.
 _SHARE_TOLERANCE = 1e-9
-# Slaney mel scale (librosa / torchaudio "slaney"): linear below 1 kHz, logarithmic above.
 # Frequencies labelled on spectrogram axes (those inside the tile's band are used).
 _AXIS_FREQUENCIES_HZ = (100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0)
 
@@ -129,8 +128,6 @@ class AttentionConfig:
             raise ValueError(f"unknown AttentionConfig fields: {sorted(unknown)}")
         return cls(**values)
 
-
-# --- Spectrogram geometry: the front end's mel bins and frames --------------------------------
 
 # --- Attention maps and masks ----------------------------------------------------------------
 

@@ -86,6 +86,24 @@ def pick_examples(index: pd.DataFrame, by: str | pd.Series, n_per_group: int, se
     return pd.concat(chosen)
 
 
+def level_categories(index: pd.DataFrame, near_silent_rms_dbfs: float,
+                     flatness_quantiles: tuple[float, float] = (0.1, 0.9)) -> pd.Series:
+    """A label-free category per tile from its statistics, to pick contrasting examples on real audio.
+
+    "near-silent" below the level threshold; among the rest, "broadband noise" in the top
+    flatness quantile (rain, wind, traffic), "tonal" in the bottom one (whistles, insect bands),
+    "other" in between.
+    """
+    flatness = index["spectral_flatness"]
+    audible = index["rms_dbfs"] >= near_silent_rms_dbfs
+    low, high = flatness[audible].quantile(list(flatness_quantiles)) if audible.any() else (np.nan, np.nan)
+    categories = pd.Series("other", index=index.index)
+    categories[audible & (flatness >= high)] = "broadband noise"
+    categories[audible & (flatness <= low)] = "tonal"
+    categories[~audible] = "near-silent"
+    return categories
+
+
 def tiles_per_recorder_and_day(index: pd.DataFrame) -> pd.DataFrame:
     """Tile counts, recorders x calendar days of the tile's own timestamp (untimed tiles: 'no date')."""
     days = index["timestamp"].dt.strftime("%Y-%m-%d").fillna("no date")

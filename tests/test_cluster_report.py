@@ -33,6 +33,8 @@ def test_map_panels_legend_for_few_categories_colourbar_for_numbers() -> None:
     habitat_axes, cluster_axes, level_axes = figure.axes[:3]
     assert [t.get_text() for t in habitat_axes.get_legend().get_texts()] == ["canopy", "grassland"]
     assert cluster_axes.get_legend() is None  # 30 categories: no legend
+    hours = cluster_report.plot_map_panels(coords, {"hour": pd.Series([12, 4, 21, 5, 0] * 10)}, "map")
+    assert [t.get_text() for t in hours.axes[0].get_legend().get_texts()] == ["0", "4", "5", "12", "21"]
     assert len(figure.axes) == 4  # three panels + the level colour bar
 
 

@@ -46,7 +46,9 @@ def describe_clusters(index: pd.DataFrame, labels: np.ndarray, near_silent_rms_d
 
 
 def _category_colours(n_categories: int) -> np.ndarray:
-    """Distinct colours: tab20 up to 20 categories, evenly spaced hues beyond (e.g. 100 clusters)."""
+    """Distinct colours: tab10 up to 10 categories, tab20 up to 20, evenly spaced hues beyond."""
+    if n_categories <= 10:
+        return colormaps["tab10"](np.arange(n_categories))
     if n_categories <= 20:
         return colormaps["tab20"](np.arange(n_categories) % 20)
     return colormaps["hsv"](np.linspace(0.0, 1.0, n_categories, endpoint=False))
@@ -75,12 +77,12 @@ def plot_map_panels(coords: np.ndarray, colour_by: Mapping[str, pd.Series], titl
                                  cmap="viridis", rasterized=True, linewidths=0)
             figure.colorbar(image, ax=axes, shrink=0.8)
         else:
-            categories = pd.Categorical(values.astype(str))
+            categories = pd.Categorical(values)  # natural order: hours 4 < 12, not "12" < "4"
             colours = _category_colours(len(categories.categories))
             axes.scatter(coords[:, 0], coords[:, 1], c=colours[categories.codes], s=point_size,
                          rasterized=True, linewidths=0)
             if len(categories.categories) <= MAX_LEGEND_ENTRIES:
-                handles = [Line2D([], [], marker="o", linestyle="", color=colours[i], label=label, markersize=4)
+                handles = [Line2D([], [], marker="o", linestyle="", color=colours[i], label=str(label), markersize=4)
                            for i, label in enumerate(categories.categories)]
                 axes.legend(handles=handles, fontsize=6, frameon=False, loc="best")
         axes.set_title(name, fontsize=9)

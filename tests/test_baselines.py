@@ -98,7 +98,7 @@ def test_pca_on_a_subsample_recovers_planted_rank_two_structure(tmp_path):
     flat = -50.0 + scores @ basis
     tiles = flat.reshape(n_tiles, N_MELS, N_FRAMES).astype(np.float32)
     pca = fit_tile_pca(tiles, n_components=2, fit_subsample=150, batch_tiles=40, seed=0, progress=False)
-    assert pca.n_samples_seen_ == 150
+    assert pca.n_samples_ == 150
     assert pca.explained_variance_ratio_.sum() == pytest.approx(1.0, abs=1e-4)
     # the same plane as the planted patterns (within it the axes may turn a little: the
     # subsample's scores are not exactly uncorrelated), so all principal angles are ~0

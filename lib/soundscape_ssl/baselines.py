@@ -6,7 +6,7 @@ An SSL embedding is only interesting if it beats these:
   tile's dB values (2 x n_mels features), optionally also of their time derivatives (deltas,
   4 x n_mels). The DESIGN's measured baseline: kNN 0.57 on four congeneric warblers.
 - `fit_tile_pca` + `tile_pca_features`: principal components of the flattened raw tiles
-  (n_mels x n_frames values), fitted with IncrementalPCA on a random subsample.
+  (n_mels x n_frames values), fitted by randomized SVD on a random subsample.
 
 Tiles are read in batches, so any of these work on a memory-mapped store: `tiles` is an array
 (N, n_mels, n_frames) in dB (float16 or float32, a `np.load(mmap_mode="r")` map included) or a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from sklearn.decomposition import IncrementalPCA
+from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -145,12 +145,15 @@ def logmel_stats_features(tiles: Any, with_deltas: bool = False, delta_width_fra
 # --------------------------------------------------------------------------- PCA of raw tiles
 
 def fit_tile_pca(tiles: Any, n_components: int = 64, fit_subsample: int | None = 10_000,
-                 batch_tiles: int = 512, seed: int = 0, progress: bool = True) -> IncrementalPCA:
-    """IncrementalPCA of flattened tiles (n_mels x n_frames values), fitted on a random subsample.
+                 batch_tiles: int = 512, seed: int = 0, progress: bool = True) -> PCA:
+    """PCA of flattened tiles (n_mels x n_frames values), fitted on a random subsample.
 
-    Incremental because the fit data do not fit in memory at archive scale (10k tiles of
-    128 x 256 float32 are 1.3 GB): one batch of `batch_tiles` is held at a time. Tiles with
-    NaN/inf are left out of the fit (logged). Centred, not whitened.
+    Randomized SVD (Halko et al.) on the subsample held in memory as float32: 10k tiles of
+    128 x 256 are 1.3 GB, and the fit takes seconds. IncrementalPCA, which holds one batch at a
+    time, was measured 100x slower here (271 s against ~3 s for 2880 tiles on 2 cores): each
+    partial fit is a full SVD of a (batch + components) x 32768 matrix. The subsample bounds the
+    memory; the transform streams in batches. Tiles with NaN/inf are left out (logged).
+    Centred, not whitened.
     """
     n_tiles = _n_tiles(tiles)
     n_mels, n_frames = _tile_shape(tiles)
@@ -163,35 +166,23 @@ def fit_tile_pca(tiles: Any, n_components: int = 64, fit_subsample: int | None =
     if rows.size < n_components:
         raise ValueError(f"PCA with {n_components} components needs at least {n_components} "
                          f"fit tiles, got {rows.size}")
-    # IncrementalPCA needs every batch to hold >= n_components rows; fold a short tail into
-    # the previous batch instead of dropping it.
-    batch_size = max(batch_tiles, n_components)
-    bounds = list(range(0, rows.size, batch_size)) + [rows.size]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < n_components:
-        bounds.pop(-2)
-    pca = IncrementalPCA(n_components=n_components)
-    n_bad = 0
-    batches = list(zip(bounds[:-1], bounds[1:]))
-    for start, stop in tqdm(batches, desc="PCA fit", unit="batch", disable=not progress or len(batches) < 2):
-        flat = _read_rows(tiles, rows[start:stop]).reshape(stop - start, -1)
-        finite = np.isfinite(flat).all(axis=1)
-        n_bad += int((~finite).sum())
-        flat = flat[finite]
-        if flat.shape[0] >= n_components:
-            pca.partial_fit(flat)
-        elif flat.shape[0]:
-            logger.warning("PCA fit batch of %d finite tiles skipped (< %d components)",
-                           flat.shape[0], n_components)
-    if n_bad:
-        logger.warning("%d of %d PCA fit tiles contain NaN or inf and were left out", n_bad, rows.size)
-    if not hasattr(pca, "components_"):
-        raise ValueError("no batch had enough finite tiles to fit the PCA")
+    sample = np.empty((rows.size, n_mels * n_frames), dtype=np.float32)
+    batches = [(start, min(start + batch_tiles, rows.size)) for start in range(0, rows.size, batch_tiles)]
+    for start, stop in tqdm(batches, desc="PCA fit tiles", unit="batch", disable=not progress or len(batches) < 2):
+        sample[start:stop] = _read_rows(tiles, rows[start:stop]).reshape(stop - start, -1)
+    finite = np.isfinite(sample).all(axis=1)
+    if not finite.all():
+        logger.warning("%d of %d PCA fit tiles contain NaN or inf and were left out", int((~finite).sum()), rows.size)
+        sample = sample[finite]
+    if sample.shape[0] < n_components:
+        raise ValueError(f"only {sample.shape[0]} finite fit tiles for {n_components} components")
+    pca = PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(sample)
     logger.info("tile PCA: %d components explain %.1f%% of the variance of %d tiles", n_components,
-                100 * float(pca.explained_variance_ratio_.sum()), int(pca.n_samples_seen_))
+                100 * float(pca.explained_variance_ratio_.sum()), sample.shape[0])
     return pca
 
 
-def tile_pca_features(tiles: Any, pca: IncrementalPCA, batch_tiles: int = 512,
+def tile_pca_features(tiles: Any, pca: PCA, batch_tiles: int = 512,
                       progress: bool = True) -> np.ndarray:
     """Project every tile onto a fitted tile PCA: (N, n_components) float32, in tile order."""
     n_tiles = _n_tiles(tiles)

@@ -104,7 +104,7 @@ def _run_module_main(module: str, argv: list[str]) -> int:
 
 
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
-PASSTHROUGH_COMMANDS = {"tile": "tiling", "embed": "embed"}
+PASSTHROUGH_COMMANDS = {"tile": "tiling", "embed": "embed", "validate": "validate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiling)")
     commands.add_parser("embed", help="embed a tile store or any audio files with a checkpoint's backbone "
                                       "(options: soundscape-ssl embed --help; also python -m soundscape_ssl.embed)")
+    commands.add_parser("validate", help="score output spaces on labelled recordings "
+                                         "(options: soundscape-ssl validate --help; also python -m soundscape_ssl.validate)")
     return parser
 
 

@@ -34,7 +34,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -55,6 +54,7 @@ import torch  # noqa: E402
 from soundscape_ssl.checkpoint import build_checkpoint, load_backbone, save_checkpoint  # noqa: E402
 from soundscape_ssl.embed import EmbedConfig, TileEmbedder, embed_store, resolve_compute  # noqa: E402
 from soundscape_ssl.models import BackboneConfig, build_backbone  # noqa: E402
+from soundscape_ssl.provenance import package_versions  # noqa: E402
 from soundscape_ssl.spectrogram import SpectrogramConfig  # noqa: E402
 from soundscape_ssl.tiles import (PLAN_FILE, TileStore, shard_path, unit_index_path,  # noqa: E402
                                   unit_skipped_path)
@@ -194,13 +194,6 @@ def end_to_end(store_dir: Path, checkpoint: Path, out_root: Path, config: EmbedC
             "streaming_tiles_per_s": round(statistics.median(streaming), 1)}
 
 
-def version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -270,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_tiles_per_s": TARGET_TILES_PER_S,
         # The target is defined for ViT-S/16 on 128 x 256 tiles on a GPU only.
         "target_met": (pipeline["tiles_per_s"] >= TARGET_TILES_PER_S) if is_target_setting else None,
-        "versions": {name: version(name) for name in ("torch", "timm", "numpy")},
+        "versions": package_versions(("torch", "timm", "numpy")),
         "machine": {"python": platform.python_version(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count()},
     }

@@ -36,7 +36,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -56,6 +55,7 @@ import pandas as pd  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from soundscape_ssl.provenance import package_versions  # noqa: E402
 from soundscape_ssl.spectrogram import SpectrogramConfig  # noqa: E402
 from soundscape_ssl.tiling import TilingConfig, tile_archive  # noqa: E402
 
@@ -281,13 +281,6 @@ def measure_memory(files: pd.DataFrame, work: Path, device: str,
     return {**results, "peak_rss_growth_mib_for_4x_audio": growth}
 
 
-def version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="audio in the archive")
@@ -369,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     if not args.skip_memory:
         result["memory"] = measure_memory(files, work, args.device, args.decode_block_s)
-    result["versions"] = {name: version(name) for name in (
+    result["versions"] = package_versions((
         "torch", "torchaudio", "numpy", "soundfile", "librosa", "soxr", "scikit-maad",
-        "matplotlib")}
+        "matplotlib"))
     # Wall-clock figures assume an otherwise idle core; on a busy machine read the CPU-time ones.
     result["machine"] = {"python": platform.python_version(), "processor": platform.processor(),
                          "cpu_count": os.cpu_count(),

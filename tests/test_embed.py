@@ -40,13 +40,6 @@ ARCHIVE_FILES = (("R1/R1_20210524_050000.wav", 16000, 9.0, 1),
                  ("R2/R2_20210524_050000.wav", 44100, 6.2, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: extra threads only spin on a shared machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def soundscape(seconds: float, sample_rate_hz: int, seed: int) -> np.ndarray:

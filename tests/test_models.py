@@ -15,13 +15,6 @@ from soundscape_ssl.models import (
     unpatchify,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads suffer on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 TINY = dict(arch="vit_tiny", depth=2, embed_dim=64, num_heads=4, n_mels=32, n_frames=64, patch_size=8,

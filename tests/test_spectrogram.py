@@ -16,13 +16,6 @@ from soundscape_ssl.spectrogram import (LogMelFrontEnd, SincResampler, Spectrogr
 CONFIG = SpectrogramConfig()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: extra threads only spin on a shared machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def sine(frequency_hz: float, seconds: float, sample_rate_hz: int,

@@ -23,13 +23,6 @@ from soundscape_ssl.models import BackboneConfig, SSLMethod
 from soundscape_ssl.schedules import CosineSchedule, LinearWarmupSchedule, scaled_learning_rate
 from soundscape_ssl.vicreg import VicregConfig, VicregMethod, representation_spread, vicreg_terms
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads suffer on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 BACKBONE = BackboneConfig(arch="vit_tiny", depth=2, embed_dim=64, num_heads=2, n_mels=32, n_frames=64,

@@ -25,13 +25,6 @@ SHARED_SOUNDSCAPES = REPO.parent / "shared" / "data" / "soundscapes"
 CONFIG = SpectrogramConfig()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: extra threads only spin on a shared machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate_hz: int, subtype: str = "PCM_16",

@@ -34,12 +34,6 @@ BACKBONE = BackboneConfig(arch="vit_tiny", depth=1, embed_dim=32, num_heads=2, n
 QUICK = {"n_bootstrap": 200, "progress": False, "device": "cpu", "include_birdnet": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:

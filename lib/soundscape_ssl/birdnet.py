@@ -74,6 +74,7 @@ from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
 from .provenance import write_config_json
+from .tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
 
 logger = logging.getLogger(__name__)
 
@@ -584,15 +585,6 @@ def _shard_windows(shard: pd.DataFrame, config: BirdNetConfig) -> Iterator[_Wind
 # --------------------------------------------------------------------------------------------
 # Sharded, resumable runs
 # --------------------------------------------------------------------------------------------
-
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size) from the arguments, else RANK / WORLD_SIZE (torchrun), else (0, 1)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
 
 def _write_atomic(path: Path, write: Any) -> None:
     """Write through a process-unique tmp file and rename: readers never see half a file, and

@@ -211,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "n_iter": int(baseline.n_iter_), "inertia_all_rows": baseline_inertia,
                                 "nmi_vs_planted": normalized_mutual_info_score(component, baseline.labels_)},
     }
-    del standardized
     print(json.dumps({"clustering": clustering}), flush=True)
 
     umap_result: dict[str, object] = {}

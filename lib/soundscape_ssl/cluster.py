@@ -70,7 +70,7 @@ class ClusterConfig:
     umap_metric: str = "euclidean"        # on the standardised embedding
     # UMAP is fitted on this many random rows and the others are placed with `transform`;
     # None fits on all rows. Transformed rows sit less faithfully in the map (see `umap_2d`),
-    # so keep this as large as the time allows (~30 s per 50k rows single-threaded, measured).
+    # so keep this as large as the time allows (25-30 s per 50k x 384 single-threaded, measured).
     umap_subsample: int | None = 100_000
     umap_deterministic: bool = True       # seeded and single-threaded; False: parallel, not repeatable
 
@@ -367,10 +367,11 @@ def umap_2d(embeddings: np.ndarray, config: ClusterConfig | None = None) -> np.n
     (`subsample_indices`); when N is larger, the remaining rows are placed with
     `UMAP.transform`, which embeds new points against the fitted neighbour graph without moving
     the fitted ones. That bounds the fit's time and memory at archive scale, at a price: in
-    benchmarks/cluster.py (50k x 384 Gaussian mixture) fitting 10k rows and transforming 40k
-    took 23 s against 32 s for fitting all 50k, but the share of a row's 10 map neighbours from
-    its own mixture component fell from 1.00 to 0.70. So subsample only beyond what a full fit
-    can afford, and prefer the fitted rows for figures that show fine structure.
+    benchmarks/cluster.py (50k x 384 Gaussian mixture, a busy 2-core machine) fitting 10k rows
+    and transforming 40k took 23 s against 24-32 s for fitting all 50k, but the share of a
+    row's 10 map neighbours from its own mixture component fell from 1.00 to 0.70 (0.64 for
+    the transformed rows). So subsample only beyond what a full fit can afford, and prefer the
+    fitted rows for figures that show fine structure.
     With `umap_deterministic` the map is seeded and umap-learn runs single-threaded (the same
     map on every run on one machine); otherwise it uses all cores, unseeded, and the layout
     differs from run to run (on a busy 2-core machine it was not faster).

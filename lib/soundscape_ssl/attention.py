@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from .groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from .models import SpectrogramViT
-from .provenance import write_config_json
+from .provenance import reject_unknown_fields, write_config_json
 from .spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
 from .tiles import normalize_tiles
 
@@ -123,9 +123,7 @@ class AttentionConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AttentionConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown AttentionConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, values)
         return cls(**values)
 
 

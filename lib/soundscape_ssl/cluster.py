@@ -37,7 +37,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from .provenance import write_config_json
+from .provenance import reject_unknown_fields, write_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClusterConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown ClusterConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, values)
         return cls(**values)
 
 

@@ -49,6 +49,7 @@ from matplotlib.figure import Figure
 from . import metrics
 from .cluster import ClusterConfig, fit_clusters
 from .metrics import KnnConfig
+from .provenance import reject_unknown_fields
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,7 @@ class CompareConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> CompareConfig:
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown CompareConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, values)
         if isinstance(values.get("cluster"), Mapping):
             values["cluster"] = ClusterConfig.from_dict(values["cluster"])
         if isinstance(values.get("knn"), Mapping):

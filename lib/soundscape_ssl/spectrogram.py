@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from .provenance import reject_unknown_fields
+
 # Slaney mel filters at the defaults leave no filter empty; HTK ones with 128 bands from 50 Hz do
 # on coarse FFTs, which torchaudio warns about. Both are allowed; the choice is recorded.
 _MEL_SCALES = ("slaney", "htk")
@@ -143,10 +145,7 @@ class SpectrogramConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SpectrogramConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown SpectrogramConfig fields: {sorted(unknown)}")
+        reject_unknown_fields(cls, values)
         return cls(**values)
 
 

@@ -18,7 +18,7 @@ from soundscape_ssl.embed import (EmbedConfig, embed_audio_files, embed_store, e
                                   load_embeddings, main, read_embeddings_metadata)
 from soundscape_ssl.models import BackboneConfig, build_backbone
 from soundscape_ssl.spectrogram import SpectrogramConfig
-from soundscape_ssl.tiles import TileDataset, TileStore
+from soundscape_ssl.tiles import TileDataset, TileStore, remove_band_background
 from soundscape_ssl.tiling import TilingConfig, tile_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,6 +248,15 @@ def test_tiles_are_normalised_with_the_checkpoints_statistics(store, tmp_path):
     assert embeddings.dtype == np.float16
     np.testing.assert_allclose(embeddings, expected, rtol=2e-3, atol=2e-3)
     assert np.abs(embeddings - with_store_statistics).max() > 0.1
+
+    # A checkpoint trained with background removal gets it at inference too, in both modes.
+    removed = save_test_checkpoint(tmp_path / "removed.pth", 0, tiles.config.to_dict(),
+                                   {**tiles.normalization, "background": "band_median"})
+    embed_store(store[1], removed, tmp_path / "removed", config, show_progress=False)
+    normalised = (raw - tiles.normalization["mean"]) / tiles.normalization["std"]
+    expected_removed, _ = one_tile_embeddings(removed, remove_band_background(normalised)[:, None])
+    np.testing.assert_allclose(load_embeddings(tmp_path / "removed"), expected_removed, rtol=2e-3, atol=2e-3)
+    assert embed_module._audio_configs(embed_module._load_checkpoint(removed))[1]["background"] == "band_median"
 
     unnormalised = save_test_checkpoint(tmp_path / "none.pth", 0, tiles.config.to_dict(), None)
     with pytest.raises(ValueError, match="normalization='store'"):

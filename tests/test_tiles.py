@@ -395,3 +395,39 @@ def test_tiles_the_shared_real_recordings(tmp_path):
     assert first["timestamp"] == pd.Timestamp("2019-05-22 00:00:03")
     assert index["rms_dbfs"].between(-120, 0).all()
     assert index["spectral_flatness"].between(0, 1).all()
+
+
+# -- background removal ---------------------------------------------------------------------------
+
+
+def test_band_background_removal_keeps_only_what_rises_above_each_bands_median() -> None:
+    from soundscape_ssl.tiles import remove_band_background
+
+    # 3 bands x 5 frames: band 0 a flat floor, band 1 a floor with one loud call frame, band 2 a ramp.
+    tiles = torch.tensor([[[-60.0, -60.0, -60.0, -60.0, -60.0],
+                           [-50.0, -50.0, -20.0, -50.0, -50.0],
+                           [-40.0, -30.0, -20.0, -10.0, 0.0]]])
+    expected = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.0],
+                              [0.0, 0.0, 30.0, 0.0, 0.0],
+                              [0.0, 0.0, 0.0, 10.0, 20.0]]])
+    torch.testing.assert_close(remove_band_background(tiles), expected)
+    # A gain or a different noise floor per band changes nothing: both are removed.
+    torch.testing.assert_close(remove_band_background(tiles + torch.tensor([[[7.0], [-3.0], [12.0]]])), expected)
+
+
+def test_normalize_tiles_applies_the_recorded_background_removal() -> None:
+    from soundscape_ssl.tiles import input_normalization, normalize_tiles
+
+    tiles_db = np.random.default_rng(0).normal(-50.0, 8.0, size=(4, 16, 32)).astype(np.float16)
+    plain = normalize_tiles(tiles_db, {"mean": -50.0, "std": 8.0})
+    removed = normalize_tiles(tiles_db, input_normalization({"mean": -50.0, "std": 8.0}, "band_median"))
+    by_hand = torch.from_numpy(tiles_db.astype(np.float32))
+    by_hand = ((by_hand - by_hand.median(dim=-1, keepdim=True).values) / 8.0).clamp_min(0.0)
+    torch.testing.assert_close(removed, by_hand)
+    assert not torch.equal(plain, removed) and removed.min() == 0.0
+    # Without a "background" entry (checkpoints from before this option): plain normalisation.
+    assert torch.equal(normalize_tiles(tiles_db, {"mean": -50.0, "std": 8.0, "background": "none"}), plain)
+    with pytest.raises(ValueError, match="background removal must be one of"):
+        input_normalization({"mean": 0.0, "std": 1.0}, "spectral_subtraction")
+    with pytest.raises(ValueError, match="background removal must be one of"):
+        normalize_tiles(tiles_db, {"mean": 0.0, "std": 1.0, "background": "pcen"})

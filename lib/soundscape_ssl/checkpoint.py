@@ -39,7 +39,7 @@ _TENSOR_KEYS = ("model", "backbone", "optimizer")
 
 def build_checkpoint(*, method: str, step: int, epoch: int, world_size: int, backbone_config: Any,
                      method_config: Any, train_config: Any, spectrogram_config: Any,
-                     normalization: dict[str, float] | None, model_state: dict[str, torch.Tensor],
+                     normalization: dict[str, Any] | None, model_state: dict[str, torch.Tensor],
                      backbone_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """Assemble a checkpoint dict; configs (dataclasses or dicts) become plain JSON-like dicts."""
     return {
@@ -53,7 +53,9 @@ def build_checkpoint(*, method: str, step: int, epoch: int, world_size: int, bac
         "method_config": to_jsonable(method_config),
         "train_config": to_jsonable(train_config),
         "spectrogram_config": to_jsonable(spectrogram_config),
-        "normalization": None if normalization is None else {k: float(v) for k, v in normalization.items()},
+        # numbers as floats; "background" (the input's background removal) stays a name
+        "normalization": None if normalization is None else {
+            key: value if isinstance(value, str) else float(value) for key, value in normalization.items()},
         "git": git_state(),
         "model": model_state,
         "backbone": backbone_state,

@@ -49,8 +49,9 @@ Choices:
   `plan.json`, so a resume never mixes bf16 and fp32 chunks.
 * Normalisation: the checkpoint's (the statistics the backbone was trained with), through
   `tiles.normalize_tiles` exactly as `TileDataset` applies them in training, on the float16 dB
-  values as stored. `normalization="store"` uses the store's own statistics instead (needed for
-  checkpoints trained on in-memory data, which carry none).
+  values as stored, followed by the background removal the checkpoint was trained with (if any).
+  `normalization="store"` uses the store's own statistics instead (needed for checkpoints trained
+  on in-memory data, which carry none); the background removal still follows the checkpoint.
 * Throughput on GPU: reader threads read contiguous batches of float16 tiles ahead of the
   model (see `_prefetched`) into pinned host memory, non-blocking copies take them to the GPU,
   normalisation runs there, and finished chunks are copied back and written by a background
@@ -93,7 +94,7 @@ from .checkpoint import load_backbone
 from .models import SpectrogramViT
 from .provenance import to_jsonable, write_config_json
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
-from .tiles import TileStore, normalize_tiles
+from .tiles import TileStore, input_normalization, normalize_tiles
 # The tiling stage's rank, device and finalise-lock conventions, shared rather than re-implemented.
 from .tiling import finalize_lock, resolve_device, resolve_rank
 
@@ -201,7 +202,7 @@ class TileEmbedder:
         self.device = device
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         self.poolings = tuple(poolings)
-        self.normalization = {"mean": float(normalization["mean"]), "std": float(normalization["std"])}
+        self.normalization = input_normalization(normalization)
         self.embed_dim = int(model.embed_dim)
         self._pooled = torch.compile(self._pooled_eager) if compile else self._pooled_eager
 
@@ -376,14 +377,16 @@ def _ensure_plan(out_dir: Path, plan: dict[str, Any]) -> None:
 
 
 def _resolve_normalization(config: EmbedConfig, store: TileStore,
-                           metadata: dict[str, Any]) -> dict[str, float]:
+                           metadata: dict[str, Any]) -> dict[str, Any]:
     from_checkpoint = metadata.get("normalization")
+    # The background removal is part of the model's input, whichever statistics are used.
+    background = (from_checkpoint or {}).get("background") or "none"
     if config.normalization == "store":
-        return dict(store.normalization)
+        return input_normalization(store.normalization, background)
     if from_checkpoint is None:
         raise ValueError("the checkpoint records no normalisation statistics (trained on in-memory "
                          "data?); pass normalization='store' to use the tile store's")
-    normalization = {"mean": float(from_checkpoint["mean"]), "std": float(from_checkpoint["std"])}
+    normalization = input_normalization(from_checkpoint)
     if not (math.isclose(normalization["mean"], store.normalization["mean"], abs_tol=1e-6)
             and math.isclose(normalization["std"], store.normalization["std"], abs_tol=1e-6)):
         logger.info("normalising with the checkpoint's statistics (mean %.3f dB, std %.3f dB), not "
@@ -928,7 +931,7 @@ def _record_lost(skips: list[_Skip], numbers: np.ndarray, reason: str, detail: s
             skips.append(_Skip(reason, detail, float(number * hop / rate_out), 1))
 
 
-def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[str, float]]:
+def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[str, Any]]:
     """The front end and normalisation the backbone was trained with; errors when missing."""
     metadata = loaded.metadata
     if metadata.get("spectrogram_config") is None:
@@ -940,9 +943,7 @@ def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[s
     spectrogram = SpectrogramConfig.from_dict(metadata["spectrogram_config"])
     _check_tile_shape(loaded.model, (spectrogram.n_mels, spectrogram.n_frames),
                       "the checkpoint's spectrogram config")
-    normalization = {"mean": float(metadata["normalization"]["mean"]),
-                     "std": float(metadata["normalization"]["std"])}
-    return spectrogram, normalization
+    return spectrogram, input_normalization(metadata["normalization"])
 
 
 def audio_output_paths(out_path: str | os.PathLike, poolings: Sequence[str]) -> dict[str, Path]:

@@ -25,7 +25,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -196,25 +196,65 @@ class TileStore:
         return state
 
 
+# What `normalize_tiles` does after (x - mean) / std; recorded in every checkpoint's normalisation.
+BACKGROUND_REMOVALS = ("none", "band_median")
+
+
+def remove_band_background(tiles: torch.Tensor) -> torch.Tensor:
+    """Keep only what rises above each mel band's median over the tile, floored at 0.
+
+    (..., n_mels, n_frames) -> same shape. The median of a band over a 3 s tile is its stationary
+    background (noise floor, wind, a distant chorus); calls are short and sit above it. Removing it
+    per tile takes away what two crops of one tile share besides their content (the recorder's
+    noise floor, its gain, the weather), the shortcut that let joint-embedding SSL match views by
+    background and organise the map by level (see notebook 04). Scale-free: the same on dB or on
+    normalised values, since the median commutes with an increasing affine map.
+    """
+    return (tiles - tiles.median(dim=-1, keepdim=True).values).clamp_min(0.0)
+
+
+def input_normalization(statistics: Mapping[str, Any], background: str | None = None) -> dict[str, Any]:
+    """The model-input normalisation {"mean", "std", "background"} from stored statistics.
+
+    `background` overrides the one in `statistics` (a tile store has none: "none").
+    """
+    background = background or statistics.get("background") or "none"
+    if background not in BACKGROUND_REMOVALS:
+        raise ValueError(f"background removal must be one of {BACKGROUND_REMOVALS}, got {background!r}")
+    return {"mean": float(statistics["mean"]), "std": float(statistics["std"]), "background": background}
+
+
 def normalize_tiles(tiles: np.ndarray | torch.Tensor,
-                    normalization: dict[str, float]) -> torch.Tensor:
-    """float16/float32 dB tiles -> float32 tensor (x - mean) / std with the store's statistics."""
+                    normalization: Mapping[str, Any]) -> torch.Tensor:
+    """float16/float32 dB tiles (..., n_mels, n_frames) -> float32 model input.
+
+    (x - mean) / std with the store's statistics, then the background removal named by
+    `normalization["background"]` (absent = "none"): training and every inference path call this.
+    """
     if isinstance(tiles, np.ndarray):
         tensor = torch.from_numpy(tiles.astype(np.float32))
     else:
         tensor = tiles.to(torch.float32)
-    return (tensor - normalization["mean"]) / normalization["std"]
+    tensor = (tensor - normalization["mean"]) / normalization["std"]
+    background = normalization.get("background") or "none"
+    if background == "band_median":
+        return remove_band_background(tensor)
+    if background != "none":
+        raise ValueError(f"background removal must be one of {BACKGROUND_REMOVALS}, got {background!r}")
+    return tensor
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Training view of a store: item i is a float32 tensor (1, n_mels, n_frames).
 
-    Normalised with the store's global mean/std (dB) when `normalize` is true.
+    Normalised with the store's global mean/std (dB) when `normalize` is true, then with the
+    `background` removal (see `remove_band_background`).
     """
 
-    def __init__(self, store_dir: str | os.PathLike, normalize: bool = True) -> None:
+    def __init__(self, store_dir: str | os.PathLike, normalize: bool = True, background: str = "none") -> None:
         self.store = TileStore(store_dir)
         self.normalize = normalize
+        self.normalization = input_normalization(self.store.normalization, background)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -222,7 +262,7 @@ class TileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         tile = self.store[index]
         if self.normalize:
-            return normalize_tiles(tile, self.store.normalization).unsqueeze(0)
+            return normalize_tiles(tile, self.normalization).unsqueeze(0)
         return torch.from_numpy(tile.astype(np.float32)).unsqueeze(0)
 
 

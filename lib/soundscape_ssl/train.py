@@ -58,6 +58,7 @@ from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
 from .provenance import environment_report, to_jsonable, write_config_json
 from .schedules import CosineSchedule, scaled_learning_rate
+from .tiles import BACKGROUND_REMOVALS, input_normalization, remove_band_background
 from .vicreg import VicregConfig, VicregMethod
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class TrainConfig:
     collapse_check_after_steps: int | None = None  # None = after the lr warm-up
     collapse_patience: int = 3  # consecutive log records showing collapse before stopping
     cpu_threads: int | None = None  # torch intra-op threads per process; None = torch's default
+    # "band_median": the model sees each tile minus its mel bands' medians, floored at 0 (see
+    # tiles.remove_band_background); recorded in the checkpoint so every inference path does the same.
+    background_removal: str = "none"
 
     def method_config(self) -> DinoConfig | MaeConfig | VicregConfig:
         return getattr(self, self.method)
@@ -130,6 +134,9 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
+        if self.background_removal not in BACKGROUND_REMOVALS:
+            raise ValueError(f"background_removal must be one of {BACKGROUND_REMOVALS}, "
+                             f"got {self.background_removal!r}")
         self.model.validate()
         self.augment.validate()
         method_config = self.method_config()
@@ -264,8 +271,29 @@ class TrainData:
     """A dataset of normalised tiles (1, n_mels, n_frames) and what describes it."""
 
     dataset: Dataset
-    normalization: dict[str, float] | None  # {"mean": dB, "std": dB} used to normalise the tiles
+    normalization: dict[str, Any] | None  # {"mean": dB, "std": dB[, "background"]} used to normalise the tiles
     spectrogram_config: dict[str, Any] | None  # the tile store's SpectrogramConfig as a dict
+
+
+class BackgroundRemoved(Dataset):
+    """Items of a dataset of normalised tiles with `tiles.remove_band_background` applied."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return remove_band_background(self.dataset[index])
+
+
+def with_background_removal(data: TrainData, background: str) -> TrainData:
+    """`data` as the model sees it under `background` removal; the checkpoint records it."""
+    if background == "none":
+        return data
+    normalization = input_normalization(data.normalization or {"mean": 0.0, "std": 1.0}, background)
+    return TrainData(BackgroundRemoved(data.dataset), normalization, data.spectrogram_config)
 
 
 def tile_store_data(store_dir: str) -> TrainData:
@@ -686,6 +714,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
+        data = with_background_removal(data, config.background_removal)
         _check_tile_shape(data, config.model)
         trainer = _Trainer(config, context, data)
         trainer.resume_if_possible()

@@ -311,6 +311,27 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(tmp_path: Path) ->
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_untrained_copy_keeps_everything_but_the_weights(tmp_path: Path) -> None:
+    from soundscape_ssl.checkpoint import save_untrained_copy
+
+    run(_tiny_config(tmp_path / "trained", "vicreg", max_steps=3, background_removal="band_median"),
+        data_factory=tiny_tile_data)
+    trained_path = tmp_path / "trained" / "checkpoint.pth"
+    copy_path = save_untrained_copy(trained_path, tmp_path / "untrained.pth", seed=0)
+    trained, trained_meta = load_backbone(trained_path)
+    untrained, meta = load_backbone(copy_path)
+    assert meta["method"] == "untrained" and meta["step"] == 0
+    for key in ("backbone_config", "spectrogram_config", "normalization"):
+        assert meta[key] == trained_meta[key]
+    assert meta["normalization"]["background"] == "band_median"
+    assert trained.state_dict().keys() == untrained.state_dict().keys()
+    assert not torch.equal(trained.pos_embed, untrained.pos_embed)
+    torch.manual_seed(0)  # the same seed gives the same initialisation as a fresh backbone
+    fresh = SpectrogramViT(untrained.config)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, untrained.state_dict()[key]), key
+
+
 def test_rerun_after_the_end_does_nothing(tmp_path: Path) -> None:
     config = _tiny_config(tmp_path, "mae", epochs=1)
     run(config, data_factory=tiny_tile_data)

@@ -101,3 +101,23 @@ def load_backbone(checkpoint_path: str | os.PathLike,
     model.load_state_dict(checkpoint["backbone"])
     model.to(map_location)
     return model.eval(), checkpoint_metadata(checkpoint)
+
+
+def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
+                        seed: int = 0) -> Path:
+    """A freshly initialised backbone with everything else of `checkpoint_path`: the control.
+
+    Same architecture, spectrogram config and input normalisation (background removal included),
+    step 0 and method "untrained": embedding tiles with it shows how much of a space's score comes
+    from the architecture and the input alone, and how much from pretraining.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    backbone_config = BackboneConfig(**checkpoint["backbone_config"])
+    torch.manual_seed(seed)
+    model = build_backbone(backbone_config)
+    untrained = build_checkpoint(
+        method="untrained", step=0, epoch=0, world_size=1, backbone_config=backbone_config,
+        method_config={}, train_config={"initialised_like": str(Path(checkpoint_path).resolve()), "seed": seed},
+        spectrogram_config=checkpoint["spectrogram_config"], normalization=checkpoint["normalization"],
+        model_state={}, backbone_state=model.state_dict(), optimizer_state={})
+    return save_checkpoint(out_path, untrained)

@@ -58,7 +58,6 @@ from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
 from .provenance import environment_report, to_jsonable, write_config_json
 from .schedules import CosineSchedule, scaled_learning_rate
-from .tiles import BACKGROUND_REMOVALS, input_normalization, remove_band_background
 from .vicreg import VicregConfig, VicregMethod
 
 logger = logging.getLogger(__name__)
@@ -134,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
+        from .tiles import BACKGROUND_REMOVALS  # lazily, like every tiles import here (see tile_store_data)
+
         if self.background_removal not in BACKGROUND_REMOVALS:
             raise ValueError(f"background_removal must be one of {BACKGROUND_REMOVALS}, "
                              f"got {self.background_removal!r}")
@@ -285,11 +286,15 @@ class BackgroundRemoved(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        from .tiles import remove_band_background
+
         return remove_band_background(self.dataset[index])
 
 
 def with_background_removal(data: TrainData, background: str) -> TrainData:
     """`data` as the model sees it under `background` removal; the checkpoint records it."""
+    from .tiles import input_normalization
+
     if background == "none":
         return data
     normalization = input_normalization(data.normalization or {"mean": 0.0, "std": 1.0}, background)

@@ -318,6 +318,9 @@ def test_untrained_copy_keeps_everything_but_the_weights(tmp_path: Path) -> None
         data_factory=tiny_tile_data)
     trained_path = tmp_path / "trained" / "checkpoint.pth"
     copy_path = save_untrained_copy(trained_path, tmp_path / "untrained.pth", seed=0)
+    written = copy_path.stat().st_mtime_ns
+    assert save_untrained_copy(trained_path, copy_path, seed=0).stat().st_mtime_ns == written  # reused on a rerun
+    assert load_backbone(save_untrained_copy(trained_path, tmp_path / "other.pth", seed=1))[1]["train_config"]["seed"] == 1
     trained, trained_meta = load_backbone(trained_path)
     untrained, meta = load_backbone(copy_path)
     assert meta["method"] == "untrained" and meta["step"] == 0

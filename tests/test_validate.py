@@ -113,6 +113,25 @@ def test_clustering_bootstrap_brackets_a_perfect_and_a_random_clustering():
     assert noisy["ari"][0] < 0.05 < noisy["nmi"][1] < 0.5
 
 
+def test_paired_clustering_difference_is_exact_for_a_known_pair_and_resamples_groups_together():
+    from soundscape_ssl.validate import paired_clustering_difference
+
+    groups = np.repeat(np.arange(12), 5)
+    labels = np.repeat(np.array(list("ABCD")), 15)
+    random_clusters = np.random.default_rng(1).integers(0, 4, len(labels))
+    table = paired_clustering_difference(labels, random_clusters, labels, groups, n_bootstrap=300, seed=0)
+    noisy = skm.normalized_mutual_info_score(labels, random_clusters)
+    assert table.loc["nmi", "value"] == pytest.approx(1.0)
+    assert table.loc["nmi", "reference"] == pytest.approx(noisy)
+    assert table.loc["nmi", "difference"] == pytest.approx(1.0 - noisy)
+    assert 0 < table.loc["nmi", "ci_low"] <= 1.0 - noisy <= table.loc["nmi", "ci_high"] <= 1.0
+    assert table.loc["ari", "share_not_better"] == 0.0
+    # A clustering against itself: every paired resample differs by exactly 0.
+    same = paired_clustering_difference(random_clusters, random_clusters, labels, groups, n_bootstrap=50)
+    assert (same[["difference", "ci_low", "ci_high"]].to_numpy() == 0).all()
+    assert (same["share_not_better"] == 1.0).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Windows
 

@@ -112,12 +112,18 @@ def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.P
     from the architecture and the input alone, and how much from pretraining.
     """
     checkpoint = load_checkpoint(checkpoint_path)
+    origin = {"initialised_like": str(Path(checkpoint_path).resolve()), "seed": seed}
+    if Path(out_path).is_file():
+        existing = load_checkpoint(out_path)
+        if existing["train_config"] == origin and existing["backbone_config"] == checkpoint["backbone_config"] \
+                and existing["normalization"] == checkpoint["normalization"]:
+            return Path(out_path)  # the same control: keep the file, so embeddings made from it stay valid
     backbone_config = BackboneConfig(**checkpoint["backbone_config"])
     torch.manual_seed(seed)
     model = build_backbone(backbone_config)
     untrained = build_checkpoint(
         method="untrained", step=0, epoch=0, world_size=1, backbone_config=backbone_config,
-        method_config={}, train_config={"initialised_like": str(Path(checkpoint_path).resolve()), "seed": seed},
+        method_config={}, train_config=origin,
         spectrogram_config=checkpoint["spectrogram_config"], normalization=checkpoint["normalization"],
         model_state={}, backbone_state=model.state_dict(), optimizer_state={})
     return save_checkpoint(out_path, untrained)

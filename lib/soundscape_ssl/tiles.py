@@ -247,14 +247,13 @@ def normalize_tiles(tiles: np.ndarray | torch.Tensor,
 class TileDataset(torch.utils.data.Dataset):
     """Training view of a store: item i is a float32 tensor (1, n_mels, n_frames).
 
-    Normalised with the store's global mean/std (dB) when `normalize` is true, then with the
-    `background` removal (see `remove_band_background`).
+    Normalised with the store's global mean/std (dB) when `normalize` is true (training adds a
+    background removal on top when configured: `train.with_background_removal`).
     """
 
-    def __init__(self, store_dir: str | os.PathLike, normalize: bool = True, background: str = "none") -> None:
+    def __init__(self, store_dir: str | os.PathLike, normalize: bool = True) -> None:
         self.store = TileStore(store_dir)
         self.normalize = normalize
-        self.normalization = input_normalization(self.store.normalization, background)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -262,7 +261,7 @@ class TileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         tile = self.store[index]
         if self.normalize:
-            return normalize_tiles(tile, self.normalization).unsqueeze(0)
+            return normalize_tiles(tile, self.store.normalization).unsqueeze(0)
         return torch.from_numpy(tile.astype(np.float32)).unsqueeze(0)
 
 

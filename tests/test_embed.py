@@ -207,6 +207,25 @@ def test_an_interrupted_run_resumes_to_the_same_arrays(store, checkpoint, refere
     assert (finished.chunks_written, finished.tiles_embedded, finished.finished) == (0, 0, True)
 
 
+def test_pooling_names_and_the_band_array(store, checkpoint, reference, tmp_path):
+    assert EmbedConfig(pooling="both").poolings == ("mean", "cls")
+    assert EmbedConfig(pooling="all").poolings == ("mean", "cls", "band")
+    assert EmbedConfig(pooling="band, mean").poolings == ("mean", "band")
+    with pytest.raises(ValueError, match="pooling"):
+        EmbedConfig(pooling="mean,max")
+    out = tmp_path / "all"
+    config = EmbedConfig(pooling="all", batch_size=2, chunk_tiles=5, device="cpu", num_workers=0)
+    embed_store(store[1], checkpoint, out, config, show_progress=False)
+    band = load_embeddings(out, "band")
+    rows = BACKBONE.n_mels // BACKBONE.patch_size
+    assert band.shape == (22, rows * EMBED_DIM)
+    assert read_embeddings_metadata(out)["arrays"]["band"]["shape"] == [22, rows * EMBED_DIM]
+    # Same numbers as the two-pooling run, and the band rows average to the mean pooling.
+    assert array_bytes(out) == array_bytes(reference)
+    np.testing.assert_allclose(band.reshape(22, rows, EMBED_DIM).mean(axis=1),
+                               load_embeddings(reference), rtol=0, atol=1e-5)
+
+
 def test_store_command_line(store, checkpoint, reference, tmp_path, capsys):
     out = tmp_path / "cli"
     arguments = ["--checkpoint", str(checkpoint), "--store", str(store[1]), "--out", str(out),

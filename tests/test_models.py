@@ -122,6 +122,21 @@ def test_pooled_embeddings(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> N
     assert not torch.allclose(pooled.cls, pooled.mean_patch)
 
 
+def test_band_pooling_keeps_each_frequency_row(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
+    tokens = tiny_model.forward_features(tiles)
+    band = tiny_model.embed(tiles).band
+    rows, columns = tiny_model.patch_grid_hw
+    assert band.shape == (3, tiny_model.band_dim) == (3, rows * 64)
+    # Row r of the band embedding: the mean over time of the patch tokens of frequency row r
+    # (tokens after the class token are in row-major (frequency, time) order).
+    for row in range(rows):
+        expected = tokens[:, 1 + row * columns:1 + (row + 1) * columns].mean(dim=1)
+        torch.testing.assert_close(band[:, row * 64:(row + 1) * 64], expected)
+    # The mean of the rows is the mean over all patches; a time crop keeps every row.
+    torch.testing.assert_close(band.reshape(3, rows, 64).mean(dim=1), tiny_model.embed(tiles).mean_patch)
+    assert tiny_model.embed(tiles[..., :32]).band.shape == (3, rows * 64)
+
+
 def test_last_block_attention_matches_timms_explicit_softmax(tiny_model: SpectrogramViT,
                                                              tiles: torch.Tensor) -> None:
     result = tiny_model.last_block_attention(tiles)

@@ -47,8 +47,16 @@ def _tiny_mae(**changes) -> MaeMethod:
     return MaeMethod(BACKBONE, MaeConfig(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **changes))
 
 
-def _tiny_vicreg() -> VicregMethod:
-    return VicregMethod(BACKBONE, VicregConfig(expander_dim=128, crop_frames=48), AugmentConfig(), NORMALIZATION)
+def _tiny_vicreg(pooling: str = "cls") -> VicregMethod:
+    return VicregMethod(BACKBONE, VicregConfig(expander_dim=128, crop_frames=48, pooling=pooling),
+                        AugmentConfig(), NORMALIZATION)
+
+
+def _tiny_vicreg_on_bands() -> VicregMethod:
+    """VICReg whose expander reads the per-frequency-band embedding (4 rows x 64 dims)."""
+    method = _tiny_vicreg("band")
+    assert method.expander[0].in_features == 4 * 64
+    return method
 
 
 # -- augmentations ------------------------------------------------------------------------------
@@ -319,7 +327,8 @@ def _dino_with_fixed_targets() -> DinoMethod:
     return _tiny_dino(teacher_momentum=1.0, center_momentum=1.0)
 
 
-@pytest.mark.parametrize("build", [_dino_with_fixed_targets, _tiny_mae, _tiny_vicreg], ids=["dino", "mae", "vicreg"])
+@pytest.mark.parametrize("build", [_dino_with_fixed_targets, _tiny_mae, _tiny_vicreg, _tiny_vicreg_on_bands],
+                         ids=["dino", "mae", "vicreg", "vicreg_band"])
 def test_loss_falls_on_a_fixed_batch(build) -> None:
     torch.manual_seed(0)
     method: SSLMethod = build()

@@ -12,9 +12,10 @@ Two entry points share one forward path (normalise, backbone, pool):
   `config.json` last. Output folder::
 
       plan.json                 what is being computed: store, checkpoint sha256, poolings ...
-      chunks/chunk-000000.npy   (rows, n_poolings, embed_dim) per chunk (removed at the end)
+      chunks/chunk-000000.npy   (rows, sum of the poolings' widths) per chunk (removed at the end)
       embeddings_mean.npy       (n_tiles, embed_dim): the mean of the final patch tokens
       embeddings_cls.npy        (n_tiles, embed_dim): the final class token
+      embeddings_band.npy       (n_tiles, rows * embed_dim): per-frequency-band means (if asked)
       config.json               written last: a folder without it is unfinished
 
   Read the arrays back with `load_embeddings(out_dir, pooling)` (a memory map).
@@ -32,14 +33,19 @@ Two entry points share one forward path (normalise, backbone, pool):
 
 Choices:
 
-* Pooling, default "both" (one array per pooling). Both come from the same final tokens, so the
-  second costs no compute, only disk: float32 is 1.5 KiB per tile and pooling, 2.3 % of the
-  64 KiB float16 tile it summarises. Which pooling is better depends on the method and is an
-  open question of the study: for MAE the mean of the patch tokens measured far better than
-  the class token (kNN 0.60 against 0.47, NMI 0.31 against 0.09, DESIGN.md), while the class
-  token is what DINO's head trains. Storing both lets every later step compare them without a
-  second pass over the archive. Where one array is read by default (`load_embeddings`, the
-  `EMB.npy` of the audio command) it is the mean of the patch tokens, the measured better one.
+* Pooling, default "both" (one array per pooling): "mean" and "cls". All poolings come from the
+  same final tokens, so each costs no compute, only disk: float32 is 1.5 KiB per tile for a
+  ViT-Ti's "mean" or "cls", 2.3 % of the 64 KiB float16 tile it summarises. Which pooling is
+  better depends on the method and is an open question of the study: for MAE the mean of the
+  patch tokens measured far better than the class token (kNN 0.60 against 0.47, NMI 0.31
+  against 0.09, DESIGN.md), while the class token is what DINO's head trains. "band" keeps the
+  mean over time of each frequency row of patch tokens (8 rows x 192 = 1,536 dims for a ViT-Ti,
+  6 KiB per tile): where in frequency a song lies, which a mean over all patches blurs. On the
+  Acrocephalus set it raised a CPU-trained VICReg's kNN accuracy from 0.46 (mean) to 0.58
+  (notebook 07). `pooling` is one name, "both" (mean, cls), "all" (mean, cls, band) or a comma
+  list. Storing several lets every later step compare them without a second pass over the
+  archive. Where one array is read by default (`load_embeddings`, the `EMB.npy` of the audio
+  command) it is the mean of the patch tokens.
 * Output dtype, default float32. float16 would halve a file that is already small next to the
   tile store and is read by KMeans / UMAP in float32 anyway; float32 keeps the CPU (fp32)
   results exact and rules out float16 overflow. float16 is available for very large archives
@@ -102,8 +108,8 @@ logger = logging.getLogger(__name__)
 
 STAGE = "embed"
 AUDIO_STAGE = "embed_audio"
-POOLINGS = ("mean", "cls")           # in the order they are stacked in chunk files
-POOLING_CHOICES = ("mean", "cls", "both")
+POOLINGS = ("mean", "cls", "band")   # in the order they are concatenated in chunk files
+POOLING_ALIASES = {"both": ("mean", "cls"), "all": POOLINGS}
 PRECISIONS = ("auto", "bf16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
 NORMALIZATIONS = ("checkpoint", "store")
@@ -122,7 +128,9 @@ _DECODE_BLOCK_S = 60.0
 class EmbedConfig:
     """How tiles are embedded. Serialisable with `dataclasses.asdict`; see the module docstring."""
 
-    pooling: str = "both"            # "mean" (patch tokens), "cls" (class token) or "both"
+    pooling: str = "both"            # "mean" (patch tokens), "cls" (class token), "band"
+                                     # (per-frequency-row means), "both" (mean, cls), "all" or
+                                     # a comma list such as "mean,band"
     batch_size: int = 512            # tiles per forward pass
     chunk_tiles: int = 8192          # tiles per resumable unit of work (store mode)
     device: str = "auto"             # "auto" (CUDA when available), "cpu", "cuda" (cuda:LOCAL_RANK)
@@ -133,8 +141,7 @@ class EmbedConfig:
     compile: bool = False            # torch.compile the forward pass (GPU; a minute of warm-up)
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLING_CHOICES:
-            raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {self.pooling!r}")
+        self.poolings  # validates the names
         if self.batch_size <= 0 or self.chunk_tiles <= 0:
             raise ValueError(f"batch_size and chunk_tiles must be positive, got "
                              f"{self.batch_size}, {self.chunk_tiles}")
@@ -151,7 +158,36 @@ class EmbedConfig:
     @property
     def poolings(self) -> tuple[str, ...]:
         """The poolings computed, in POOLINGS order."""
-        return POOLINGS if self.pooling == "both" else (self.pooling,)
+        return parse_poolings(self.pooling)
+
+
+def parse_poolings(pooling: str) -> tuple[str, ...]:
+    """"mean", "both", "all" or a comma list ("mean,band") -> the poolings, in POOLINGS order."""
+    names: set[str] = set()
+    for part in str(pooling).split(","):
+        part = part.strip()
+        if part in POOLING_ALIASES:
+            names.update(POOLING_ALIASES[part])
+        elif part in POOLINGS:
+            names.add(part)
+        else:
+            raise ValueError(f"pooling must be one of {POOLINGS}, an alias in "
+                             f"{sorted(POOLING_ALIASES)} or a comma list of them, got {pooling!r}")
+    return tuple(name for name in POOLINGS if name in names)
+
+
+def pooling_dims(model: SpectrogramViT, poolings: Sequence[str]) -> dict[str, int]:
+    """{pooling: width} in the given order: embed_dim for "mean" and "cls", rows x embed_dim
+    for "band"."""
+    return {name: int(model.band_dim if name == "band" else model.embed_dim) for name in poolings}
+
+
+def split_poolings(values: np.ndarray, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """(rows, sum of widths) concatenated poolings -> {pooling: (rows, width)} views."""
+    bounds = np.cumsum([0, *dims.values()])
+    if values.shape[-1] != bounds[-1]:
+        raise ValueError(f"{values.shape[-1]} columns do not hold poolings of widths {dims}")
+    return {name: values[..., start:stop] for name, start, stop in zip(dims, bounds[:-1], bounds[1:])}
 
 
 def embeddings_file_name(pooling: str) -> str:
@@ -190,7 +226,7 @@ def file_sha256(path: str | os.PathLike, block_bytes: int = 1 << 22) -> str:
 
 
 class TileEmbedder:
-    """Normalise dB tiles, run the backbone (bf16 autocast or fp32), stack the requested poolings.
+    """Normalise dB tiles, run the backbone (bf16 autocast or fp32), concatenate the poolings.
 
     The forward path of both modes (and of the benchmark's model-only baseline); the model is
     moved to `device` and put in eval mode.
@@ -204,6 +240,8 @@ class TileEmbedder:
         self.poolings = tuple(poolings)
         self.normalization = input_normalization(normalization)
         self.embed_dim = int(model.embed_dim)
+        self.pooling_dims = pooling_dims(model, self.poolings)
+        self.output_dim = sum(self.pooling_dims.values())
         self._pooled = torch.compile(self._pooled_eager) if compile else self._pooled_eager
 
     def _pooled_eager(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -211,12 +249,13 @@ class TileEmbedder:
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with autocast:
             pooled = self.model.embed(tiles)
-        by_name = {"mean": pooled.mean_patch, "cls": pooled.cls}
-        return torch.stack([by_name[name].float() for name in self.poolings], dim=1)
+        by_name = {"mean": pooled.mean_patch, "cls": pooled.cls, "band": pooled.band}
+        return torch.cat([by_name[name].float() for name in self.poolings], dim=1)
 
     @torch.inference_mode()
     def __call__(self, tiles_db: torch.Tensor) -> torch.Tensor:
-        """(B, n_mels, n_frames) dB tiles (float16 as stored) on the device -> (B, P, D) float32.
+        """(B, n_mels, n_frames) dB tiles (float16 as stored) on the device -> (B, output_dim)
+        float32: the poolings side by side, in `poolings` order (`split_poolings` separates them).
 
         Normalised by `tiles.normalize_tiles`, the function training's `TileDataset` uses, outside
         the compiled region so that its arithmetic is exactly training's.
@@ -565,7 +604,8 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
     finished = finished_before
     if not finished and all(chunk_path(out_dir, c.chunk_id).exists() for c in chunks):
         assemble_started = time.perf_counter()
-        finished = _assemble(out_dir, plan, chunks, loaded.identity, config, device, precision)
+        finished = _assemble(out_dir, plan, chunks, loaded.identity,
+                             pooling_dims(loaded.model, plan["poolings"]), config, device, precision)
         assemble_s = time.perf_counter() - assemble_started
     elif not finished:
         logger.info("rank %d: my chunks are done; another rank assembles the arrays", rank)
@@ -590,7 +630,6 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
     batches = _prefetched(store, _batches(todo, config.batch_size), config.num_workers,
                           pin_memory=device.type == "cuda")
     writer = _ChunkWriter(out_dir, config.output_dtype)
-    n_poolings = len(embedder.poolings)
     progress = tqdm(total=sum(c.stop - c.start for c in todo), unit="tile", desc=description,
                     dynamic_ncols=True, disable=not show_progress)
     rows: torch.Tensor | None = None
@@ -600,7 +639,7 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
         for (chunk_id, start, stop), tiles in batches:
             if current is None or chunk_id != current.chunk_id:
                 current = by_id[chunk_id]
-                rows = torch.empty((current.stop - current.start, n_poolings, embedder.embed_dim),
+                rows = torch.empty((current.stop - current.start, embedder.output_dim),
                                    dtype=torch.float32, device=device)
             tiles = tiles.to(device, non_blocking=True)
             rows[start - current.start:stop - current.start] = embedder(tiles)
@@ -621,8 +660,8 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
 
 
 def _assemble(out_dir: Path, plan: dict[str, Any], chunks: Sequence[Chunk],
-              checkpoint_identity: dict[str, Any], config: EmbedConfig, device: torch.device,
-              precision: str) -> bool:
+              checkpoint_identity: dict[str, Any], dims: dict[str, int], config: EmbedConfig,
+              device: torch.device, precision: str) -> bool:
     """Concatenate the chunks into one array per pooling, write config.json last, drop the chunks.
 
     Under the tiling stage's finalise lock: two ranks finishing together assemble once.
@@ -630,24 +669,25 @@ def _assemble(out_dir: Path, plan: dict[str, Any], chunks: Sequence[Chunk],
     with finalize_lock(out_dir):
         if (out_dir / CONFIG_FILE).exists():
             return True
-        n_tiles, dim = plan["store"]["n_tiles"], plan["embed_dim"]
+        n_tiles = plan["store"]["n_tiles"]
         poolings = plan["poolings"]
         dtype = np.dtype(plan["output_dtype"])
         temporaries = {name: out_dir / f"{embeddings_file_name(name)}.{os.getpid()}.tmp"
                        for name in poolings}
         if n_tiles == 0:
-            arrays = {name: np.zeros((0, dim), dtype) for name in poolings}
+            arrays = {name: np.zeros((0, dims[name]), dtype) for name in poolings}
         else:
             arrays = {name: np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=dtype,
-                                                      shape=(n_tiles, dim)) for name in poolings}
+                                                      shape=(n_tiles, dims[name]))
+                      for name in poolings}
         for chunk in chunks:
             values = np.load(chunk_path(out_dir, chunk.chunk_id), mmap_mode="r")
-            expected = (chunk.stop - chunk.start, len(poolings), dim)
+            expected = (chunk.stop - chunk.start, sum(dims.values()))
             if values.shape != expected or values.dtype != dtype:
                 raise RuntimeError(f"chunk {chunk.chunk_id} holds {values.dtype} {values.shape}, "
                                    f"expected {dtype} {expected}; delete it and rerun")
-            for position, name in enumerate(poolings):
-                arrays[name][chunk.start:chunk.stop] = values[:, position]
+            for name, part in split_poolings(values, dims).items():
+                arrays[name][chunk.start:chunk.stop] = part
         for name, array in arrays.items():
             target = out_dir / embeddings_file_name(name)
             if n_tiles == 0:
@@ -662,13 +702,13 @@ def _assemble(out_dir: Path, plan: dict[str, Any], chunks: Sequence[Chunk],
             out_dir, STAGE, config,
             store=plan["store"], checkpoint=checkpoint_identity, plan_fingerprint=plan["fingerprint"],
             normalization=plan["normalization"], precision=precision, device_type=device.type,
-            arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dim],
+            arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dims[name]],
                            "dtype": dtype.name} for name in poolings},
             rows="row i = tile_id i of the store's index.parquet",
             default_pooling="mean" if "mean" in poolings else poolings[0])
         shutil.rmtree(out_dir / CHUNKS_DIR, ignore_errors=True)
-    logger.info("assembled %s: %d tiles x %d dims, poolings %s", out_dir, n_tiles, dim,
-                ", ".join(poolings))
+    logger.info("assembled %s: %d tiles, poolings %s", out_dir, n_tiles,
+                ", ".join(f"{name} ({dims[name]} dims)" for name in poolings))
     return True
 
 
@@ -685,7 +725,7 @@ def read_embeddings_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_embeddings(out_dir: str | os.PathLike, pooling: str = "mean") -> np.ndarray:
-    """One pooling's (n_tiles, embed_dim) array of a finished folder, memory-mapped read-only.
+    """One pooling's (n_tiles, width) array of a finished folder, memory-mapped read-only.
 
     Row i is tile_id i of the store's index (`TileStore(store).index`). The default, "mean",
     is the pooling measured better for MAE (see the module docstring).
@@ -964,10 +1004,11 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                       show_progress: bool = True) -> AudioEmbedSummary:
     """Embed every span of the given audio files (or of the audio under given folders).
 
-    `out_path` (EMB.npy) receives the (n_rows, embed_dim) array of the first pooling (the mean
-    of the patch tokens unless pooling="cls"); with pooling="both" the class tokens go to
-    EMB.cls.npy. EMB.csv names the file and offset of each row; EMB.skipped.csv lists what gave
-    no row and why; EMB.json records the checkpoint (with its sha256) and the config.
+    `out_path` (EMB.npy) receives the (n_rows, width) array of the first pooling (in POOLINGS
+    order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
+    (with pooling="both" the class tokens to EMB.cls.npy). EMB.csv names the file and offset of
+    each row; EMB.skipped.csv lists what gave no row and why; EMB.json records the checkpoint
+    (with its sha256) and the config.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
@@ -1022,13 +1063,13 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     flush()
 
     n_rows = len(rows["path"])
-    dim = embedder.embed_dim
+    dims = embedder.pooling_dims
     values = (np.concatenate(outputs) if outputs
-              else np.zeros((0, len(config.poolings), dim), np.float32))
+              else np.zeros((0, embedder.output_dim), np.float32))
     targets = audio_output_paths(out_path, config.poolings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for position, name in enumerate(config.poolings):
-        _write_npy_atomic(targets[name], _to_output(values[:, position], config.output_dtype,
+    for name, part in split_poolings(values, dims).items():
+        _write_npy_atomic(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
                                                     f"{targets[name].name}"))
     table = pd.DataFrame({"row": np.arange(n_rows, dtype=np.int64), **rows},
                          columns=list(ROW_COLUMNS))
@@ -1045,7 +1086,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
         "normalization": normalization,
         "precision": precision,
         "device_type": device.type,
-        "arrays": {name: {"file": targets[name].name, "shape": [n_rows, dim],
+        "arrays": {name: {"file": targets[name].name, "shape": [n_rows, dims[name]],
                           "dtype": config.output_dtype} for name in config.poolings},
         "rows_csv": targets["csv"].name,
         "skipped_csv": targets["skipped"].name,

@@ -83,10 +83,14 @@ class BackboneConfig:
 
 
 class PooledEmbeddings(NamedTuple):
-    """Tile-level embeddings from the final (layer-normed) tokens, each (batch, embed_dim)."""
+    """Tile-level embeddings from the final (layer-normed) tokens."""
 
-    cls: torch.Tensor  # the class token
-    mean_patch: torch.Tensor  # the mean over patch tokens (did better than CLS for MAE)
+    cls: torch.Tensor  # (batch, embed_dim) the class token
+    mean_patch: torch.Tensor  # (batch, embed_dim) the mean over patch tokens (did better than CLS for MAE)
+    # (batch, frequency rows * embed_dim): the mean over time of each frequency row of patch
+    # tokens, rows concatenated from low to high frequency. Keeps *where in frequency* the content
+    # lies, which a mean over all patches blurs and which separates congeneric species.
+    band: torch.Tensor
 
 
 class LastBlockAttention(NamedTuple):
@@ -191,11 +195,24 @@ class SpectrogramViT(VisionTransformer):
         return self.norm(self.blocks(tokens))
 
     def pooled(self, tokens: torch.Tensor) -> PooledEmbeddings:
-        """CLS and mean-of-patches embeddings from final tokens."""
-        return PooledEmbeddings(cls=tokens[:, 0], mean_patch=tokens[:, self.num_prefix_tokens:].mean(dim=1))
+        """CLS, mean-of-patches and per-frequency-band embeddings from final tokens.
+
+        The patch tokens are in row-major order of the (frequency, time) grid, and every input
+        spans all mel bins, so a time crop of any width has `patch_grid_hw[0]` rows.
+        """
+        patches = tokens[:, self.num_prefix_tokens:]
+        batch, n_patches, dim = patches.shape
+        rows = self.patch_grid_hw[0]
+        band = patches.reshape(batch, rows, n_patches // rows, dim).mean(dim=2).flatten(1)
+        return PooledEmbeddings(cls=tokens[:, 0], mean_patch=patches.mean(dim=1), band=band)
+
+    @property
+    def band_dim(self) -> int:
+        """Width of the per-frequency-band embedding: frequency rows * embed_dim."""
+        return self.patch_grid_hw[0] * self.embed_dim
 
     def embed(self, tiles: torch.Tensor) -> PooledEmbeddings:
-        """Tile embeddings (CLS and mean of patch tokens) for a batch of tiles."""
+        """Tile embeddings (CLS, mean of patch tokens, per-band means) for a batch of tiles."""
         return self.pooled(self.forward_features(tiles))
 
     def last_block_attention(self, tiles: torch.Tensor) -> LastBlockAttention:

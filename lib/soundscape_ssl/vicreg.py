@@ -22,7 +22,7 @@ from torch import nn
 from .augment import AugmentConfig, Normalization, augmented_views, spec_augment
 from .models import BackboneConfig, MethodOutput, SpectrogramViT, SSLMethod, build_backbone
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "band")
 
 
 @dataclasses.dataclass
@@ -35,7 +35,8 @@ class VicregConfig:
     variance_weight: float = 25.0
     covariance_weight: float = 1.0
     crop_frames: int = 224  # both views are time crops of this width
-    pooling: str = "cls"  # representation fed to the expander: "cls" token or "mean" of patches
+    pooling: str = "cls"  # representation fed to the expander: "cls" token, "mean" of patches or
+                          # "band" (per-frequency-row means, see models.PooledEmbeddings)
     spec_mask: bool = True  # SpecAugment masks on both views (VICReg is symmetric)
     collapse_std: float = 0.05  # representation spread below this (see `representation_spread`): collapse
 
@@ -113,12 +114,13 @@ class VicregMethod(SSLMethod):
         augment.validate()
         self.config, self.augment, self.normalization = config, augment, normalization
         self.backbone = build_backbone(backbone_config)
-        self.expander = build_expander(self.backbone.embed_dim, config.expander_dim, config.expander_layers)
+        in_dim = self.backbone.band_dim if config.pooling == "band" else self.backbone.embed_dim
+        self.expander = build_expander(in_dim, config.expander_dim, config.expander_layers)
 
     def _represent(self, views: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(views)
         pooled = self.backbone.pooled(tokens)
-        return pooled.cls if self.config.pooling == "cls" else pooled.mean_patch
+        return {"cls": pooled.cls, "mean": pooled.mean_patch, "band": pooled.band}[self.config.pooling]
 
     def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
         views = augmented_views(tiles, 2, self.config.crop_frames, self.augment, self.normalization, generator)

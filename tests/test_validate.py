@@ -19,7 +19,8 @@ from soundscape_ssl.checkpoint import build_checkpoint, save_checkpoint
 from soundscape_ssl.models import BackboneConfig, build_backbone
 from soundscape_ssl.spectrogram import SpectrogramConfig
 from soundscape_ssl.validate import (SCORE_COLUMNS, ValidateConfig, agreement_from_contingency,
-                                     clustering_bootstrap, main, score_space, select_windows,
+                                     clustering_bootstrap, main, paired_against, score_space,
+                                     select_windows,
                                      synthetic_call_windows, validate_labelled,
                                      window_table)
 
@@ -132,6 +133,26 @@ def test_paired_clustering_difference_is_exact_for_a_known_pair_and_resamples_gr
     assert (same["share_not_better"] == 1.0).all()
 
 
+def test_paired_knn_difference_is_exact_for_a_known_pair():
+    from soundscape_ssl.validate import paired_knn_difference
+
+    groups = np.repeat(np.arange(4), 2)
+    labels = np.array(list("ABABABAB"))
+    always_right = labels.copy()
+    right_on_two_groups = np.where(groups < 2, labels, "C")
+    table = paired_knn_difference(always_right, right_on_two_groups, labels, groups, n_bootstrap=8000, seed=0)
+    row = table.loc["knn_accuracy"]
+    assert (row["value"], row["reference"], row["difference"]) == (1.0, 0.5, 0.5)
+    # A resample differs by the share of its rows drawn from groups 2 and 3; it is 0 only when all
+    # four draws are groups 0 or 1, with probability (1/2)^4.
+    assert row["share_not_better"] == pytest.approx(1 / 16, abs=0.01)
+    assert row["ci_low"] == 0.0 and row["ci_high"] == 1.0
+    same = paired_knn_difference(right_on_two_groups, right_on_two_groups, labels, groups, n_bootstrap=50)
+    assert same.loc["knn_accuracy", ["difference", "ci_low", "ci_high"]].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="same rows"):
+        paired_knn_difference(always_right[:4], right_on_two_groups, labels, groups)
+
+
 # ----------------------------------------------------------------------------------------------
 # Windows
 
@@ -232,7 +253,7 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
 
     assert list(scores.columns) == list(SCORE_COLUMNS)
     assert set(scores["space"] + "/" + scores["pooling"]) == {
-        "ssl_mae/mean", "ssl_mae/cls", "logmel_stats/mean_std_over_time"}
+        "ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band", "logmel_stats/mean_std_over_time"}
     assert (scores["window_selection"] == "top_2_energy_1000-8000Hz").all()
     assert (scores["n_windows"] == 12).all() and (scores["n_recordings"] == 6).all()
     # The two tones are far apart in frequency: the log-mel baseline separates them perfectly.
@@ -241,6 +262,21 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     for space in result.spaces.values():
         assert_no_recording_on_both_sides(space.knn.fold_of_row, result.selected["group"].to_numpy())
         assert np.isfinite(space.embeddings).all()
+    knn_of = {(s.space, s.pooling): s.knn.accuracy for s in result.spaces.values()}
+    best = result.best("ssl_")
+    assert best.space == "ssl_mae" and best.knn.accuracy == max(
+        value for (space, _), value in knn_of.items() if space == "ssl_mae")
+    assert result.best("ssl_", exclude_prefix="ssl_mae") is None
+    assert result.best("logmel").space == "logmel_stats"
+    paired = paired_against(result, "logmel_stats/mean_std_over_time", n_bootstrap=200)
+    assert set(paired["space"] + "/" + paired["pooling"]) == {"ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band"}
+    assert sorted(paired["metric"].unique()) == ["ari", "knn_accuracy", "nmi"]
+    knn_rows = paired[paired["metric"] == "knn_accuracy"].set_index("pooling")
+    assert (knn_rows["reference"] == 1.0).all()
+    for pooling, row in knn_rows.iterrows():
+        assert row["difference"] == pytest.approx(knn_of[("ssl_mae", pooling)] - 1.0)
+    with pytest.raises(KeyError, match="no space"):
+        paired_against(result, "birdnet_v2.4/global_avg_pool")
 
     out = tmp_path / "out"
     windows = pd.read_csv(out / "windows.csv")
@@ -248,12 +284,14 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert (windows.loc[windows["selected"], "energy_rank"] <= 2).all()
     assert pd.read_csv(out / "skipped.csv")["reason"].tolist() == ["not_found"]
     predictions = pd.read_csv(out / "predictions.csv")
-    assert len(predictions) == 12 * 3
+    assert len(predictions) == 12 * 4
     assert_no_recording_on_both_sides(
         predictions.query("space == 'ssl_mae' and pooling == 'mean'")["knn_fold"].to_numpy(),
         windows.set_index("window").loc[predictions.query("space == 'ssl_mae' and pooling == 'mean'")
                                         ["window"], "group"].to_numpy())
     assert np.load(out / "embeddings" / "ssl_mae__cls.npy").shape == (12, 32)
+    # 32 mels in 16-bin patches: two frequency rows of 32 dims side by side.
+    assert np.load(out / "embeddings" / "ssl_mae__band.npy").shape == (12, 64)
     summary = json.loads((out / "scores.json").read_text())
     assert len(summary["scores"]) == len(scores) and summary["n_labels"] == 2
     assert json.loads((out / "config.json").read_text())["config"]["top_k"] == 2

@@ -5,7 +5,8 @@ with one label (labels.csv: a path and a label per recording, as in
 `../shared/data/labelled/xeno-canto-acrocephalus`). Each recording is cut into windows, and every
 output space is scored on the same windows:
 
-* each SSL checkpoint given, with each pooling (`mean` of the final patch tokens, `cls` token),
+* each SSL checkpoint given, with each pooling (`mean` of the final patch tokens, `cls` token,
+  `band`: the mean over time of each frequency row of patch tokens, rows side by side),
   embedded through `embed.embed_audio_files` (the checkpoint's own front end and normalisation);
 * BirdNET V2.4 embeddings (1024-d) of the same spans (`birdnet.run_on_tiles`), when installed;
 * the log-mel baseline: mean and std over time of each mel band of the window's log-mel tile
@@ -89,7 +90,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "validate"
 WINDOW_SELECTIONS = ("all", "top_k_energy")
-SSL_POOLINGS = ("mean", "cls")
+SSL_POOLINGS = ("mean", "cls", "band")    # embed.POOLINGS, without importing torch here
 BIRDNET_SPACE = "birdnet_v2.4"
 BIRDNET_POOLING = "global_avg_pool"     # BirdNET's own embedding: its penultimate layer
 LOGMEL_SPACE = "logmel_stats"
@@ -119,7 +120,7 @@ class ValidateConfig:
     group_columns: tuple[str, ...] = ()    # columns whose values form the split's groups; () = the
                                            # recording (e.g. recordist date: stricter, one session)
     min_recordings_per_label: int = 2      # labels with fewer groups are dropped (never testable)
-    poolings: tuple[str, ...] = SSL_POOLINGS   # SSL poolings scored: "mean" and/or "cls"
+    poolings: tuple[str, ...] = SSL_POOLINGS   # SSL poolings scored: "mean", "cls", "band"
     n_folds: int = 5                       # grouped kNN folds (clipped to the number of groups)
     k_neighbours: int = 10                 # kNN vote size
     knn_metric: str = "cosine"             # on features standardised per training fold
@@ -201,10 +202,15 @@ class ValidationResult:
         """The scored windows, in the row order of every space's embeddings."""
         return self.windows[self.windows["selected"]].reset_index(drop=True)
 
-    def best(self, prefix: str = "ssl_", metric: str = "knn_accuracy") -> SpaceResult | None:
-        """The space (name starting with `prefix`) with the highest `metric`, or None."""
-        rows = self.scores[(self.scores["metric"] == metric)
-                           & self.scores["space"].str.startswith(prefix)]
+    def best(self, prefix: str = "ssl_", metric: str = "knn_accuracy",
+             exclude_prefix: str | None = None) -> SpaceResult | None:
+        """The space (name starting with `prefix`, not with `exclude_prefix`) with the highest
+        `metric`, or None."""
+        names = self.scores["space"]
+        keep = names.str.startswith(prefix)
+        if exclude_prefix:
+            keep &= ~names.str.startswith(exclude_prefix)
+        rows = self.scores[(self.scores["metric"] == metric) & keep]
         if rows.empty:
             return None
         top = rows.sort_values("value", ascending=False, kind="mergesort").iloc[0]
@@ -445,8 +451,8 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
     if tile_s is None or not math.isclose(float(tile_s), config.window_s):
         raise ValueError(f"the checkpoint embeds {tile_s} s tiles, the windows are {config.window_s} s")
     del metadata
-    pooling = config.poolings[0] if len(config.poolings) == 1 else "both"
-    embed_config = EmbedConfig(pooling=pooling, batch_size=config.batch_size, device=config.device)
+    embed_config = EmbedConfig(pooling=",".join(config.poolings), batch_size=config.batch_size,
+                               device=config.device)
     out_path = work_dir / "embeddings.npy"
     paths = sorted(windows["path"].unique())
     embed_audio_files(paths, checkpoint, out_path, embed_config, show_progress=config.progress)
@@ -600,6 +606,59 @@ def paired_clustering_difference(clusters: np.ndarray, reference_clusters: np.nd
                      "ci_low": float(low), "ci_high": float(high),
                      "share_not_better": float(np.mean(difference[np.isfinite(difference)] <= 0))})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def paired_knn_difference(predictions: np.ndarray, reference_predictions: np.ndarray,
+                          labels: np.ndarray, groups: np.ndarray, n_bootstrap: int = 2000,
+                          confidence_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Is one space's out-of-fold kNN accuracy higher than another's? Paired over resampled groups.
+
+    Both prediction vectors are of the same rows; each resample of groups (recordings, with
+    replacement) scores both, so the recordings that are easy or hard for every space cancel in
+    the difference. One row, "knn_accuracy", with the columns of `paired_clustering_difference`.
+    """
+    if not len(predictions) == len(reference_predictions) == len(labels) == len(groups):
+        raise ValueError("predictions, reference predictions, labels and groups must be of the same rows")
+    labels = np.asarray(labels).astype(str)
+    correct = np.asarray(predictions).astype(str) == labels
+    reference_correct = np.asarray(reference_predictions).astype(str) == labels
+    group_codes, weights = _bootstrap_weights(groups, n_bootstrap, seed)
+    n_groups = weights.shape[1]
+    rows_per_group = np.bincount(group_codes, minlength=n_groups)
+    resampled_rows = weights @ rows_per_group
+    difference = weights @ (np.bincount(group_codes, correct, n_groups)
+                            - np.bincount(group_codes, reference_correct, n_groups)) / resampled_rows
+    tail = (1 - confidence_level) / 2 * 100
+    low, high = np.percentile(difference, [tail, 100 - tail])
+    return pd.DataFrame([{
+        "metric": "knn_accuracy", "value": float(correct.mean()), "reference": float(reference_correct.mean()),
+        "difference": float(correct.mean() - reference_correct.mean()), "ci_low": float(low),
+        "ci_high": float(high), "share_not_better": float(np.mean(difference <= 0))}]).set_index("metric")
+
+
+def paired_against(result: "ValidationResult", reference: str, n_bootstrap: int = 2000,
+                   confidence_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Every other scored space against `reference` ("space/pooling"), paired over recordings:
+    kNN accuracy (`paired_knn_difference`) and the KMeans NMI and ARI
+    (`paired_clustering_difference`). Tidy: space, pooling, metric, value, reference, difference,
+    ci_low, ci_high, share_not_better."""
+    if reference not in result.spaces:
+        raise KeyError(f"no space {reference!r} was scored; scored: {sorted(result.spaces)}")
+    groups = result.selected["group"].to_numpy()
+    base = result.spaces[reference]
+    tables = []
+    for key, space in result.spaces.items():
+        if key == reference:
+            continue
+        knn = paired_knn_difference(space.knn.predictions, base.knn.predictions, space.knn.true_labels,
+                                    groups, n_bootstrap, confidence_level, seed)
+        clustering = paired_clustering_difference(space.clusters, base.clusters, space.knn.true_labels,
+                                                  groups, n_bootstrap, confidence_level, seed)
+        table = pd.concat([knn, clustering.loc[["nmi", "ari"]]]).reset_index()
+        tables.append(table.assign(space=space.space, pooling=space.pooling))
+    columns = ["space", "pooling", "metric", "value", "reference", "difference", "ci_low", "ci_high",
+               "share_not_better"]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
 
 
 def score_space(space: str, pooling: str, embeddings: np.ndarray, labels: np.ndarray,

@@ -731,6 +731,10 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
             model = DistributedDataParallel(
                 trainer.method, device_ids=[context.local_rank] if context.device.type == "cuda" else None,
                 broadcast_buffers=False)  # DINO's centre is all-reduced by the method itself
+            # Freed when this frame returns, DDP's reducer and gloo's pairs could block the exit now
+            # and then (a rank that logged its last step and never exited; cf. pytorch/pytorch#75097):
+            # keep them alive, and let `main` end a torchrun rank without running their destructors.
+            _KEEP_UNTIL_EXIT.extend([model, trainer])
         environment = environment_report()
         start_record = {
             "event": "start", "git_sha": environment["git_sha"], "git_dirty": environment["git_dirty"],
@@ -760,6 +764,19 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
         torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
         if context.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# Objects of a distributed run whose destructors must not run at its end (see `run`).
+_KEEP_UNTIL_EXIT: list[Any] = []
+
+
+def _exit_rank(code: int) -> typing.NoReturn:
+    """End a torchrun rank at once: outputs are saved and closed by then (checkpoints are renamed
+    into place, the run log is closed); only C++ destructors of the process group are skipped."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -798,4 +815,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if _KEEP_UNTIL_EXIT:
+        _exit_rank(exit_code)
+    sys.exit(exit_code)

@@ -141,7 +141,7 @@ class EmbedConfig:
     compile: bool = False            # torch.compile the forward pass (GPU; a minute of warm-up)
 
     def __post_init__(self) -> None:
-        self.poolings  # validates the names
+        parse_poolings(self.pooling)  # a clear error for an unknown name, at construction
         if self.batch_size <= 0 or self.chunk_tiles <= 0:
             raise ValueError(f"batch_size and chunk_tiles must be positive, got "
                              f"{self.batch_size}, {self.chunk_tiles}")

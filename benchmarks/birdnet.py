@@ -43,8 +43,8 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from soundscape_ssl import birdnet  # noqa: E402
-from soundscape_ssl.birdnet import BirdNetConfig, BirdNetRunner, run_on_files  # noqa: E402
+from soundscape_ssl.analysis import birdnet  # noqa: E402
+from soundscape_ssl.analysis.birdnet import BirdNetConfig, BirdNetRunner, run_on_files  # noqa: E402
 
 logging.getLogger("soundscape_ssl").setLevel(logging.ERROR)
 

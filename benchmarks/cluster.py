@@ -5,7 +5,7 @@ components with Zipf-like weights, centres N(0, 1), unit isotropic noise x --noi
 planted component of every row is known.
 
 Clustering (k = --n-clusters), medians over --repeats, each after one untimed warm-up:
-- ``ours``: `soundscape_ssl.cluster.fit_clusters` with its defaults: scaler + KMeans
+- ``ours``: `soundscape_ssl.analysis.cluster.fit_clusters` with its defaults: scaler + KMeans
   (k-means++, n_init 3) fitted on --fit-subsample random rows, every row assigned in chunks,
   silhouette on 10k rows included.
 - ``ours_n_init1``: the same with one k-means++ start, to separate the subsample's effect from
@@ -18,7 +18,7 @@ the ratio shows what fitting on a subsample costs), NMI with the planted compone
 between the two solutions.
 
 2-D map on the first --umap-rows rows, medians over --umap-repeats after a numba warm-up:
-- ``ours``: `soundscape_ssl.cluster.umap_2d` with its defaults (seeded, single-threaded,
+- ``ours``: `soundscape_ssl.analysis.cluster.umap_2d` with its defaults (seeded, single-threaded,
   fitted on up to 100k rows: at --umap-rows 50000 it is fitted on all of them).
 - ``ours_subsample``: the same with umap_subsample = --umap-subsample (fit, then `transform`);
   its quality is also given apart for the fitted and the transformed rows.
@@ -70,7 +70,7 @@ from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from soundscape_ssl.cluster import (ClusterConfig, ClusterResult, assign_to_centroids,  # noqa: E402
+from soundscape_ssl.analysis.cluster import (ClusterConfig, ClusterResult, assign_to_centroids,  # noqa: E402
                                     fit_clusters, subsample_indices, umap_2d)
 
 logging.getLogger("soundscape_ssl").setLevel(logging.ERROR)

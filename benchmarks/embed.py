@@ -2,16 +2,16 @@
 
 Measured in the same process, medians over repeats, each kind after one untimed warm-up:
 
-- ``model_only`` (the baseline): `soundscape_ssl.embed.TileEmbedder` on one batch of tiles that
+- ``model_only`` (the baseline): `soundscape_ssl.analysis.embed.TileEmbedder` on one batch of tiles that
   already sits on the device (normalisation, backbone, pooling), synchronised; the ceiling.
-- ``end_to_end``: `soundscape_ssl.embed.embed_store` on the store: checkpoint load and sha256,
+- ``end_to_end``: `soundscape_ssl.analysis.embed.embed_store` on the store: checkpoint load and sha256,
   reader processes, pinned copies, forward, background chunk writes, final assembly and
   config.json. Reported as `tiles_per_s` (tiles / wall time of the call) and
   `streaming_tiles_per_s` (after the first batch, i.e. without start-up and compilation).
   `ratio_*_vs_model_only` says how close the pipeline comes to keeping the model busy.
 
 The store: a small synthetic store (`--base-tiles`, 32 kHz 16-bit WAVs tiled by
-`soundscape_ssl.tiling`) whose shards are hard-linked `--copies` times into a larger store and
+`soundscape_ssl.tiles.tiling`) whose shards are hard-linked `--copies` times into a larger store and
 finalised. The copies share the page cache, so this measures reading from memory (as on a
 node whose RAM holds the store, the common case after tiling), not from cold disk. Or pass
 `--store` to use an existing store.
@@ -51,14 +51,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from soundscape_ssl.checkpoint import build_checkpoint, load_backbone, save_checkpoint  # noqa: E402
-from soundscape_ssl.embed import EmbedConfig, TileEmbedder, embed_store, resolve_compute  # noqa: E402
-from soundscape_ssl.models import BackboneConfig, build_backbone  # noqa: E402
-from soundscape_ssl.provenance import package_versions  # noqa: E402
-from soundscape_ssl.spectrogram import SpectrogramConfig  # noqa: E402
-from soundscape_ssl.tiles import (PLAN_FILE, TileStore, shard_path, unit_index_path,  # noqa: E402
+from soundscape_ssl.pretrain.checkpoint import build_checkpoint, load_backbone, save_checkpoint  # noqa: E402
+from soundscape_ssl.analysis.embed import EmbedConfig, TileEmbedder, embed_store, resolve_compute  # noqa: E402
+from soundscape_ssl.pretrain.models import BackboneConfig, build_backbone  # noqa: E402
+from soundscape_ssl.core.provenance import package_versions  # noqa: E402
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig  # noqa: E402
+from soundscape_ssl.tiles.store import (PLAN_FILE, TileStore, shard_path, unit_index_path,  # noqa: E402
                                   unit_skipped_path)
-from soundscape_ssl.tiling import TilingConfig, finalize_store, tile_archive  # noqa: E402
+from soundscape_ssl.tiles.tiling import TilingConfig, finalize_store, tile_archive  # noqa: E402
 
 logging.getLogger("soundscape_ssl").setLevel(logging.WARNING)
 

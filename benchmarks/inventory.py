@@ -46,7 +46,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 
-from soundscape_ssl import archive  # noqa: E402
+from soundscape_ssl.recordings import archive  # noqa: E402
 
 logging.getLogger("soundscape_ssl").setLevel(logging.ERROR)  # the planted bad files are expected
 

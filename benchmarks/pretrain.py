@@ -4,7 +4,7 @@ For each method (DINO with 2 global + 8 local crops, MAE, VICReg) at the study's
 (ViT-S/16 on 128 x 256 tiles by default) this times full optimizer steps of
 `engine.train_step` in two configurations, in the same process, on the same batch:
 
-* optimised: what `soundscape_ssl.train` does on this device: bf16 autocast and TF32 on CUDA,
+* optimised: what `soundscape_ssl.pretrain.train` does on this device: bf16 autocast and TF32 on CUDA,
   fused AdamW, optionally torch.compile of the transformer blocks (`--compile`, on by
   default on CUDA);
 * baseline ("plain eager timm"): the same timm ViT and method in fp32, eager, torch's default
@@ -70,9 +70,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from soundscape_ssl.augment import Normalization  # noqa: E402
-from soundscape_ssl.engine import train_step  # noqa: E402
-from soundscape_ssl.train import TrainConfig, build_method, compile_for_training, parameter_groups  # noqa: E402
+from soundscape_ssl.pretrain.augment import Normalization  # noqa: E402
+from soundscape_ssl.pretrain.engine import train_step  # noqa: E402
+from soundscape_ssl.pretrain.train import TrainConfig, build_method, compile_for_training, parameter_groups  # noqa: E402
 
 # CPU attention runs as a kernel FlopCounterMode has no formula for; count it like the GPU ones.
 _CPU_ATTENTION_FLOPS = {
@@ -187,7 +187,7 @@ class _InMemoryTiles(Dataset):
 
 def loader_throughput(args: argparse.Namespace, batch_size: int, device: torch.device) -> dict:
     if args.store_dir:
-        from soundscape_ssl.tiles import TileDataset
+        from soundscape_ssl.tiles.store import TileDataset
 
         dataset, source = TileDataset(args.store_dir, normalize=True), f"TileDataset({args.store_dir})"
     else:

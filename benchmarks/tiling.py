@@ -5,7 +5,7 @@ recorders), --minutes of audio in files of --file-s seconds (noise floor, chirps
 Measured in the same process, one thread (torch, OMP, MKL, OpenBLAS), medians over repeats,
 each after one untimed warm-up:
 
-- ``ours``: `soundscape_ssl.tiling.tile_archive` end to end: plan, decode, resample to 32 kHz,
+- ``ours``: `soundscape_ssl.tiles.tiling.tile_archive` end to end: plan, decode, resample to 32 kHz,
   log-mel, float16 shards, per-tile statistics, indexes, finalise (normalisation, config.json).
 - ``librosa`` (baseline a): decode with soundfile, `librosa.resample` (soxr_hq) to 32 kHz, then
   per 3 s slice `librosa.feature.melspectrogram` (same FFT, hop, mels, band) and
@@ -55,9 +55,9 @@ import pandas as pd  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from soundscape_ssl.provenance import package_versions  # noqa: E402
-from soundscape_ssl.spectrogram import SpectrogramConfig  # noqa: E402
-from soundscape_ssl.tiling import TilingConfig, tile_archive  # noqa: E402
+from soundscape_ssl.core.provenance import package_versions  # noqa: E402
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig  # noqa: E402
+from soundscape_ssl.tiles.tiling import TilingConfig, tile_archive  # noqa: E402
 
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)

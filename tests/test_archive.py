@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from soundscape_ssl import archive
-from soundscape_ssl.archive import (
+from soundscape_ssl.recordings import archive
+from soundscape_ssl.recordings.archive import (
     FILES_COLUMNS, QUARANTINE_COLUMNS, QUARANTINE_REASONS, ArchiveInventory, parse_recording_name,
     read_wav_header, scan_archive,
 )

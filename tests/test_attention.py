@@ -12,8 +12,8 @@ import torch
 import torchaudio
 from matplotlib.figure import Figure
 
-from soundscape_ssl.spectrogram import frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
-from soundscape_ssl.attention import (
+from soundscape_ssl.tiles.spectrogram import frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
+from soundscape_ssl.analysis.attention import (
     ENERGY_SOURCE,
     RANKING_FILE,
     SCORES_FILE,
@@ -35,9 +35,9 @@ from soundscape_ssl.attention import (
     score_tiles,
     upsample_to_tile,
 )
-from soundscape_ssl.figures import save_figure
-from soundscape_ssl.models import BackboneConfig, SpectrogramViT, build_backbone
-from soundscape_ssl.spectrogram import SpectrogramConfig
+from soundscape_ssl.report.figures import save_figure
+from soundscape_ssl.pretrain.models import BackboneConfig, SpectrogramViT, build_backbone
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 
 TINY = dict(arch="vit_tiny", depth=2, embed_dim=64, num_heads=4, patch_size=16, n_mels=128, n_frames=256,
             drop_path_rate=0.0)
@@ -327,7 +327,7 @@ def test_rank_heads_means_intervals_and_background_check() -> None:
 # --- end to end ---------------------------------------------------------------------------------
 
 def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT) -> None:
-    from soundscape_ssl.checkpoint import build_checkpoint, load_backbone, save_checkpoint
+    from soundscape_ssl.pretrain.checkpoint import build_checkpoint, load_backbone, save_checkpoint
 
     tiles_db, tiles, annotations = _planted_tiles()
     normalization = {"mean": float(tiles_db.mean()), "std": float(tiles_db.std())}

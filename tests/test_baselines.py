@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from soundscape_ssl.baselines import (BaselineConfig, compute_baselines, fit_tile_pca,
+from soundscape_ssl.analysis.baselines import (BaselineConfig, compute_baselines, fit_tile_pca,
                                       logmel_stats_feature_names, logmel_stats_features,
                                       tile_pca_features, time_deltas)
 
@@ -84,7 +84,7 @@ def test_statistics_stream_over_batches_from_a_memory_map_or_a_store(tmp_path):
 def test_a_broken_tile_gives_a_nan_row_and_a_warning(caplog):
     tiles = random_tiles(6).astype(np.float32)
     tiles[4, 3, 7] = np.nan
-    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.baselines"):
+    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.analysis.baselines"):
         features = logmel_stats_features(tiles, batch_tiles=4, progress=False)
     assert np.isnan(features[4]).all() and np.isfinite(np.delete(features, 4, axis=0)).all()
     assert "1 of 6 tiles contain NaN" in caplog.text

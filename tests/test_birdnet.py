@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from soundscape_ssl import birdnet
-from soundscape_ssl.birdnet import (BirdNetConfig, BirdNetRunner, file_windows_index, flat_sigmoid,
+from soundscape_ssl.analysis import birdnet
+from soundscape_ssl.analysis.birdnet import (BirdNetConfig, BirdNetRunner, file_windows_index, flat_sigmoid,
                                     load_results, run_on_files, run_on_tiles, shard_is_done,
                                     species_allowed, week_48)
 

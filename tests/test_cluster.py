@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from soundscape_ssl.cluster import ClusterConfig, ClusterResult, assign_to_centroids, fit_clusters, umap_2d
+from soundscape_ssl.analysis.cluster import ClusterConfig, ClusterResult, assign_to_centroids, fit_clusters, umap_2d
 
 
 def gaussian_blobs(n_rows: int, n_blobs: int, dims: int, seed: int = 0,
@@ -89,7 +89,7 @@ def test_central_indices_are_the_rows_closest_to_each_centroid(blobs, fitted):
 
 def test_too_few_rows_clip_the_number_of_clusters(caplog):
     embeddings = np.arange(10, dtype=np.float32).reshape(5, 2)
-    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.cluster"):
+    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.analysis.cluster"):
         result = fit_clusters(embeddings, ClusterConfig(n_clusters=100, seed=0), progress=False)
     assert result.n_clusters == 5
     assert "100 clusters requested" in caplog.text

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from soundscape_ssl import cluster_report
-from soundscape_ssl.spectrogram import SpectrogramConfig
+from soundscape_ssl.report import cluster_report
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 
 
 def test_describe_clusters_names_silence_noise_and_signal() -> None:

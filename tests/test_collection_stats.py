@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from soundscape_ssl import collection_stats as stats
-from soundscape_ssl.archive import scan_archive
+from soundscape_ssl.report import collection_stats as stats
+from soundscape_ssl.recordings.archive import scan_archive
 
 H = 1.0 / 60.0  # one minute in hours
 

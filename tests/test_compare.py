@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soundscape_ssl import compare
-from soundscape_ssl.cluster import ClusterConfig
-from soundscape_ssl.metrics import KnnConfig
+from soundscape_ssl.analysis import compare
+from soundscape_ssl.analysis.cluster import ClusterConfig
+from soundscape_ssl.analysis.metrics import KnnConfig
 
 N_FILES, TILES_PER_FILE = 8, 4
 A_FILES = {0, 1, 4, 5}

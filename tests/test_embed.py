@@ -12,14 +12,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundscape_ssl import embed as embed_module
-from soundscape_ssl.checkpoint import build_checkpoint, save_checkpoint
-from soundscape_ssl.embed import (EmbedConfig, embed_audio_files, embed_store, embeddings_file_name,
+from soundscape_ssl.analysis import embed as embed_module
+from soundscape_ssl.pretrain.checkpoint import build_checkpoint, save_checkpoint
+from soundscape_ssl.analysis.embed import (EmbedConfig, embed_audio_files, embed_store, embeddings_file_name,
                                   load_embeddings, main, read_embeddings_metadata)
-from soundscape_ssl.models import BackboneConfig, build_backbone
-from soundscape_ssl.spectrogram import SpectrogramConfig
-from soundscape_ssl.tiles import TileDataset, TileStore, remove_band_background
-from soundscape_ssl.tiling import TilingConfig, tile_archive
+from soundscape_ssl.pretrain.models import BackboneConfig, build_backbone
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+from soundscape_ssl.tiles.store import TileDataset, TileStore, remove_band_background
+from soundscape_ssl.tiles.tiling import TilingConfig, tile_archive
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SOUNDSCAPES = REPO.parent / "shared" / "data" / "soundscapes"
@@ -119,7 +119,7 @@ def array_bytes(out_dir: Path) -> dict[str, bytes]:
 
 def one_tile_embeddings(checkpoint: Path, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mean, cls) embeddings of normalised tiles (n, 1, n_mels, n_frames), one tile per forward."""
-    from soundscape_ssl.checkpoint import load_backbone
+    from soundscape_ssl.pretrain.checkpoint import load_backbone
 
     model, _ = load_backbone(checkpoint)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soundscape_ssl.groundtruth import (
+from soundscape_ssl.recordings.groundtruth import (
     GroundTruthConfig,
     box_mask,
     tile_boxes,
@@ -17,7 +17,7 @@ from soundscape_ssl.groundtruth import (
     tile_ground_truth,
     tile_label_overlaps,
 )
-from soundscape_ssl.synth import SynthConfig, generate_archive, read_annotations
+from soundscape_ssl.recordings.synth import SynthConfig, generate_archive, read_annotations
 
 COLUMNS = ["file", "start_s", "end_s", "f_low_hz", "f_high_hz", "label", "kind", "snr_db"]
 
@@ -92,7 +92,7 @@ def test_tile_duration_from_a_column_and_bad_input(annotations: pd.DataFrame, ti
     with pytest.raises(ValueError, match="lacks columns"):
         tile_ground_truth(annotations.drop(columns="f_low_hz"), tiles, tile_s=3.0)
     elsewhere = tiles.assign(relpath="other/" + tiles["relpath"])
-    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.groundtruth"):
+    with caplog.at_level(logging.WARNING, logger="soundscape_ssl.recordings.groundtruth"):
         truth = tile_ground_truth(annotations, elsewhere, tile_s=3.0)
     assert (truth["label"] == "background").all()
     assert "no tile file matches" in caplog.text

@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
-from soundscape_ssl import launch, training_report
+from soundscape_ssl.pretrain import launch
+from soundscape_ssl.report import training_report
 
 
 def test_single_node_is_standalone_and_multi_node_needs_an_endpoint() -> None:
-    command = launch.torchrun_command("soundscape_ssl.train", ["--config", "c.json"], nproc_per_node=8)
+    command = launch.torchrun_command("soundscape_ssl.pretrain.train", ["--config", "c.json"], nproc_per_node=8)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in command and "--nproc_per_node=8" in command
-    assert command[-4:] == ["-m", "soundscape_ssl.train", "--config", "c.json"]
-    multi = launch.torchrun_command("soundscape_ssl.train", [], nproc_per_node=4, nnodes=2,
+    assert command[-4:] == ["-m", "soundscape_ssl.pretrain.train", "--config", "c.json"]
+    multi = launch.torchrun_command("soundscape_ssl.pretrain.train", [], nproc_per_node=4, nnodes=2,
                                     rdzv_endpoint="node01:29500")
     assert "--standalone" not in multi
     assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node01:29500"} <= set(multi)

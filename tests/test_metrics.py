@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from soundscape_ssl.metrics import (KnnConfig, cluster_purity_table, clustering_agreement,
+from soundscape_ssl.analysis.metrics import (KnnConfig, cluster_purity_table, clustering_agreement,
                                     contingency_table, detection_rate_per_cluster, grouped_folds,
                                     knn_cross_validate, purity, score_output_space,
                                     summarize_detection_rates)

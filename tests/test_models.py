@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from soundscape_ssl.models import (
+from soundscape_ssl.pretrain.models import (
     ARCHITECTURES,
     BackboneConfig,
     SpectrogramViT,

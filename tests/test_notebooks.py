@@ -40,7 +40,7 @@ def test_smoke_run_of_every_notebook(tmp_path: Path) -> None:
     """configs/smoke.yaml through the real driver: every notebook executes and leaves its products."""
     import json
 
-    from soundscape_ssl.pipeline import run_pipeline
+    from soundscape_ssl.pipeline.runner import run_pipeline
 
     run_dir = run_pipeline("smoke", run_id="smoke", repo_root=REPO, runs_root=tmp_path)
     manifest = json.loads((run_dir / "manifest.json").read_text())

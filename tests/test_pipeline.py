@@ -9,7 +9,7 @@ import nbformat
 import pytest
 import yaml
 
-from soundscape_ssl import pipeline
+from soundscape_ssl.pipeline import runner as pipeline
 
 
 def _notebook(path: Path, *sources: str) -> None:
@@ -98,7 +98,7 @@ def test_failing_notebook_names_the_cell_and_keeps_partial_output(toy_repo: Path
 
 
 def test_cli_exit_code_names_notebook(toy_repo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    from soundscape_ssl import cli
+    from soundscape_ssl.pipeline import cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pipeline, "execute_notebook", _fail_in_cell_3)

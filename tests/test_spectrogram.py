@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchaudio
 
-from soundscape_ssl.spectrogram import (LogMelFrontEnd, SincResampler, SpectrogramConfig,
+from soundscape_ssl.tiles.spectrogram import (LogMelFrontEnd, SincResampler, SpectrogramConfig,
                                         get_resampler, waveform_to_tiles)
 
 CONFIG = SpectrogramConfig()
@@ -183,7 +183,7 @@ def test_gpu_front_end_matches_cpu():
 
 
 def test_mel_band_centres_rise_within_the_band_limits():
-    from soundscape_ssl.spectrogram import frame_times_s, mel_bin_centres_hz
+    from soundscape_ssl.tiles.spectrogram import frame_times_s, mel_bin_centres_hz
 
     config = SpectrogramConfig()
     centres = mel_bin_centres_hz(config)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soundscape_ssl.augment import (
+from soundscape_ssl.pretrain.augment import (
     AugmentConfig,
     Normalization,
     apply_random_gain,
@@ -17,11 +17,11 @@ from soundscape_ssl.augment import (
     shift_frequency,
     spec_augment,
 )
-from soundscape_ssl.dino import DinoConfig, DinoMethod, dino_cross_entropy
-from soundscape_ssl.mae import MaeConfig, MaeMethod, normalized_patch_targets, patch_keep_order
-from soundscape_ssl.models import BackboneConfig, SSLMethod
-from soundscape_ssl.schedules import CosineSchedule, LinearWarmupSchedule, scaled_learning_rate
-from soundscape_ssl.vicreg import VicregConfig, VicregMethod, representation_spread, vicreg_terms
+from soundscape_ssl.pretrain.dino import DinoConfig, DinoMethod, dino_cross_entropy
+from soundscape_ssl.pretrain.mae import MaeConfig, MaeMethod, normalized_patch_targets, patch_keep_order
+from soundscape_ssl.pretrain.models import BackboneConfig, SSLMethod
+from soundscape_ssl.pretrain.schedules import CosineSchedule, LinearWarmupSchedule, scaled_learning_rate
+from soundscape_ssl.pretrain.vicreg import VicregConfig, VicregMethod, representation_spread, vicreg_terms
 
 
 

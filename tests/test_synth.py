@@ -13,8 +13,8 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from soundscape_ssl import synth
-from soundscape_ssl.synth import SynthConfig, generate_archive, read_annotations, species_table
+from soundscape_ssl.recordings import synth
+from soundscape_ssl.recordings.synth import SynthConfig, generate_archive, read_annotations, species_table
 
 # A tiny archive: 3 recorders (1 grassland), one rainy day, three 10 s recordings.
 TINY = dict(seed=0, recorders=3, grassland_recorders=1, days=1, recording_start_hours=(1.0, 5.5, 12.0),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from soundscape_ssl import tile_plots
-from soundscape_ssl.spectrogram import SpectrogramConfig
+from soundscape_ssl.report import tile_plots
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 
 
 def _index() -> pd.DataFrame:

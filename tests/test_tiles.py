@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundscape_ssl.spectrogram import SpectrogramConfig, waveform_to_tiles
-from soundscape_ssl.tiles import TileDataset, TileStore, TileStream
-from soundscape_ssl.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig, waveform_to_tiles
+from soundscape_ssl.tiles.store import TileDataset, TileStore, TileStream
+from soundscape_ssl.tiles.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
                                    plan_tiling, resolve_rank, tile_archive)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def noise(seconds: float, sample_rate_hz: int, seed: int, channels: int = 1) -> 
 
 
 def inventory(root: Path, paths: list[Path], habitat: str | None = "canopy") -> pd.DataFrame:
-    """The files table as soundscape_ssl.archive documents it (headers via soundfile)."""
+    """The files table as soundscape_ssl.recordings.archive documents it (headers via soundfile)."""
     rows = []
     for path in paths:
         relpath = path.relative_to(root).as_posix()
@@ -196,7 +196,7 @@ def _run_tiling_process(files_parquet: Path, store: Path, extra_env: dict[str, s
                         ) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(REPO / "lib"), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1", **extra_env}
-    command = [sys.executable, "-m", "soundscape_ssl.tiling", "--inventory", str(files_parquet),
+    command = [sys.executable, "-m", "soundscape_ssl.tiles.tiling", "--inventory", str(files_parquet),
                "--out", str(store), "--no-progress", "--threads", "1",
                "--unit-max-tiles", str(SMALL_UNITS.unit_max_tiles),
                "--decode-block-s", str(SMALL_UNITS.decode_block_s)]
@@ -401,7 +401,7 @@ def test_tiles_the_shared_real_recordings(tmp_path):
 
 
 def test_band_background_removal_keeps_only_what_rises_above_each_bands_median() -> None:
-    from soundscape_ssl.tiles import remove_band_background
+    from soundscape_ssl.tiles.store import remove_band_background
 
     # 3 bands x 5 frames: band 0 a flat floor, band 1 a floor with one loud call frame, band 2 a ramp.
     tiles = torch.tensor([[[-60.0, -60.0, -60.0, -60.0, -60.0],
@@ -416,7 +416,7 @@ def test_band_background_removal_keeps_only_what_rises_above_each_bands_median()
 
 
 def test_normalize_tiles_applies_the_recorded_background_removal() -> None:
-    from soundscape_ssl.tiles import input_normalization, normalize_tiles
+    from soundscape_ssl.tiles.store import input_normalization, normalize_tiles
 
     tiles_db = np.random.default_rng(0).normal(-50.0, 8.0, size=(4, 16, 32)).astype(np.float16)
     plain = normalize_tiles(tiles_db, {"mean": -50.0, "std": 8.0})

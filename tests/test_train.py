@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from soundscape_ssl import train
-from soundscape_ssl.checkpoint import CHECKPOINT_FORMAT, load_backbone
-from soundscape_ssl.engine import NonFiniteLossError
-from soundscape_ssl.models import SpectrogramViT
-from soundscape_ssl.train import (
+from soundscape_ssl.pretrain import train
+from soundscape_ssl.pretrain.checkpoint import CHECKPOINT_FORMAT, load_backbone
+from soundscape_ssl.pretrain.engine import NonFiniteLossError
+from soundscape_ssl.pretrain.models import SpectrogramViT
+from soundscape_ssl.pretrain.train import (
     CollapseDetectedError,
     ResumableShardSampler,
     StopRequested,
@@ -182,7 +182,7 @@ def test_sampler_shards_are_disjoint_and_resumable() -> None:
 
 
 def test_default_data_is_the_tile_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real path reads the store's normalisation and spectrogram config (contract of soundscape_ssl.tiles)."""
+    """The real path reads the store's normalisation and spectrogram config (contract of soundscape_ssl.tiles.store)."""
     import dataclasses
     import types
 
@@ -199,7 +199,7 @@ def test_default_data_is_the_tile_store(monkeypatch: pytest.MonkeyPatch) -> None
     opened = []
     fake_tiles = types.SimpleNamespace(TileStore=FakeStore,
                                        TileDataset=lambda store_dir, normalize: opened.append((store_dir, normalize)))
-    monkeypatch.setitem(sys.modules, "soundscape_ssl.tiles", fake_tiles)
+    monkeypatch.setitem(sys.modules, "soundscape_ssl.tiles.store", fake_tiles)
     assert train.resolve_data_factory(None) is train.tile_store_data
     data = train.tile_store_data("runs/r/tiles")
     assert opened == [("runs/r/tiles", True)]
@@ -212,10 +212,10 @@ def test_trains_on_a_real_tile_store(tmp_path: Path) -> None:
     import numpy as np
     import soundfile
 
-    from soundscape_ssl.archive import scan_archive
-    from soundscape_ssl.spectrogram import SpectrogramConfig
-    from soundscape_ssl.tiles import TileStore
-    from soundscape_ssl.tiling import tile_archive
+    from soundscape_ssl.recordings.archive import scan_archive
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+    from soundscape_ssl.tiles.store import TileStore
+    from soundscape_ssl.tiles.tiling import tile_archive
 
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -235,7 +235,7 @@ def test_trains_on_a_real_tile_store(tmp_path: Path) -> None:
 
 
 def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Path) -> None:
-    from soundscape_ssl.tiles import remove_band_background
+    from soundscape_ssl.tiles.store import remove_band_background
 
     data = train.with_background_removal(tiny_tile_data("in-memory"), "band_median")
     assert data.normalization == {**NORMALIZATION, "background": "band_median"}
@@ -312,7 +312,7 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(tmp_path: Path) ->
 
 
 def test_untrained_copy_keeps_everything_but_the_weights(tmp_path: Path) -> None:
-    from soundscape_ssl.checkpoint import save_untrained_copy
+    from soundscape_ssl.pretrain.checkpoint import save_untrained_copy
 
     run(_tiny_config(tmp_path / "trained", "vicreg", max_steps=3, background_removal="band_median"),
         data_factory=tiny_tile_data)
@@ -421,7 +421,7 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
            "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "soundscape_ssl.train", "--config", str(config_path), "--max_steps", "2"],
+         "-m", "soundscape_ssl.pretrain.train", "--config", str(config_path), "--max_steps", "2"],
         env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     checkpoint = _load(tmp_path / "out" / "checkpoint.pth")
@@ -432,7 +432,7 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
 
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "soundscape_ssl.train", "--config", str(config_path)],
+         "-m", "soundscape_ssl.pretrain.train", "--config", str(config_path)],
         env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load(tmp_path / "out" / "checkpoint.pth")["step"] == 6

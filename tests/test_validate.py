@@ -14,11 +14,11 @@ import soundfile as sf
 import torch
 from sklearn import metrics as skm
 
-from soundscape_ssl.birdnet import birdnet_available
-from soundscape_ssl.checkpoint import build_checkpoint, save_checkpoint
-from soundscape_ssl.models import BackboneConfig, build_backbone
-from soundscape_ssl.spectrogram import SpectrogramConfig
-from soundscape_ssl.validate import (SCORE_COLUMNS, ValidateConfig, agreement_from_contingency,
+from soundscape_ssl.analysis.birdnet import birdnet_available
+from soundscape_ssl.pretrain.checkpoint import build_checkpoint, save_checkpoint
+from soundscape_ssl.pretrain.models import BackboneConfig, build_backbone
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+from soundscape_ssl.analysis.validate import (SCORE_COLUMNS, ValidateConfig, agreement_from_contingency,
                                      clustering_bootstrap, main, paired_against, score_space,
                                      select_windows,
                                      synthetic_call_windows, validate_labelled,
@@ -115,7 +115,7 @@ def test_clustering_bootstrap_brackets_a_perfect_and_a_random_clustering():
 
 
 def test_paired_clustering_difference_is_exact_for_a_known_pair_and_resamples_groups_together():
-    from soundscape_ssl.validate import paired_clustering_difference
+    from soundscape_ssl.analysis.validate import paired_clustering_difference
 
     groups = np.repeat(np.arange(12), 5)
     labels = np.repeat(np.array(list("ABCD")), 15)
@@ -134,7 +134,7 @@ def test_paired_clustering_difference_is_exact_for_a_known_pair_and_resamples_gr
 
 
 def test_paired_knn_difference_is_exact_for_a_known_pair():
-    from soundscape_ssl.validate import paired_knn_difference
+    from soundscape_ssl.analysis.validate import paired_knn_difference
 
     groups = np.repeat(np.arange(4), 2)
     labels = np.array(list("ABABABAB"))

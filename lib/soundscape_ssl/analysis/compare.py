@@ -49,7 +49,7 @@ from matplotlib.figure import Figure
 from . import metrics
 from .cluster import ClusterConfig, fit_clusters
 from .metrics import KnnConfig
-from .provenance import reject_unknown_fields
+from ..core.provenance import reject_unknown_fields
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ import scipy.fft
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from .provenance import to_jsonable, write_config_json
+from ..core.provenance import to_jsonable, write_config_json
 
 logger = logging.getLogger(__name__)
 

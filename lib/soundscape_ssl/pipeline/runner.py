@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .provenance import environment_report, to_jsonable
+from ..core.provenance import environment_report, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def notebook_parameters(profile: dict[str, Any], notebook: Path, run_dir: Path,
 
 def synthetic_archive_dir(synth_fields: dict[str, Any], cache_root: Path) -> Path:
     """The cache folder of a synthetic archive: named by a hash of its resolved config."""
-    from .synth import GENERATOR_VERSION, SynthConfig
+    from ..recordings.synth import GENERATOR_VERSION, SynthConfig
 
     config = SynthConfig(**synth_fields)
     # `workers` changes speed, not content, so it stays out of the cache key; the generator's
@@ -148,7 +148,7 @@ def prepare_archive(profile: dict[str, Any], runs_root: Path, repo_root: Path) -
         if not path.is_dir():
             raise FileNotFoundError(f"archive_dir {path} is not a folder")
         return path
-    from .synth import SynthConfig, generate_archive
+    from ..recordings.synth import SynthConfig, generate_archive
 
     fields = dict(profile.get("synthetic_archive") or {})
     out_dir = synthetic_archive_dir(fields, runs_root / "_cache")

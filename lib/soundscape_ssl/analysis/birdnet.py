@@ -73,8 +73,8 @@ import soundfile as sf
 from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
-from .provenance import write_config_json
-from .tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
+from ..core.provenance import write_config_json
+from ..tiles.tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
 
 logger = logging.getLogger(__name__)
 

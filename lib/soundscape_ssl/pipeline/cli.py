@@ -58,7 +58,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _cmd_synth_archive(args: argparse.Namespace) -> int:
-    from .synth import SynthConfig, generate_archive
+    from ..recordings.synth import SynthConfig, generate_archive
 
     out_dir = generate_archive(Path(args.out), dataclass_from_args(SynthConfig, args))
     print(out_dir)
@@ -66,7 +66,7 @@ def _cmd_synth_archive(args: argparse.Namespace) -> int:
 
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
-    from .archive import scan_archive
+    from ..recordings.archive import scan_archive
 
     inventory = scan_archive(Path(args.archive), sites_csv=Path(args.sites_csv) if args.sites_csv else None)
     if args.out:
@@ -80,7 +80,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import NotebookFailed, run_pipeline
+    from .runner import NotebookFailed, run_pipeline
 
     try:
         run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only,
@@ -97,14 +97,15 @@ def _run_module_main(module: str, argv: list[str]) -> int:
     """Subcommands whose module has its own argparse `main` (also run as `python -m`, e.g. under torchrun)."""
     import importlib
 
-    from .pipeline import configure_logging
+    from .runner import configure_logging
 
     configure_logging()
-    return int(importlib.import_module(f"soundscape_ssl.{module}").main(argv) or 0)
+    return int(importlib.import_module(module).main(argv) or 0)
 
 
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
-PASSTHROUGH_COMMANDS = {"tile": "tiling", "embed": "embed", "validate": "validate"}
+PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
+                        "validate": "soundscape_ssl.analysis.validate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth-archive", help="generate the deterministic synthetic recorder archive")
     synth.add_argument("out", help="output folder")
-    from .synth import SynthConfig
+    from ..recordings.synth import SynthConfig
 
     add_dataclass_options(synth, SynthConfig)
     synth.set_defaults(handler=_cmd_synth_archive)
@@ -135,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands their arguments to the module's own parser.
     commands.add_parser("tile", help="tile an inventory into a log-mel tile store "
-                                     "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiling)")
+                                     "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiles.tiling)")
     commands.add_parser("embed", help="embed a tile store or any audio files with a checkpoint's backbone "
-                                      "(options: soundscape-ssl embed --help; also python -m soundscape_ssl.embed)")
+                                      "(options: soundscape-ssl embed --help; also python -m soundscape_ssl.analysis.embed)")
     commands.add_parser("validate", help="score output spaces on labelled recordings "
-                                         "(options: soundscape-ssl validate --help; also python -m soundscape_ssl.validate)")
+                                         "(options: soundscape-ssl validate --help; also python -m soundscape_ssl.analysis.validate)")
     return parser
 
 
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH_COMMANDS:
         return _run_module_main(PASSTHROUGH_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
-    from .pipeline import configure_logging
+    from .runner import configure_logging
 
     configure_logging(args.verbose)
     return args.handler(args)

@@ -73,7 +73,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from .provenance import write_config_json
+from ..core.provenance import write_config_json
 
 logger = logging.getLogger(__name__)
 

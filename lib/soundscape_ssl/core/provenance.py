@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 # Packages whose versions decide whether a result can be reproduced.
 TRACKED_PACKAGES = (

@@ -1,7 +1,7 @@
 """Drawing log-mel tiles for people: galleries with time and frequency axes, tile statistics.
 
 Figures are `matplotlib.figure.Figure` objects (no pyplot state), saved by the caller with
-`soundscape_ssl.figures.save_figure`. The frequency axis is labelled in kHz at the mel bands'
+`soundscape_ssl.report.figures.save_figure`. The frequency axis is labelled in kHz at the mel bands'
 real centre frequencies, so a 4 kHz call reads as 4 kHz on every tile.
 """
 
@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .spectrogram import SpectrogramConfig, mel_bin_centres_hz
+from ..tiles.spectrogram import SpectrogramConfig, mel_bin_centres_hz
 
 FREQUENCY_TICKS_KHZ = (0.5, 1, 2, 4, 8, 12)
 

@@ -1,7 +1,7 @@
 """The log-mel front end: its config, resampling to the model rate, log-mel tiles, tile statistics.
 
 Everything here is pure signal processing on tensors (CPU or GPU); reading files, sharding and
-writing the tile store live in `soundscape_ssl.tiling`, reading the store in `soundscape_ssl.tiles`.
+writing the tile store live in `soundscape_ssl.tiles.tiling`, reading the store in `soundscape_ssl.tiles.store`.
 
 A tile is a function of its own `tile_s` seconds of (resampled) audio only: the STFT is centred
 with reflect padding at the tile edges, so the tile at 12.0 s of a file equals the tile of the
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from .provenance import reject_unknown_fields
+from ..core.provenance import reject_unknown_fields
 
 # Slaney mel filters at the defaults leave no filter empty; HTK ones with 128 bands from 50 Hz do
 # on coarse FFTs, which torchaudio warns about. Both are allowed; the choice is recorded.
@@ -401,7 +401,7 @@ def waveform_to_tiles(waveform: np.ndarray | torch.Tensor, sample_rate_hz: int,
     """Tile an in-memory recording: (log_mel_db float32 (n, n_mels, n_frames), offsets_s (n,)).
 
     For short clips (labelled windows, notebook figures). Archives go through
-    `soundscape_ssl.tiling.tile_archive`, which streams and gives the same tiles.
+    `soundscape_ssl.tiles.tiling.tile_archive`, which streams and gives the same tiles.
     `waveform` is (samples,) or (samples, channels); channels are averaged.
     """
     if not config.accepts_sample_rate(sample_rate_hz):

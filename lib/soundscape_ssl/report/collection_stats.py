@@ -1,6 +1,6 @@
 """Data-collection statistics of an inventory, as a paper shows them (notebook 01).
 
-Pure functions of the inventory tables (`soundscape_ssl.archive`): a summary table per habitat,
+Pure functions of the inventory tables (`soundscape_ssl.recordings.archive`): a summary table per habitat,
 quarantined files by reason, a recorder x day coverage matrix, recorded hours by hour of day and
 hours per recorder; plus figure helpers that return matplotlib Figures and `save_figure`.
 
@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .archive import QUARANTINE_REASONS
+from ..recordings.archive import QUARANTINE_REASONS
 from .figures import save_figure  # noqa: F401  (notebook 01 saves through this module)
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Pretraining entry point: wires data, method, optimizer, DDP, logging and checkpoints.
 
-    torchrun --standalone --nproc_per_node=8 -m soundscape_ssl.train --config pretrain.yaml \\
+    torchrun --standalone --nproc_per_node=8 -m soundscape_ssl.pretrain.train --config pretrain.yaml \\
         --epochs 50 --dino.out_dim 65536
-    python -m soundscape_ssl.train --config demo.json --max_steps 20      # one process, CPU or GPU
+    python -m soundscape_ssl.pretrain.train --config demo.json --max_steps 20      # one process, CPU or GPU
 
 `--config` is a JSON or YAML file with `TrainConfig` fields (nested sections as mappings);
 each `--key value` (or `--section.key value`) after it overrides one field, parsed as YAML.
@@ -56,7 +56,7 @@ from .dino import DinoConfig, DinoMethod
 from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
-from .provenance import environment_report, to_jsonable, write_config_json
+from ..core.provenance import environment_report, to_jsonable, write_config_json
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
 
@@ -133,7 +133,7 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
-        from .tiles import BACKGROUND_REMOVALS  # lazily, like every tiles import here (see tile_store_data)
+        from ..tiles.store import BACKGROUND_REMOVALS  # lazily, like every tiles import here (see tile_store_data)
 
         if self.background_removal not in BACKGROUND_REMOVALS:
             raise ValueError(f"background_removal must be one of {BACKGROUND_REMOVALS}, "
@@ -286,14 +286,14 @@ class BackgroundRemoved(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from .tiles import remove_band_background
+        from ..tiles.store import remove_band_background
 
         return remove_band_background(self.dataset[index])
 
 
 def with_background_removal(data: TrainData, background: str) -> TrainData:
     """`data` as the model sees it under `background` removal; the checkpoint records it."""
-    from .tiles import input_normalization
+    from ..tiles.store import input_normalization
 
     if background == "none":
         return data
@@ -303,7 +303,7 @@ def with_background_removal(data: TrainData, background: str) -> TrainData:
 
 def tile_store_data(store_dir: str) -> TrainData:
     """The default data: `TileDataset(store_dir)` with the store's normalisation and spectrogram config."""
-    from .tiles import TileDataset, TileStore
+    from ..tiles.store import TileDataset, TileStore
 
     store = TileStore(store_dir)
     normalization = {"mean": float(store.normalization["mean"]), "std": float(store.normalization["std"])}

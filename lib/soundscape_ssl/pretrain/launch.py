@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .provenance import to_jsonable
+from ..core.provenance import to_jsonable
 
-# Exit codes of `python -m soundscape_ssl.train` (see its module docstring).
+# Exit codes of `python -m soundscape_ssl.pretrain.train` (see its module docstring).
 TRAIN_EXIT_MEANINGS = {
     2: "bad configuration or data",
     3: "the loss became NaN or infinite",

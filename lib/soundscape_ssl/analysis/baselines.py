@@ -10,7 +10,7 @@ An SSL embedding is only interesting if it beats these:
 
 Tiles are read in batches, so any of these work on a memory-mapped store: `tiles` is an array
 (N, n_mels, n_frames) in dB (float16 or float32, a `np.load(mmap_mode="r")` map included) or a
-`soundscape_ssl.tiles.TileStore` (anything with `__len__`, `__getitem__(i)` and
+`soundscape_ssl.tiles.store.TileStore` (anything with `__len__`, `__getitem__(i)` and
 `read_range(start, stop)`). Every batch is converted to float32 before arithmetic: float16
 sums over 256 frames would lose ~0.1 dB.
 """

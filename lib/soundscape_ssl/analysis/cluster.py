@@ -37,7 +37,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from .provenance import reject_unknown_fields, write_config_json
+from ..core.provenance import reject_unknown_fields, write_config_json
 
 logger = logging.getLogger(__name__)
 

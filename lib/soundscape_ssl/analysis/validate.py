@@ -83,8 +83,8 @@ from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
 from .metrics import KnnConfig, KnnResult, clustering_agreement, knn_cross_validate
-from .provenance import to_jsonable, write_config_json
-from .spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
+from ..core.provenance import to_jsonable, write_config_json
+from ..tiles.spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def synthetic_call_windows(archive_dir: str | os.PathLike, window_s: float = 3.0
     birds and its site, so a split by file would let the same individual sit on both sides) or
     "file". Returns columns recording (relpath), path, label, group, offset_s, n_calls, max_snr_db.
     """
-    from .synth import read_annotations
+    from ..recordings.synth import read_annotations
 
     if group_by not in ("recorder", "file"):
         raise ValueError(f"group_by must be 'recorder' or 'file', got {group_by!r}")
@@ -442,7 +442,7 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
     tile length and hop from 0 s) and the windows' rows are picked by path and offset, so the
     checkpoint must cut `window_s` tiles on a hop that lands on the windows' offsets.
     """
-    from .checkpoint import load_checkpoint
+    from ..pretrain.checkpoint import load_checkpoint
     from .embed import EmbedConfig, audio_output_paths, embed_audio_files
 
     metadata = load_checkpoint(checkpoint)
@@ -905,7 +905,7 @@ def scores_table(scores: pd.DataFrame, metrics: Sequence[str] = ("knn_accuracy",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_dataclass_options
+    from ..pipeline.cli import add_dataclass_options
 
     parser = argparse.ArgumentParser(
         prog="soundscape-ssl validate",
@@ -933,8 +933,8 @@ def _parse_checkpoints(values: Sequence[str]) -> dict[str, Path] | list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl validate` / `python -m soundscape_ssl.validate`; prints the scores table."""
-    from .cli import dataclass_from_args
+    """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores table."""
+    from ..pipeline.cli import dataclass_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)

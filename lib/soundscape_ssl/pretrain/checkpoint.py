@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .provenance import git_state, to_jsonable
+from .. import __version__
+from ..core.provenance import git_state, to_jsonable
 from .models import BackboneConfig, SpectrogramViT, build_backbone
 
 CHECKPOINT_NAME = "checkpoint.pth"

@@ -13,7 +13,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .spectrogram import SpectrogramConfig
+from ..tiles.spectrogram import SpectrogramConfig
 from .tile_plots import draw_tile
 
 MAX_LEGEND_ENTRIES = 20

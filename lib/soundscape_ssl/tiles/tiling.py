@@ -2,8 +2,8 @@
 
 Run as a plain process, or on many processes and nodes under torchrun::
 
-    python -m soundscape_ssl.tiling --inventory runs/R/inventory/files.parquet --out runs/R/tiles
-    torchrun --nproc-per-node 8 -m soundscape_ssl.tiling --inventory ... --out ... --device cuda
+    python -m soundscape_ssl.tiles.tiling --inventory runs/R/inventory/files.parquet --out runs/R/tiles
+    torchrun --nproc-per-node 8 -m soundscape_ssl.tiles.tiling --inventory ... --out ... --device cuda
 
 Design (why it is safe to kill, rerun and scale):
 
@@ -71,9 +71,9 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-from .provenance import write_config_json
+from ..core.provenance import write_config_json
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
-from .tiles import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
+from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
                     UNIT_INDEX_SCHEMA, UNITS_DIR, shard_path, unit_index_path, unit_skipped_path)
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
     """Sort the files, count each one's whole tiles and pack them into work units."""
     missing = [column for column in REQUIRED_COLUMNS if column not in files.columns]
     if missing:
-        raise ValueError(f"files table lacks columns {missing} (see soundscape_ssl.archive)")
+        raise ValueError(f"files table lacks columns {missing} (see soundscape_ssl.recordings.archive)")
     n_rows = len(files)
 
     def text_column(name: str) -> list[str | None]:
@@ -1090,13 +1090,13 @@ def _read_inventory(path: Path) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m soundscape_ssl.tiling`: tile an inventory (this rank's share) into a store."""
+    """`python -m soundscape_ssl.tiles.tiling`: tile an inventory (this rank's share) into a store."""
     parser = argparse.ArgumentParser(
-        prog="python -m soundscape_ssl.tiling",
+        prog="python -m soundscape_ssl.tiles.tiling",
         description="Tile an inventory into a log-mel tile store (resumable; run under torchrun "
                     "to shard across processes and nodes).")
     parser.add_argument("--inventory", type=Path,
-                        help="files.parquet of soundscape_ssl.archive (or its folder, or a CSV)")
+                        help="files.parquet of soundscape_ssl.recordings.archive (or its folder, or a CSV)")
     parser.add_argument("--out", type=Path, required=True, help="tile store folder")
     parser.add_argument("--device", default="cpu",
                         help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")

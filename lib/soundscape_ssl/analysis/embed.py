@@ -94,15 +94,15 @@ import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .archive import DEFAULT_EXTENSIONS, list_audio_files
-from .checkpoint import load_backbone
-from .models import SpectrogramViT
-from .provenance import to_jsonable, write_config_json
-from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
-from .tiles import TileStore, input_normalization, normalize_tiles
+from .. import __version__
+from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
+from ..pretrain.checkpoint import load_backbone
+from ..pretrain.models import SpectrogramViT
+from ..core.provenance import to_jsonable, write_config_json
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
+from ..tiles.store import TileStore, input_normalization, normalize_tiles
 # The tiling stage's rank, device and finalise-lock conventions, shared rather than re-implemented.
-from .tiling import finalize_lock, resolve_device, resolve_rank
+from ..tiles.tiling import finalize_lock, resolve_device, resolve_rank
 
 logger = logging.getLogger(__name__)
 
@@ -1109,7 +1109,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_dataclass_options
+    from ..pipeline.cli import add_dataclass_options
 
     parser = argparse.ArgumentParser(
         prog="soundscape-ssl embed",
@@ -1135,8 +1135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl embed` / `python -m soundscape_ssl.embed`; prints a JSON summary."""
-    from .cli import dataclass_from_args
+    """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary."""
+    from ..pipeline.cli import dataclass_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)

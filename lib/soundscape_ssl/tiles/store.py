@@ -1,6 +1,6 @@
 """The tile store: its on-disk layout and its readers (random access, sequential streaming).
 
-Layout of a store folder (written by `soundscape_ssl.tiling.tile_archive`)::
+Layout of a store folder (written by `soundscape_ssl.tiles.tiling.tile_archive`)::
 
     plan.json                       what is being built: configs, input fingerprint, unit count
     units/unit-000000.npy           float16 (n, n_mels, n_frames) log-mel tiles in dB, per unit
@@ -70,7 +70,7 @@ SKIPPED_SCHEMA = pa.schema([
     ("path", pa.string()),
     ("relpath", pa.string()),
     ("recorder", pa.string()),
-    ("reason", pa.string()),       # machine-readable code, see soundscape_ssl.tiling.SKIP_REASONS
+    ("reason", pa.string()),       # machine-readable code, see soundscape_ssl.tiles.tiling.SKIP_REASONS
     ("detail", pa.string()),       # human-readable message
     ("offset_s", pa.float64()),    # start of the first lost tile; NaN when the file gave no tile
     ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files shorter than a tile)
@@ -99,7 +99,7 @@ def read_store_metadata(store_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {store_dir} is not a finished tile store (run the tiling to the "
-            "end, or `python -m soundscape_ssl.tiling --finalize-only --out STORE`)")
+            "end, or `python -m soundscape_ssl.tiles.tiling --finalize-only --out STORE`)")
     metadata = json.loads(path.read_text())
     if metadata.get("stage") != STAGE:
         raise ValueError(f"{path} belongs to stage {metadata.get('stage')!r}, not {STAGE!r}")

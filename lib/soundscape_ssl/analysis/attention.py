@@ -60,11 +60,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
-from .groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
-from .models import SpectrogramViT
-from .provenance import reject_unknown_fields, write_config_json
-from .spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
-from .tiles import normalize_tiles
+from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
+from ..pretrain.models import SpectrogramViT
+from ..core.provenance import reject_unknown_fields, write_config_json
+from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
+from ..tiles.store import normalize_tiles
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Analysis of a trained backbone: embeddings, clusters, baselines, metrics, attention heads, BirdNET,
+validation on labelled recordings."""

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: the ViT backbone, DINO / MAE / VICReg, the training loop, checkpoints, launch."""

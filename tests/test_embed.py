@@ -124,7 +124,7 @@ def one_tile_embeddings(checkpoint: Path, tiles: torch.Tensor) -> tuple[np.ndarr
     model, _ = load_backbone(checkpoint)
     with torch.inference_mode():
         pooled = [model.embed(tile[None]) for tile in tiles]
-    return (torch.cat([p.mean_patch for p in pooled]).numpy(),
+    return (torch.cat([p.mean for p in pooled]).numpy(),
             torch.cat([p.cls for p in pooled]).numpy())
 
 

@@ -9,11 +9,13 @@ from timm.models.vision_transformer import VisionTransformer
 from soundscape_ssl.pretrain.models import (
     ARCHITECTURES,
     BackboneConfig,
+    PooledEmbeddings,
     SpectrogramViT,
     build_backbone,
     patchify,
     unpatchify,
 )
+from soundscape_ssl.pretrain.pooling import POOLINGS
 
 
 
@@ -118,8 +120,11 @@ def test_pooled_embeddings(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> N
     tokens = tiny_model.forward_features(tiles)
     pooled = tiny_model.embed(tiles)
     torch.testing.assert_close(pooled.cls, tiny_model(tiles))
-    torch.testing.assert_close(pooled.mean_patch, tokens[:, 1:].mean(dim=1))
-    assert not torch.allclose(pooled.cls, pooled.mean_patch)
+    torch.testing.assert_close(pooled.mean, tokens[:, 1:].mean(dim=1))
+    assert not torch.allclose(pooled.cls, pooled.mean)
+    # One definition of the pooling names: the tuple's fields are they, in their order.
+    assert PooledEmbeddings._fields == POOLINGS
+    assert [getattr(pooled, name).shape[1] for name in POOLINGS] == [64, 64, tiny_model.band_dim]
 
 
 def test_band_pooling_keeps_each_frequency_row(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:
@@ -133,7 +138,7 @@ def test_band_pooling_keeps_each_frequency_row(tiny_model: SpectrogramViT, tiles
         expected = tokens[:, 1 + row * columns:1 + (row + 1) * columns].mean(dim=1)
         torch.testing.assert_close(band[:, row * 64:(row + 1) * 64], expected)
     # The mean of the rows is the mean over all patches; a time crop keeps every row.
-    torch.testing.assert_close(band.reshape(3, rows, 64).mean(dim=1), tiny_model.embed(tiles).mean_patch)
+    torch.testing.assert_close(band.reshape(3, rows, 64).mean(dim=1), tiny_model.embed(tiles).mean)
     assert tiny_model.embed(tiles[..., :32]).band.shape == (3, rows * 64)
 
 

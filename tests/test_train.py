@@ -296,7 +296,7 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(tmp_path: Path) ->
     json.dumps(meta)  # metadata is plain JSON: no pickled objects, no numpy
     assert meta["step"] == 3 and "model" not in meta and "optimizer" not in meta
     embeddings = model.embed(torch.randn(2, 1, 32, 64))
-    assert embeddings.cls.shape == embeddings.mean_patch.shape == (2, 64)
+    assert embeddings.cls.shape == embeddings.mean.shape == (2, 64)
 
     config_json = json.loads((tmp_path / "config.json").read_text())
     assert config_json["stage"] == "pretrain" and config_json["derived"]["peak_lr"] == pytest.approx(1e-3 * 8 / 256)

@@ -98,6 +98,7 @@ from .. import __version__
 from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
+from ..pretrain.pooling import parse_poolings
 from ..core.provenance import to_jsonable, write_config_json
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
@@ -108,8 +109,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "embed"
 AUDIO_STAGE = "embed_audio"
-POOLINGS = ("mean", "cls", "band")   # in the order they are concatenated in chunk files
-POOLING_ALIASES = {"both": ("mean", "cls"), "all": POOLINGS}
 PRECISIONS = ("auto", "bf16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
 NORMALIZATIONS = ("checkpoint", "store")
@@ -159,21 +158,6 @@ class EmbedConfig:
     def poolings(self) -> tuple[str, ...]:
         """The poolings computed, in POOLINGS order."""
         return parse_poolings(self.pooling)
-
-
-def parse_poolings(pooling: str) -> tuple[str, ...]:
-    """"mean", "both", "all" or a comma list ("mean,band") -> the poolings, in POOLINGS order."""
-    names: set[str] = set()
-    for part in str(pooling).split(","):
-        part = part.strip()
-        if part in POOLING_ALIASES:
-            names.update(POOLING_ALIASES[part])
-        elif part in POOLINGS:
-            names.add(part)
-        else:
-            raise ValueError(f"pooling must be one of {POOLINGS}, an alias in "
-                             f"{sorted(POOLING_ALIASES)} or a comma list of them, got {pooling!r}")
-    return tuple(name for name in POOLINGS if name in names)
 
 
 def pooling_dims(model: SpectrogramViT, poolings: Sequence[str]) -> dict[str, int]:
@@ -249,8 +233,7 @@ class TileEmbedder:
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with autocast:
             pooled = self.model.embed(tiles)
-        by_name = {"mean": pooled.mean_patch, "cls": pooled.cls, "band": pooled.band}
-        return torch.cat([by_name[name].float() for name in self.poolings], dim=1)
+        return torch.cat([getattr(pooled, name).float() for name in self.poolings], dim=1)
 
     @torch.inference_mode()
     def __call__(self, tiles_db: torch.Tensor) -> torch.Tensor:
@@ -1004,7 +987,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                       show_progress: bool = True) -> AudioEmbedSummary:
     """Embed every span of the given audio files (or of the audio under given folders).
 
-    `out_path` (EMB.npy) receives the (n_rows, width) array of the first pooling (in POOLINGS
+    `out_path` (EMB.npy) receives the (n_rows, width) array of the first pooling (in `pooling.POOLINGS`
     order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
     (with pooling="both" the class tokens to EMB.cls.npy). EMB.csv names the file and offset of
     each row; EMB.skipped.csv lists what gave no row and why; EMB.json records the checkpoint

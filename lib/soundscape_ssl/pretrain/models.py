@@ -83,10 +83,11 @@ class BackboneConfig:
 
 
 class PooledEmbeddings(NamedTuple):
-    """Tile-level embeddings from the final (layer-normed) tokens."""
+    """Tile-level embeddings from the final (layer-normed) tokens, one field per name of
+    `pooling.POOLINGS`, in that order: `getattr(pooled, name)` is the pooling called `name`."""
 
+    mean: torch.Tensor  # (batch, embed_dim) the mean over patch tokens (did better than CLS for MAE)
     cls: torch.Tensor  # (batch, embed_dim) the class token
-    mean_patch: torch.Tensor  # (batch, embed_dim) the mean over patch tokens (did better than CLS for MAE)
     # (batch, frequency rows * embed_dim): the mean over time of each frequency row of patch
     # tokens, rows concatenated from low to high frequency. Keeps *where in frequency* the content
     # lies, which a mean over all patches blurs and which separates congeneric species.
@@ -204,7 +205,7 @@ class SpectrogramViT(VisionTransformer):
         batch, n_patches, dim = patches.shape
         rows = self.patch_grid_hw[0]
         band = patches.reshape(batch, rows, n_patches // rows, dim).mean(dim=2).flatten(1)
-        return PooledEmbeddings(cls=tokens[:, 0], mean_patch=patches.mean(dim=1), band=band)
+        return PooledEmbeddings(mean=patches.mean(dim=1), cls=tokens[:, 0], band=band)
 
     @property
     def band_dim(self) -> int:

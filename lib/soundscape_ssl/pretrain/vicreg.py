@@ -21,8 +21,7 @@ from torch import nn
 
 from .augment import AugmentConfig, Normalization, augmented_views, spec_augment
 from .models import BackboneConfig, MethodOutput, SpectrogramViT, SSLMethod, build_backbone
-
-POOLINGS = ("cls", "mean", "band")
+from .pooling import POOLINGS
 
 
 @dataclasses.dataclass
@@ -120,7 +119,7 @@ class VicregMethod(SSLMethod):
     def _represent(self, views: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(views)
         pooled = self.backbone.pooled(tokens)
-        return {"cls": pooled.cls, "mean": pooled.mean_patch, "band": pooled.band}[self.config.pooling]
+        return getattr(pooled, self.config.pooling)
 
     def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
         views = augmented_views(tiles, 2, self.config.crop_frames, self.augment, self.normalization, generator)

@@ -415,6 +415,19 @@ def test_band_background_removal_keeps_only_what_rises_above_each_bands_median()
     torch.testing.assert_close(remove_band_background(tiles + torch.tensor([[[7.0], [-3.0], [12.0]]])), expected)
 
 
+def test_band_median_is_the_lower_median_for_numpy_and_torch() -> None:
+    from soundscape_ssl.tiles.store import band_median
+
+    # An even number of frames: the lower of the two middle values (3 of 1, 3, 5, 9), not their mean.
+    band = np.array([[1.0, 5.0, 3.0, 9.0]], dtype=np.float32)
+    np.testing.assert_array_equal(band_median(band), [[3.0]])
+    tiles = np.random.default_rng(1).normal(-60.0, 9.0, size=(3, 16, 256)).astype(np.float16)
+    lower = np.sort(tiles.astype(np.float32), axis=-1)[..., 127:128]
+    np.testing.assert_array_equal(band_median(tiles), lower)
+    torch.testing.assert_close(band_median(torch.from_numpy(tiles.astype(np.float32))), torch.from_numpy(lower))
+    assert band_median(tiles).dtype == np.float32
+
+
 def test_normalize_tiles_applies_the_recorded_background_removal() -> None:
     from soundscape_ssl.tiles.store import input_normalization, normalize_tiles
 

@@ -64,7 +64,7 @@ from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_ove
 from ..pretrain.models import SpectrogramViT
 from ..core.provenance import reject_unknown_fields, write_config_json
 from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
-from ..tiles.store import normalize_tiles
+from ..tiles.store import band_median, normalize_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +245,10 @@ def patch_means(cells: np.ndarray, patch_size: int) -> np.ndarray:
 # --- The energy baseline ---------------------------------------------------------------------
 
 def band_median_excess_db(tiles_db: np.ndarray) -> np.ndarray:
-    """dB above each mel band's median over the tile's frames: (..., n_mels, n_frames) float32."""
+    """dB above each mel band's median over the tile's frames (`store.band_median`, the lower
+    median the model's background removal uses): (..., n_mels, n_frames) float32."""
     tiles_db = np.asarray(tiles_db, dtype=np.float32)  # float16 store tiles: compute in float32
-    return tiles_db - np.median(tiles_db, axis=-1, keepdims=True)
+    return tiles_db - band_median(tiles_db)
 
 
 def energy_threshold_mask(tiles_db: np.ndarray, patch_size: int, margin_db: float = 10.0,

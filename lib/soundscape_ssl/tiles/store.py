@@ -25,7 +25,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -196,12 +196,31 @@ class TileStore:
         return state
 
 
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
+
 # What `normalize_tiles` does after (x - mean) / std; recorded in every checkpoint's normalisation.
 BACKGROUND_REMOVALS = ("none", "band_median")
 
 
+def band_median(tiles: ArrayOrTensor) -> ArrayOrTensor:
+    """Each mel band's median over the tile's frames: (..., n_mels, n_frames) -> (..., n_mels, 1).
+
+    The one definition of "band median" in the project, used by the model's background removal
+    (`remove_band_background`) and by the attention notebook's energy baseline. It is the *lower*
+    median: for an even number of frames (256 per tile) the smaller of the two middle values,
+    which is what `torch.median` returns. Chosen because training already defines the model's
+    input with it (so every trained checkpoint's input is unchanged), and because it is a level
+    that occurs in the band, not a value between two cells. A numpy array is answered as a
+    float32 numpy array, computed by the same torch call.
+    """
+    if isinstance(tiles, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        return tensor.median(dim=-1, keepdim=True).values.numpy()
+    return tiles.median(dim=-1, keepdim=True).values
+
+
 def remove_band_background(tiles: torch.Tensor) -> torch.Tensor:
-    """Keep only what rises above each mel band's median over the tile, floored at 0.
+    """Keep only what rises above each mel band's median over the tile (`band_median`), floored at 0.
 
     (..., n_mels, n_frames) -> same shape. The median of a band over a 3 s tile is its stationary
     background (noise floor, wind, a distant chorus); calls are short and sit above it. Removing it
@@ -210,7 +229,7 @@ def remove_band_background(tiles: torch.Tensor) -> torch.Tensor:
     background and organise the map by level (see notebook 04). Scale-free: the same on dB or on
     normalised values, since the median commutes with an increasing affine map.
     """
-    return (tiles - tiles.median(dim=-1, keepdim=True).values).clamp_min(0.0)
+    return (tiles - band_median(tiles)).clamp_min(0.0)
 
 
 def input_normalization(statistics: Mapping[str, Any], background: str | None = None) -> dict[str, Any]:

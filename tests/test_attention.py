@@ -27,14 +27,13 @@ from soundscape_ssl.analysis.attention import (
     mask_scores,
     patch_means,
     patch_loudness_db,
-    plot_head_maps,
-    plot_mask_overlays,
     rank_heads,
     save_attention_products,
     score_model_attention,
     score_tiles,
     upsample_to_tile,
 )
+from soundscape_ssl.report.attention_plots import plot_head_maps, plot_mask_overlays
 from soundscape_ssl.report.figures import save_figure
 from soundscape_ssl.pretrain.models import BackboneConfig, SpectrogramViT, build_backbone
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from soundscape_ssl.report import tile_plots
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
@@ -54,3 +55,28 @@ def test_level_categories_from_statistics() -> None:
                           "spectral_flatness": [0.5, 0.01, 0.2, 0.3, 0.4, 0.9]})
     categories = tile_plots.level_categories(index, near_silent_rms_dbfs=-60)
     assert categories.tolist() == ["near-silent", "tonal", "other", "other", "other", "broadband noise"]
+
+
+def test_draw_tile_puts_time_in_seconds_and_overlays_in_the_same_coordinates() -> None:
+    from matplotlib.figure import Figure
+
+    from soundscape_ssl.tiles.spectrogram import hz_to_mel_bin
+
+    config = SpectrogramConfig()  # 3 s, 256 frames of 375 samples at 32 kHz
+    axes = Figure().subplots()
+    tile = np.random.default_rng(0).normal(-60, 10, (128, 256))
+    tile_plots.draw_tile(axes, tile, config, cmap="Greys")
+    frame_s = 375 / 32000
+    assert tile_plots.tile_extent(config) == pytest.approx((-0.5 * frame_s, 255.5 * frame_s, -0.5, 127.5))
+    assert axes.get_xlim() == pytest.approx((-0.5 * frame_s, 255.5 * frame_s))
+    assert axes.get_xlabel() == "time (s)" and axes.get_ylabel() == "frequency (kHz)"
+    # A 1 s long box from 2 to 4 kHz: drawn from x = 1 s, between the mel positions of its edges.
+    boxes = pd.DataFrame({"start_s": [1.0, 0.0], "end_s": [2.0, 0.5], "f_low_hz": [2000.0, 500.0],
+                          "f_high_hz": [4000.0, 800.0], "foreground": [True, False]})
+    tile_plots.draw_event_boxes(axes, boxes, config)
+    bird, other = axes.patches
+    assert bird.get_x() == 1.0 and bird.get_width() == 1.0
+    assert (bird.get_y(), bird.get_y() + bird.get_height()) == pytest.approx(tuple(hz_to_mel_bin([2000.0, 4000.0], config)))
+    assert bird.get_linestyle() == "-" and other.get_linestyle() == "--"
+    tile_plots.draw_cells(axes, np.zeros((128, 256)), config, alpha=0.5)
+    assert axes.images[-1].get_extent() == pytest.approx(list(tile_plots.tile_extent(config)))

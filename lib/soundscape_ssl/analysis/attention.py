@@ -56,14 +56,12 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
 from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from ..pretrain.models import SpectrogramViT
 from ..core.provenance import reject_unknown_fields, write_config_json
-from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, hz_to_mel_bin, mel_bin_centres_hz
+from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, mel_bin_centres_hz
 from ..tiles.store import band_median, normalize_tiles
 
 logger = logging.getLogger(__name__)
@@ -76,8 +74,6 @@ ENERGY_SOURCE = "energy"  # `source` of the baseline's rows in the scores table
 # A share counts as reaching a target when it is within this of it: float sums of equal weights
 # (0.1 six times) must not need a seventh patch for 60%.
 _SHARE_TOLERANCE = 1e-9
-# Frequencies labelled on spectrogram axes (those inside the tile's band are used).
-_AXIS_FREQUENCIES_HZ = (100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0)
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
@@ -613,119 +609,3 @@ def save_attention_products(out_dir: str | os.PathLike, scores: pd.DataFrame, ra
     ranking.to_csv(out_dir / RANKING_FILE, index=False)
     write_config_json(out_dir, STAGE, config.to_dict(), n_tiles=int(scores["tile"].nunique()), **extra)
     return out_dir
-
-
-# --- Figures ---------------------------------------------------------------------------------
-
-def _spectrogram_axes(axes: Any, tile_db: np.ndarray, config: SpectrogramConfig, label_axes: bool) -> None:
-    """Grey log-mel spectrogram in cell coordinates (mel bin up, frame right), seconds and Hz ticks."""
-    tile_db = tile_db.astype(np.float32)
-    # Contrast from the tile's own levels (loud = dark), so quiet tiles are still readable.
-    low_db, high_db = np.percentile(tile_db, [2.0, 99.5])
-    axes.imshow(tile_db, origin="lower", aspect="auto", cmap="Greys", vmin=low_db, vmax=max(high_db, low_db + 1.0),
-                interpolation="nearest")
-    frame_step_s = config.hop_length / config.sample_rate_hz
-    seconds = np.arange(0.0, config.tile_s + 1e-9, 1.0 if config.tile_s >= 2 else 0.5)
-    axes.set_xticks(seconds / frame_step_s)
-    axes.set_xticklabels([f"{s:g}" for s in seconds] if label_axes else [])
-    inside = [f for f in _AXIS_FREQUENCIES_HZ if config.f_min_hz <= f <= config.f_max_hz]
-    axes.set_yticks(hz_to_mel_bin(inside, config))
-    axes.set_yticklabels([f"{f / 1000:g}k" if f >= 1000 else f"{f:g}" for f in inside] if label_axes else [])
-    axes.set_xlim(-0.5, tile_db.shape[1] - 0.5)
-    axes.set_ylim(-0.5, tile_db.shape[0] - 0.5)
-    axes.tick_params(labelsize=6, length=2)
-
-
-def _draw_boxes(axes: Any, boxes: pd.DataFrame | None, config: SpectrogramConfig) -> None:
-    """Event boxes as rectangles in cell coordinates: foreground solid cyan, other events dashed white."""
-    if boxes is None or boxes.empty:
-        return
-    frame_step_s = config.hop_length / config.sample_rate_hz
-    foreground = boxes["foreground"] if "foreground" in boxes.columns else pd.Series(True, index=boxes.index)
-    for (start_s, end_s, f_low_hz, f_high_hz), is_foreground in zip(
-            boxes[["start_s", "end_s", "f_low_hz", "f_high_hz"]].itertuples(index=False), foreground):
-        low, high = hz_to_mel_bin([f_low_hz, f_high_hz], config)
-        axes.add_patch(Rectangle((start_s / frame_step_s, low), (end_s - start_s) / frame_step_s, high - low,
-                                 fill=False, linewidth=0.9 if is_foreground else 0.6,
-                                 edgecolor="cyan" if is_foreground else "white",
-                                 linestyle="-" if is_foreground else "--"))
-
-
-def _tile_boxes(boxes: pd.DataFrame | None, tile: int) -> pd.DataFrame | None:
-    return None if boxes is None else boxes[boxes["tile"] == tile]
-
-
-def plot_head_maps(tiles_db: np.ndarray, head_maps: np.ndarray | torch.Tensor, spectrogram_config: SpectrogramConfig,
-                   boxes: pd.DataFrame | None = None, tile_titles: Sequence[str] | None = None,
-                   heads: Sequence[int] | None = None, upsample: str = "nearest",
-                   panel_size_in: tuple[float, float] = (2.0, 1.2)) -> Figure:
-    """Tiles x heads grid: each tile's spectrogram, then every head's attention map over it.
-
-    `tiles_db` (N, n_mels, n_frames) in dB; `head_maps` (N, heads, rows, columns); `boxes` as
-    `TileTruth.boxes` (tile = position in these N tiles), drawn on every panel (foreground
-    solid cyan, other events dashed white). Maps are shown relative to each map's maximum.
-    """
-    tiles_db = np.asarray(tiles_db)
-    head_maps = _as_numpy(head_maps)
-    n_tiles = len(tiles_db)
-    heads = list(range(head_maps.shape[1])) if heads is None else list(heads)
-    if head_maps.shape[0] != n_tiles:
-        raise ValueError(f"{n_tiles} tiles but maps for {head_maps.shape[0]}")
-    columns = 1 + len(heads)
-    figure = Figure(figsize=(panel_size_in[0] * columns, panel_size_in[1] * n_tiles + 0.4), layout="constrained")
-    grid = figure.subplots(n_tiles, columns, squeeze=False)
-    for tile in range(n_tiles):
-        tile_boxes = _tile_boxes(boxes, tile)
-        for column in range(columns):
-            axes = grid[tile, column]
-            _spectrogram_axes(axes, tiles_db[tile], spectrogram_config,
-                              label_axes=column == 0 and tile == n_tiles - 1)
-            if column > 0:
-                head_map = head_maps[tile, heads[column - 1]]
-                shown = upsample_to_tile(head_map / max(float(head_map.max()), 1e-12), tiles_db.shape[-2:], upsample)
-                axes.imshow(shown, origin="lower", aspect="auto", cmap="inferno", alpha=0.65, vmin=0.0, vmax=1.0,
-                            interpolation="nearest")
-            _draw_boxes(axes, tile_boxes, spectrogram_config)
-            if tile == 0:
-                axes.set_title("spectrogram" if column == 0 else f"head {heads[column - 1]}", fontsize=8)
-        if tile_titles is not None:
-            grid[tile, 0].set_ylabel(str(tile_titles[tile]), fontsize=6)
-    figure.supxlabel("time (s)", fontsize=8)
-    figure.supylabel("frequency (Hz, mel scale)", fontsize=8)
-    return figure
-
-
-def plot_mask_overlays(tiles_db: np.ndarray, masks: np.ndarray | torch.Tensor, spectrogram_config: SpectrogramConfig,
-                       boxes: pd.DataFrame | None = None, source_names: Sequence[str] | None = None,
-                       tile_titles: Sequence[str] | None = None,
-                       panel_size_in: tuple[float, float] = (2.0, 1.2)) -> Figure:
-    """Tiles x sources grid of patch masks (translucent orange) over the spectrogram, with the event boxes.
-
-    `masks` (N, sources, rows, columns) bool, e.g. `attention_mass_mask` of head maps with the
-    energy baseline's mask appended; `source_names` titles the columns.
-    """
-    tiles_db = np.asarray(tiles_db)
-    masks = _as_numpy(masks).astype(bool)
-    n_tiles, n_sources = masks.shape[:2]
-    if len(tiles_db) != n_tiles:
-        raise ValueError(f"{len(tiles_db)} tiles but masks for {n_tiles}")
-    names = [f"source {s}" for s in range(n_sources)] if source_names is None else list(source_names)
-    figure = Figure(figsize=(panel_size_in[0] * n_sources, panel_size_in[1] * n_tiles + 0.4), layout="constrained")
-    grid = figure.subplots(n_tiles, n_sources, squeeze=False)
-    overlay_rgba = np.array([1.0, 0.55, 0.0, 0.45])  # orange: distinct from the cyan truth boxes
-    for tile in range(n_tiles):
-        tile_boxes = _tile_boxes(boxes, tile)
-        for source in range(n_sources):
-            axes = grid[tile, source]
-            _spectrogram_axes(axes, tiles_db[tile], spectrogram_config,
-                              label_axes=source == 0 and tile == n_tiles - 1)
-            cells = upsample_to_tile(masks[tile, source], tiles_db.shape[-2:], "nearest")
-            axes.imshow(cells[..., None] * overlay_rgba, origin="lower", aspect="auto", interpolation="nearest")
-            _draw_boxes(axes, tile_boxes, spectrogram_config)
-            if tile == 0:
-                axes.set_title(names[source], fontsize=8)
-        if tile_titles is not None:
-            grid[tile, 0].set_ylabel(str(tile_titles[tile]), fontsize=6)
-    figure.supxlabel("time (s)", fontsize=8)
-    figure.supylabel("frequency (Hz, mel scale)", fontsize=8)
-    return figure

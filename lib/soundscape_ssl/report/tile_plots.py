@@ -1,39 +1,52 @@
 """Drawing log-mel tiles for people: galleries with time and frequency axes, tile statistics.
 
 Figures are `matplotlib.figure.Figure` objects (no pyplot state), saved by the caller with
-`soundscape_ssl.report.figures.save_figure`. The frequency axis is labelled in kHz at the mel bands'
-real centre frequencies, so a 4 kHz call reads as 4 kHz on every tile.
+`soundscape_ssl.report.figures.save_figure`. `draw_tile` is the one spectrogram panel of the project:
+time in seconds, and frequency labelled in kHz at the mel bands' real centre frequencies, so a
+4 kHz call reads as 4 kHz on every tile; maps, masks and event boxes are drawn over it in the
+same coordinates (`draw_cells`, `draw_event_boxes`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from ..tiles.spectrogram import SpectrogramConfig, mel_bin_centres_hz
+from ..tiles.spectrogram import SpectrogramConfig, hz_to_mel_bin, mel_bin_centres_hz
 
 FREQUENCY_TICKS_KHZ = (0.5, 1, 2, 4, 8, 12)
 
 
+def tile_extent(config: SpectrogramConfig) -> tuple[float, float, float, float]:
+    """(left, right, bottom, top) of a tile drawn by `draw_tile`: time in seconds, so that frame
+    j's centre lies at j * hop / sample rate, and frequency in mel-bin units, so that bin m's
+    centre lies at m (`spectrogram.hz_to_mel_bin` places any frequency on that axis)."""
+    frame_s = config.hop_length / config.sample_rate_hz
+    return (-0.5 * frame_s, (config.n_frames - 0.5) * frame_s, -0.5, config.n_mels - 0.5)
+
+
 def draw_tile(axes: Axes, tile_db: np.ndarray, config: SpectrogramConfig, title: str | None = None,
-              dynamic_range_db: float = 80.0, label_axes: bool = True) -> None:
-    """One log-mel tile (n_mels x n_frames, dB) with time in s and frequency in kHz.
+              dynamic_range_db: float = 80.0, label_axes: bool = True, cmap: str = "magma") -> None:
+    """One log-mel tile (n_mels x n_frames, dB) with time in s and frequency in kHz: the one
+    spectrogram panel of every figure (galleries, attention maps, masks).
 
     The colour scale spans `dynamic_range_db` below the tile's maximum, so a quiet tile shows its
-    own structure instead of a uniform dark square.
+    own structure instead of a uniform dark square. Overlays go on top with `draw_cells` (maps,
+    masks) and `draw_event_boxes` (time-frequency boxes), in the same coordinates. `label_axes`
+    False keeps the ticks but drops their labels and the axis titles (for inner panels of a grid).
     """
     tile_db = np.asarray(tile_db, dtype=np.float32)
     top = float(tile_db.max())
-    duration_s = config.n_frames * config.hop_length / config.sample_rate_hz
-    axes.imshow(tile_db, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
-                vmin=top - dynamic_range_db, vmax=top, extent=(0.0, duration_s, -0.5, config.n_mels - 0.5))
+    axes.imshow(tile_db, origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
+                vmin=top - dynamic_range_db, vmax=top, extent=tile_extent(config))
     centres_hz = mel_bin_centres_hz(config)
     ticks = [khz for khz in FREQUENCY_TICKS_KHZ if centres_hz[0] <= khz * 1000 <= centres_hz[-1]]
-    axes.set_yticks(np.interp([khz * 1000 for khz in ticks], centres_hz, np.arange(config.n_mels)),
+    axes.set_yticks(hz_to_mel_bin([khz * 1000 for khz in ticks], config),
                     labels=[f"{khz:g}" for khz in ticks] if label_axes else [])
     if label_axes:
         axes.set_xlabel("time (s)")
@@ -42,6 +55,28 @@ def draw_tile(axes: Axes, tile_db: np.ndarray, config: SpectrogramConfig, title:
         axes.set_xticklabels([])
     if title:
         axes.set_title(title, fontsize=8)
+
+
+def draw_cells(axes: Axes, cells: np.ndarray, config: SpectrogramConfig, **imshow_options: Any) -> None:
+    """An (n_mels, n_frames) array, or RGBA (n_mels, n_frames, 4), over a tile drawn by `draw_tile`."""
+    axes.imshow(cells, origin="lower", aspect="auto", interpolation="nearest", extent=tile_extent(config),
+                **imshow_options)
+
+
+def draw_event_boxes(axes: Axes, boxes: pd.DataFrame | None, config: SpectrogramConfig) -> None:
+    """Time-frequency boxes (start_s, end_s tile-relative; f_low_hz, f_high_hz) over a tile drawn by
+    `draw_tile`: those with `foreground` True (all, without the column) solid cyan, the others
+    dashed white."""
+    if boxes is None or boxes.empty:
+        return
+    foreground = boxes["foreground"] if "foreground" in boxes.columns else pd.Series(True, index=boxes.index)
+    for (start_s, end_s, f_low_hz, f_high_hz), is_foreground in zip(
+            boxes[["start_s", "end_s", "f_low_hz", "f_high_hz"]].itertuples(index=False), foreground):
+        low, high = hz_to_mel_bin([f_low_hz, f_high_hz], config)
+        axes.add_patch(Rectangle((start_s, low), end_s - start_s, high - low, fill=False,
+                                 linewidth=0.9 if is_foreground else 0.6,
+                                 edgecolor="cyan" if is_foreground else "white",
+                                 linestyle="-" if is_foreground else "--"))
 
 
 def plot_tile_gallery(tiles: Sequence[np.ndarray], titles: Sequence[str], config: SpectrogramConfig,

@@ -20,7 +20,9 @@ from soundscape_ssl.analysis.attention import (
     AttentionConfig,
     attention_mass_mask,
     best_patch_iou,
+    band_median_excess_db,
     box_masks_for_tiles,
+    choose_head_on_half,
     energy_maps,
     energy_threshold_mask,
     head_attention_maps,
@@ -31,7 +33,9 @@ from soundscape_ssl.analysis.attention import (
     save_attention_products,
     score_model_attention,
     score_tiles,
+    split_groups_in_halves,
     upsample_to_tile,
+    with_tile_groups,
 )
 from soundscape_ssl.report.attention_plots import plot_head_maps, plot_mask_overlays
 from soundscape_ssl.report.figures import save_figure
@@ -311,16 +315,88 @@ def test_rank_heads_means_intervals_and_background_check() -> None:
     best = ranking.iloc[0]
     assert best["n_tiles"] == 3 and best["mean_iou"] == pytest.approx(0.7)
     assert best["iou_se"] == pytest.approx(0.1 / np.sqrt(3))
-    assert 0.6 - 1e-9 <= best["iou_ci_low"] <= 0.7 <= best["iou_ci_high"] <= 0.8 + 1e-9
+    assert 0.6 - 1e-9 <= best["iou_interval_low"] <= 0.7 <= best["iou_interval_high"] <= 0.8 + 1e-9
+    assert best["interval_method"] == "percentile bootstrap over 3 tiles, 500 resamples"
     assert best["mean_iou_minus_energy_same_area"] == pytest.approx(0.2)
     assert best["mass_lift"] == pytest.approx(1.0)
     assert ranking.iloc[1]["background_mass_in_other"] == pytest.approx(0.9)
     assert ranking.iloc[1]["n_background_tiles"] == 1
     by_mass = rank_heads(scores, by="mass_in_foreground", n_bootstrap=0)
     assert by_mass["source"].tolist() == ["head_1", "head_0"]
-    assert by_mass["iou_ci_low"].isna().all()
+    assert by_mass["iou_interval_low"].isna().all()
+    # Resampling recorders, not tiles: tiles 0 and 2 share a recorder, so they are drawn together.
+    grouped = rank_heads(scores.assign(recorder=scores["tile"].map({0: "R1", 1: "R2", 2: "R1", 3: "R2"})),
+                         n_bootstrap=500, seed=0, group_column="recorder").iloc[0]
+    assert grouped["interval_method"] == "percentile bootstrap over 2 recorders, 500 resamples"
+    # Head 0's IoU: R1 holds tiles 0 and 2 (0.8, 0.7), R2 tile 1 (0.6); the resampled means are
+    # 0.75 (R1 twice), 0.7 (once each) or 0.6 (R2 twice), each extreme with probability 1/4.
+    assert (grouped["iou_interval_low"], grouped["iou_interval_high"]) == pytest.approx((0.6, 0.75))
     with pytest.raises(ValueError, match="lack columns"):
         rank_heads(scores.drop(columns="iou"))
+
+
+def _hand_scores(iou_by_head: dict[int, list[float]], recorders: list[str]) -> pd.DataFrame:
+    """A score_tiles-like table: one bird tile per recorder, heads with the given IoUs, and an
+    energy baseline at 0.45 everywhere."""
+    rows = []
+    for tile, recorder in enumerate(recorders):
+        sources = [(f"head_{h}", h, ious[tile]) for h, ious in iou_by_head.items()] + [(ENERGY_SOURCE, None, 0.45)]
+        for source, head, iou in sources:
+            rows.append({"tile": tile, "source": source, "head": head, "has_foreground": True, "iou": iou,
+                         "mass_in_foreground": iou / 2, "foreground_share": 0.1, "precision": 0.5, "recall": 0.5,
+                         "mask_share": 0.2, "iou_ceiling": 0.9,
+                         "energy_iou_same_area": np.nan if head is None else 0.4, "recorder": recorder})
+    frame = pd.DataFrame(rows)
+    frame["head"] = pd.array(frame["head"], dtype="Int64")
+    return frame
+
+
+def test_choosing_the_best_head_on_the_reported_tiles_is_optimistic_and_the_half_split_is_not() -> None:
+    # Three heads with the same mean IoU (0.5) over four recorders: no head is better. Chosen on
+    # recorders A and B, head 1 looks best there (0.8); on C and D, which took no part in the
+    # choice, it scores 0.2, below head 0's 0.5 and below the baseline's 0.45.
+    scores = _hand_scores({0: [0.5, 0.5, 0.5, 0.5], 1: [0.9, 0.7, 0.3, 0.1], 2: [0.4, 0.4, 0.6, 0.6]},
+                          ["A", "B", "C", "D"])
+    same_tiles = rank_heads(scores[scores["recorder"].isin(["A", "B"])], n_bootstrap=0)
+    assert same_tiles.iloc[0]["source"] == "head_1" and same_tiles.iloc[0]["mean_iou"] == pytest.approx(0.8)
+
+    choice = choose_head_on_half(scores, "recorder", choose_groups=["A", "B"], n_bootstrap=200)
+    assert (choice.head, choice.choose_groups, choice.report_groups) == (1, ["A", "B"], ["C", "D"])
+    assert choice.chosen_score_on_choosing_half == pytest.approx(0.8)
+    assert choice.reported["mean_iou"] == pytest.approx(0.2)
+    summary = choice.summary()
+    assert summary["best_head"] == 1 and summary["best_head_iou"] == pytest.approx(0.2)
+    assert summary["best_head_iou_on_choosing_half"] == pytest.approx(0.8)
+    assert summary["energy_iou"] == pytest.approx(0.45)
+    assert summary["heads_beating_energy"] == 2 and summary["n_heads"] == 3    # heads 0 and 2 on C, D
+    assert (summary["chosen_on"], summary["reported_on"], summary["split_by"]) == ("A, B", "C, D", "recorder")
+    assert summary["n_tiles_choosing"] == summary["n_tiles_reporting"] == 2
+    assert summary["interval_method"] == "percentile bootstrap over 2 recorders, 200 resamples"
+
+    # A seeded split: a partition of the groups, the same for the same seed.
+    choose, report = split_groups_in_halves(scores["recorder"], seed=3)
+    assert sorted(choose + report) == ["A", "B", "C", "D"] and len(choose) == len(report) == 2
+    assert split_groups_in_halves(scores["recorder"], seed=3) == (choose, report)
+    seeded = choose_head_on_half(scores, "recorder", seed=3, n_bootstrap=0)
+    assert seeded.choose_groups == choose
+    assert split_groups_in_halves(["A", "B", "C"], seed=0)[0].__len__() == 2
+    with pytest.raises(ValueError, match="at least 2"):
+        split_groups_in_halves(["A", "A"])
+    no_bird = scores.assign(has_foreground=scores["recorder"].isin(["A", "B"]))
+    with pytest.raises(ValueError, match="reporting half .* no tile with a foreground event"):
+        choose_head_on_half(no_bird, "recorder", choose_groups=["A", "B"])
+
+
+def test_with_tile_groups_and_the_band_median() -> None:
+    scores = pd.DataFrame({"tile": [0, 0, 1, 2], "source": ["head_0", ENERGY_SOURCE, "head_0", "head_0"]})
+    grouped = with_tile_groups(scores, "recorder", np.array(["R1", "R2", "R1"]))
+    assert grouped["recorder"].tolist() == ["R1", "R1", "R2", "R1"]
+    with pytest.raises(ValueError, match="groups are given for 2"):
+        with_tile_groups(scores, "recorder", ["R1", "R2"])
+    # The band median is the lower median (as the model's background removal): for the band
+    # [1, 5, 3, 9] it is 3, not numpy's 4 (the mean of the two middle values).
+    tile = np.array([[1.0, 5.0, 3.0, 9.0], [2.0, 2.0, 2.0, 2.0]], dtype=np.float16)
+    np.testing.assert_array_equal(band_median_excess_db(tile), [[-2.0, 2.0, 0.0, 6.0], [0.0, 0.0, 0.0, 0.0]])
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ even files start at 05:00, odd ones at 12:00. Files 0, 1, 4, 5 are species A in 
 in one tile: the threshold is inclusive) and below the threshold in tiles 2-3 ("none").
 So 24 of 32 tiles are confidently labelled (16 A, 8 B). Every output space puts its tiles in
 tight, far-apart blobs, so KMeans and the kNN votes are determined, and every expected value
-below is worked out by hand.
+below is worked out by hand. Two recorders are too few for folds grouped by recorder (the
+default for species, habitat and hour), so most tests group those tasks by file; one test checks
+that the default says so instead of scoring.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _spaces(index: pd.DataFrame, detections: pd.DataFrame) -> dict[str, np.ndarr
 
 def _config(**overrides) -> compare.CompareConfig:
     values = dict(confidence_threshold=0.5, cluster=ClusterConfig(n_clusters=3, seed=0),
-                  knn=KnnConfig(k=3, n_folds=4, n_bootstrap=200, seed=0),
+                  knn=KnnConfig(k=3, n_folds=4, n_bootstrap=200, seed=0), group_column="relpath",
                   min_labelled_tiles=5, n_top_clusters=2, min_cluster_tiles=1)
     values.update(overrides)
     return compare.CompareConfig(**values)
@@ -124,7 +126,8 @@ def test_a_space_that_separates_the_species_scores_perfectly(table):
     assert row["detection_rate_top_lift"] == pytest.approx(1 / 0.75)
     assert row["detection_top_tile_share"] == pytest.approx(0.75)
     assert row["knn_species_accuracy"] == pytest.approx(1.0)
-    assert row["knn_species_n_tiles"] == 24 and row["knn_species_n_files"] == 8
+    assert row["knn_species_n_tiles"] == 24 and row["knn_species_n_groups"] == 8
+    assert row["knn_species_grouping"] == "file"
     assert row["knn_species_majority_share"] == pytest.approx(16 / 24)
 
 
@@ -149,8 +152,10 @@ def test_knn_of_recorder_habitat_and_hour_are_exact_in_the_spaces_that_encode_th
     assert table.loc["hour", "knn_hour_n_classes"] == 2
     # every space is scored on the same tiles with the same tasks
     assert table["knn_recorder_n_tiles"].tolist() == [32] * 4
-    low, high = table.loc["recorder", ["knn_recorder_ci_low", "knn_recorder_ci_high"]]
+    low, high = table.loc["recorder", ["knn_recorder_interval_low", "knn_recorder_interval_high"]]
     assert low == pytest.approx(1.0) and high == pytest.approx(1.0)
+    assert table.loc["recorder", "knn_recorder_interval_method"] == (
+        "percentile bootstrap over 8 files, 200 resamples; fixed out-of-fold predictions")
 
 
 def test_folds_are_grouped_by_file_so_near_duplicates_never_leak():
@@ -161,7 +166,7 @@ def test_folds_are_grouped_by_file_so_near_duplicates_never_leak():
     index["timestamp"] = pd.Timestamp("2024-05-24") + pd.to_timedelta(
         index["tile_id"] // TILES_PER_FILE, unit="h")
     file_space = {"file": 10.0 * np.eye(N_FILES, dtype=np.float32)[index["tile_id"] // TILES_PER_FILE]}
-    config = _config(knn_tasks=("hour",), knn_min_files_per_class=1)
+    config = _config(knn_tasks=("hour",), knn_min_groups_per_class=1)
     row = compare.compare_output_spaces(file_space, index, detections, config).iloc[0]
     assert row["knn_hour_n_classes"] == 8
     assert row["knn_hour_accuracy"] == 0.0
@@ -169,6 +174,23 @@ def test_folds_are_grouped_by_file_so_near_duplicates_never_leak():
     row = compare.compare_output_spaces(file_space, index, detections, _config(knn_tasks=("hour",))).iloc[0]
     assert math.isnan(row["knn_hour_accuracy"])
     assert "kNN hour" in row["notes"]
+
+
+def test_by_default_species_habitat_and_hour_are_grouped_by_recorder_and_say_when_they_cannot_be():
+    # Two recorders cannot fill four folds grouped by recorder: NaN and a note naming the grouping,
+    # not a silent fallback to files. The recorder task is grouped by file and still scored.
+    index, detections = _archive()
+    row = compare.compare_output_spaces(_spaces(index, detections), index, detections,
+                                        _config(group_column="recorder")).set_index("output_space").loc["species"]
+    for task in ("species", "habitat", "hour"):
+        assert math.isnan(row[f"knn_{task}_accuracy"]) and row[f"knn_{task}_grouping"] == "recorder"
+    for task in ("species", "hour"):
+        assert f"kNN {task}: 2 recorder groups cannot fill 4 grouped folds" in row["notes"]
+    # each habitat is one recorder's: no habitat is heard in two recorder groups
+    assert "kNN habitat: 0 usable tiles (< 2) after leaving out 2 classes heard in fewer than 2 recorder" in row["notes"]
+    assert row["knn_recorder_grouping"] == "file" and row["knn_recorder_n_groups"] == 8
+    assert not math.isnan(row["knn_recorder_accuracy"])
+    assert compare.CompareConfig().group_column == "recorder"
 
 
 def test_no_confident_detection_gives_nan_and_notes_not_a_crash():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats
 
 from soundscape_ssl.analysis.metrics import (KnnConfig, cluster_purity_table, clustering_agreement,
-                                    contingency_table, detection_rate_per_cluster, grouped_folds,
-                                    knn_cross_validate, purity, score_output_space,
-                                    summarize_detection_rates)
+                                             contingency_table, detection_rate_per_cluster, grouped_folds,
+                                             knn_cross_validate, paired_against, purity, score_space,
+                                             score_spaces, spaces_table, summarize_detection_rates)
 
 # ------------------------------------------------------------------ clustering agreement
 
@@ -109,7 +108,7 @@ def separated_groups_with_one_mislabelled(seed: int = 0):
 def test_knn_accuracy_is_exactly_known_on_a_hand_made_example(stratified, metric):
     embeddings, labels, groups = separated_groups_with_one_mislabelled()
     config = KnnConfig(k=5, n_folds=5, metric=metric, stratified=stratified, n_bootstrap=2000)
-    result = knn_cross_validate(embeddings, labels, groups, config)
+    result = knn_cross_validate(embeddings, labels, groups, config, grouping="recording")
     # precondition of the exact answer: every training fold keeps >= 2 recordings of each class
     for train, _ in grouped_folds(labels, groups, 5, stratified, config.seed):
         for cls in "ab":
@@ -129,13 +128,19 @@ def test_knn_accuracy_is_exactly_known_on_a_hand_made_example(stratified, metric
     assert folds["n_test"].sum() == 82
     # t-interval of the fold accuracies, by hand
     half_width = stats.t.ppf(0.975, 4) * expected.std(ddof=1) / np.sqrt(5)
-    assert result.accuracy_ci_t == pytest.approx((expected.mean() - half_width, expected.mean() + half_width))
+    assert result.accuracy_fold_interval.bounds == pytest.approx((expected.mean() - half_width,
+                                                                  expected.mean() + half_width))
+    assert result.accuracy_fold_interval.method == "t-interval over 5 folds"
     # Bootstrap over the 9 recordings: only s, the number of draws of the stray one, matters,
     # accuracy = 10 (9 - s) / (10 (9 - s) + 2 s) with s ~ Binomial(9, 1/9). P(s >= 4) = 1.2 % and
     # P(s >= 3) = 6.9 % put the 2.5th percentile at s = 3; P(s = 0) = 35 % puts the 97.5th at 1.
-    assert result.accuracy_ci_bootstrap == pytest.approx((60 / 66, 1.0))
+    assert result.accuracy_interval.bounds == pytest.approx((60 / 66, 1.0))
+    assert result.accuracy_interval.method == ("percentile bootstrap over 9 recordings, 2000 resamples; "
+                                               "fixed out-of-fold predictions")
     row = result.summary()
     assert row["knn_accuracy"] == result.accuracy and row["knn_k"] == 5
+    assert row["knn_grouping"] == "recording" and row["knn_n_groups"] == 9
+    assert row["knn_interval_level"] == 0.95 and row["knn_accuracy_interval_low"] == pytest.approx(60 / 66)
 
 
 def test_grouped_folds_never_put_a_recording_on_both_sides():
@@ -161,16 +166,18 @@ def test_knn_perfectly_separable_data_gives_a_degenerate_interval():
     keep = groups != "stray.wav"
     result = knn_cross_validate(embeddings[keep], labels[keep], groups[keep], KnnConfig(k=3))
     assert result.accuracy == 1.0 and result.macro_f1 == 1.0
-    assert result.accuracy_ci_bootstrap == (1.0, 1.0)
-    assert result.accuracy_ci_t == (1.0, 1.0)
+    assert result.accuracy_interval.bounds == (1.0, 1.0)
+    assert result.accuracy_fold_interval.bounds == (1.0, 1.0)
+    no_bootstrap = knn_cross_validate(embeddings[keep], labels[keep], groups[keep], KnnConfig(k=3, n_bootstrap=0))
+    assert np.isnan(no_bootstrap.accuracy_interval.low) and "n_bootstrap = 0" in no_bootstrap.accuracy_interval.method
 
 
 def test_knn_edge_cases_give_clear_errors():
     embeddings, labels, groups = separated_groups_with_one_mislabelled()
     three_recordings = np.isin(groups, ["a0.wav", "b0.wav", "b1.wav"])
-    with pytest.raises(ValueError, match="3 distinct groups cannot fill 5 folds"):
+    with pytest.raises(ValueError, match="3 distinct groups cannot fill 5 folds when grouping by recorder"):
         knn_cross_validate(embeddings[three_recordings], labels[three_recordings],
-                           groups[three_recordings], KnnConfig(n_folds=5))
+                           groups[three_recordings], KnnConfig(n_folds=5), grouping="recorder")
     with pytest.raises(ValueError, match="at least 2 classes"):
         knn_cross_validate(embeddings[:40], labels[:40], groups[:40])
     broken = embeddings.copy()
@@ -183,18 +190,64 @@ def test_knn_edge_cases_give_clear_errors():
         KnnConfig(metric="manhattan")
 
 
-def test_score_output_space_makes_one_table_row():
+def individuals_shared_across_files(seed: int = 0):
+    """Four recorders, each with one individual of species a and one of b, heard in 3 files of
+    8 windows each. An individual's calls sit at its own random point (spread 1 per dimension)
+    plus a small species offset (0.4 in the first dimension) and noise of 0.05: individuals
+    differ far more than species do, as in the synthetic archive, where a recorder reuses its
+    individual birds in every file."""
+    rng = np.random.default_rng(seed)
+    embeddings, labels, files, recorders = [], [], [], []
+    for recorder in range(4):
+        for species, offset in (("a", 0.0), ("b", 0.4)):
+            individual = rng.normal(0.0, 1.0, 8) + np.eye(8)[0] * offset
+            for file in range(3):
+                embeddings.append(individual + rng.normal(0.0, 0.05, (8, 8)))
+                labels += [species] * 8
+                files += [f"R{recorder}/{species}{file}.wav"] * 8
+                recorders += [f"R{recorder}"] * 8
+    return np.concatenate(embeddings), np.array(labels), np.array(files), np.array(recorders)
+
+
+def test_grouping_by_file_leaks_the_individual_and_grouping_by_recorder_does_not():
+    embeddings, labels, files, recorders = individuals_shared_across_files()
+    config = KnnConfig(k=3, n_folds=4, metric="euclidean", n_bootstrap=200)
+    by_file = knn_cross_validate(embeddings, labels, files, config, grouping="file")
+    by_recorder = knn_cross_validate(embeddings, labels, recorders, config, grouping="recorder")
+    # By file, a test window's neighbours are the same individual in its other files: always right.
+    assert by_file.accuracy == 1.0
+    # By recorder, the neighbours are other recorders' individuals, at chance in this space.
+    assert by_recorder.accuracy < 0.75
+    assert by_file.accuracy - by_recorder.accuracy > 0.25
+    assert by_recorder.summary()["knn_grouping"] == "recorder" and by_recorder.n_groups == 4
+
+
+def test_score_spaces_and_paired_against_a_reference():
     embeddings, labels, groups = separated_groups_with_one_mislabelled()
-    detected = labels == "b"
-    row = score_output_space("toy", embeddings, labels=labels, groups=groups, detected=detected,
-                             knn_config=KnnConfig(k=5, n_bootstrap=100), n_top_detection_clusters=1)
-    assert row["output_space"] == "toy" and row["n_rows"] == 82 and row["n_dims"] == 2
-    assert row["knn_accuracy"] == pytest.approx(80 / 82)
-    # KMeans with k = 2 classes splits by position: the stray windows join cluster "a"
-    assert row["n_clusters"] == 2
-    assert row["purity"] == pytest.approx(80 / 82)
-    assert row["detection_overall_rate"] == pytest.approx(42 / 82)
-    assert row["detection_top_mean_rate"] == pytest.approx(1.0)
-    table = pd.DataFrame([row, score_output_space("random", np.random.default_rng(0).normal(size=(82, 2)),
-                                                  labels=labels, groups=groups)])
-    assert table.loc[1, "knn_accuracy"] < table.loc[0, "knn_accuracy"]
+    knn_config = KnnConfig(k=5, n_bootstrap=300)
+    noise = np.random.default_rng(0).normal(size=(82, 2))
+    scored = score_spaces({"toy": embeddings, "random": noise}, labels, groups, "recording", knn_config,
+                          progress=False)
+    toy = scored["toy"]
+    assert toy.knn.accuracy == pytest.approx(80 / 82)
+    # KMeans with k = 2 classes splits by position: the stray windows join cluster "a".
+    assert toy.agreement["n_clusters"] == 2 and toy.agreement["purity"] == pytest.approx(80 / 82)
+    assert toy.agreement_intervals["nmi"].low <= toy.agreement["nmi"] <= 1.0
+    table = spaces_table(scored)
+    assert table.loc["toy", "knn_accuracy"] > table.loc["random", "knn_accuracy"]
+    assert table.loc["toy", "knn_grouping"] == "recording" and table.loc["toy", "n_dims"] == 2
+    assert "biased upwards" in table.loc["toy", "nmi_interval_method"]
+    given = score_space("given", embeddings, labels, groups, "recording", knn_config,
+                        cluster_labels=(labels == "b").astype(int), silhouette=0.5)
+    assert given.agreement["nmi"] == pytest.approx(1.0) and given.silhouette == 0.5
+
+    paired = paired_against(scored, "random", groups, "recording", n_bootstrap=300).set_index("metric")
+    assert paired["output_space"].unique().tolist() == ["toy"]
+    knn = paired.loc["knn_accuracy"]
+    assert knn["value"] == pytest.approx(80 / 82) and knn["reference"] == scored["random"].knn.accuracy
+    assert knn["difference"] == pytest.approx(knn["value"] - knn["reference"])
+    assert knn["interval_low"] > 0 and knn["share_not_better"] == 0.0
+    assert knn["interval_method"] == "percentile bootstrap over 9 recordings, 300 resamples"
+    assert sorted(paired.index) == ["ari", "knn_accuracy", "nmi"]
+    with pytest.raises(KeyError, match="no space"):
+        paired_against(scored, "logmel", groups, "recording")

@@ -18,14 +18,13 @@ from soundscape_ssl.analysis.birdnet import birdnet_available
 from soundscape_ssl.pretrain.checkpoint import build_checkpoint, save_checkpoint
 from soundscape_ssl.pretrain.models import BackboneConfig, build_backbone
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
-from soundscape_ssl.analysis.validate import (SCORE_COLUMNS, ValidateConfig, agreement_from_contingency,
-                                     clustering_bootstrap, main, paired_against, score_space,
-                                     select_windows,
-                                     synthetic_call_windows, validate_labelled,
-                                     window_table)
+from soundscape_ssl.analysis.validate import (SCORE_COLUMNS, ValidateConfig, main, paired_against,
+                                              recording_groups, score_space, select_windows,
+                                              synthetic_call_windows, validate_labelled, window_table)
 
 REPO = Path(__file__).resolve().parents[1]
 ACROCEPHALUS = REPO.parent / "shared" / "data" / "labelled" / "xeno-canto-acrocephalus"
+PHOEBE = REPO.parent / "shared" / "data" / "labelled" / "xeno-canto-phoebe-10sp"
 
 # A small front end (3 s tiles of 32 mels x 64 frames at 16 kHz) and a 1-block ViT: milliseconds.
 SPECTROGRAM = SpectrogramConfig(sample_rate_hz=16000, tile_s=3.0, tile_hop_s=3.0, n_fft=1024,
@@ -92,65 +91,25 @@ def test_knn_hand_made_example_is_exact():
     assert result.agreement["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, expected_clusters))
 
 
-def test_agreement_from_contingency_matches_sklearn():
+def test_score_rows_name_the_grouping_and_how_each_interval_was_made():
+    from soundscape_ssl.analysis.validate import score_rows
+
     rng = np.random.default_rng(0)
-    for n_labels, n_clusters, n_rows in ((4, 4, 200), (3, 7, 50), (1, 1, 10), (2, 1, 10), (5, 5, 5)):
-        labels = rng.integers(0, n_labels, n_rows)
-        clusters = (labels + rng.integers(0, 2, n_rows) * rng.integers(0, n_clusters, n_rows)) % n_clusters
-        table = pd.crosstab(labels, clusters).to_numpy()
-        scores = agreement_from_contingency(table)
-        assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, clusters), abs=1e-12)
-        assert scores["v_measure"] == pytest.approx(skm.v_measure_score(labels, clusters), abs=1e-12)
-        assert scores["ari"] == pytest.approx(skm.adjusted_rand_score(labels, clusters), abs=1e-12)
-
-
-def test_clustering_bootstrap_brackets_a_perfect_and_a_random_clustering():
-    groups = np.repeat(np.arange(12), 5)
-    labels = np.repeat(np.array(list("ABCD")), 15)
-    perfect = clustering_bootstrap(labels, labels, groups, 300, 0.95, seed=0)
-    assert perfect["nmi"] == pytest.approx((1.0, 1.0)) and perfect["ari"] == pytest.approx((1.0, 1.0))
-    random_clusters = np.random.default_rng(1).integers(0, 4, len(labels))
-    noisy = clustering_bootstrap(random_clusters, labels, groups, 300, 0.95, seed=0)
-    assert noisy["ari"][0] < 0.05 < noisy["nmi"][1] < 0.5
-
-
-def test_paired_clustering_difference_is_exact_for_a_known_pair_and_resamples_groups_together():
-    from soundscape_ssl.analysis.validate import paired_clustering_difference
-
-    groups = np.repeat(np.arange(12), 5)
-    labels = np.repeat(np.array(list("ABCD")), 15)
-    random_clusters = np.random.default_rng(1).integers(0, 4, len(labels))
-    table = paired_clustering_difference(labels, random_clusters, labels, groups, n_bootstrap=300, seed=0)
-    noisy = skm.normalized_mutual_info_score(labels, random_clusters)
-    assert table.loc["nmi", "value"] == pytest.approx(1.0)
-    assert table.loc["nmi", "reference"] == pytest.approx(noisy)
-    assert table.loc["nmi", "difference"] == pytest.approx(1.0 - noisy)
-    assert 0 < table.loc["nmi", "ci_low"] <= 1.0 - noisy <= table.loc["nmi", "ci_high"] <= 1.0
-    assert table.loc["ari", "share_not_better"] == 0.0
-    # A clustering against itself: every paired resample differs by exactly 0.
-    same = paired_clustering_difference(random_clusters, random_clusters, labels, groups, n_bootstrap=50)
-    assert (same[["difference", "ci_low", "ci_high"]].to_numpy() == 0).all()
-    assert (same["share_not_better"] == 1.0).all()
-
-
-def test_paired_knn_difference_is_exact_for_a_known_pair():
-    from soundscape_ssl.analysis.validate import paired_knn_difference
-
-    groups = np.repeat(np.arange(4), 2)
-    labels = np.array(list("ABABABAB"))
-    always_right = labels.copy()
-    right_on_two_groups = np.where(groups < 2, labels, "C")
-    table = paired_knn_difference(always_right, right_on_two_groups, labels, groups, n_bootstrap=8000, seed=0)
-    row = table.loc["knn_accuracy"]
-    assert (row["value"], row["reference"], row["difference"]) == (1.0, 0.5, 0.5)
-    # A resample differs by the share of its rows drawn from groups 2 and 3; it is 0 only when all
-    # four draws are groups 0 or 1, with probability (1/2)^4.
-    assert row["share_not_better"] == pytest.approx(1 / 16, abs=0.01)
-    assert row["ci_low"] == 0.0 and row["ci_high"] == 1.0
-    same = paired_knn_difference(right_on_two_groups, right_on_two_groups, labels, groups, n_bootstrap=50)
-    assert same.loc["knn_accuracy", ["difference", "ci_low", "ci_high"]].tolist() == [0.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match="same rows"):
-        paired_knn_difference(always_right[:4], right_on_two_groups, labels, groups)
+    groups = np.repeat([f"r{i}" for i in range(6)], 4)
+    labels = np.repeat(["A", "B"], 12)
+    embeddings = np.where(labels[:, None] == "A", 0.0, 3.0) + rng.normal(0, 1, (24, 3))
+    config = ValidateConfig(n_folds=3, k_neighbours=3, **QUICK)
+    rows = pd.DataFrame(score_rows(score_space("s", "p", embeddings, labels, groups, config, "recordist"),
+                                   n_recordings=6, window_selection="all"))
+    assert list(rows.columns) == list(SCORE_COLUMNS)
+    rows = rows.set_index("metric")
+    assert (rows["grouping"] == "recordist").all() and (rows["n_groups"] == 6).all()
+    assert (rows["interval_level"] == 0.95).all()
+    assert rows.loc["knn_accuracy", "interval_method"] == ("percentile bootstrap over 6 recordists, 200 resamples; "
+                                                           "fixed out-of-fold predictions")
+    assert rows.loc["knn_accuracy_fold_mean", "interval_method"] == "t-interval over 3 folds"
+    assert "not a confidence interval" in rows.loc["kmeans_nmi", "interval_method"]
+    assert "not a confidence interval" not in rows.loc["kmeans_ari", "interval_method"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +181,27 @@ def test_synthetic_call_windows_from_annotations(tmp_path):
                    ("R2/R2_a.wav", 6.0, "whistler", "R2", 1)]
     by_file = synthetic_call_windows(tmp_path, window_s=3.0, min_snr_db=10.0, group_by="file")
     assert by_file["group"].tolist() == by_file["recording"].tolist()
+
+
+def test_recording_groups_from_the_labels_table_or_metadata_and_their_errors(tmp_path):
+    table = pd.DataFrame({"path": ["a.wav", "b.wav", "c.wav"], "label": ["x", "y", "x"],
+                          "recordist": ["Ann", "Ann", "Bo"], "date": ["d1", "d2", "d1"]})
+    by = lambda **options: recording_groups(table, ValidateConfig(**options)).tolist()  # noqa: E731
+    assert by() == ["a.wav", "b.wav", "c.wav"]
+    assert by(group_by="recordist") == ["Ann", "Ann", "Bo"]
+    assert by(group_by="recordist+date") == ["Ann | d1", "Ann | d2", "Bo | d1"]
+    metadata = tmp_path / "metadata.csv"
+    pd.DataFrame({"path": ["c.wav", "a.wav", "b.wav"], "site": ["S2", "S1", "S1"]}).to_csv(metadata, index=False)
+    assert by(group_by="site", metadata_csv=str(metadata)) == ["S1", "S1", "S2"]
+    with pytest.raises(ValueError, match="lacks \\['site'\\].*no metadata_csv"):
+        by(group_by="site")
+    with pytest.raises(ValueError, match="lacks \\['weather'\\]"):
+        by(group_by="weather", metadata_csv=str(metadata))
+    pd.DataFrame({"path": ["a.wav", "b.wav"], "site": ["S1", "S1"]}).to_csv(metadata, index=False)
+    with pytest.raises(ValueError, match="1 recording\\(s\\) have no value, e.g. 'c.wav'"):
+        by(group_by="site", metadata_csv=str(metadata))
+    with pytest.raises(ValueError, match="group_by"):
+        ValidateConfig(group_by="recordist+")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,14 +278,31 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert pd.read_csv(out / "scores.csv").shape == scores.shape
 
 
-def test_grouping_by_columns_and_command_line(labelled_set, tmp_path, capsys):
+def test_grouping_by_a_column_or_a_metadata_table_and_command_line(labelled_set, tmp_path, capsys):
     labels_csv, audio_dir = labelled_set
     # Groups by recordist: p0 = rec0, rec1; p1 = rec2, rec3 (two labels in one group); p2 = rec4, rec5.
-    config = ValidateConfig(group_columns=("recordist",), n_folds=3, include_logmel=True, **QUICK)
+    config = ValidateConfig(group_by="recordist", n_folds=3, include_logmel=True, **QUICK)
     result = validate_labelled(labels_csv, audio_dir, [], tmp_path / "grouped", config)
     assert result.scores["n_groups"].unique().tolist() == [3]
+    assert result.scores["grouping"].unique().tolist() == ["recordist"]
+    assert result.scores["n_recordings"].unique().tolist() == [6]
     assert_no_recording_on_both_sides(result.spaces["logmel_stats/mean_std_over_time"].knn.fold_of_row,
                                       result.selected["group"].to_numpy())
+    assert json.loads((tmp_path / "grouped" / "scores.json").read_text())["grouping"] == "recordist"
+
+    # The same grouping from a metadata table joined on the path (as xeno-canto-phoebe-10sp's
+    # metadata.csv), the labels table holding only path and label.
+    table = pd.read_csv(labels_csv)
+    metadata = tmp_path / "metadata.csv"
+    table[["path", "recordist"]].iloc[::-1].to_csv(metadata, index=False)   # any row order
+    joined = ValidateConfig(group_by="recordist", metadata_csv=str(metadata), n_folds=3, **QUICK)
+    result = validate_labelled(table[["path", "species"]], audio_dir, [], tmp_path / "joined", joined)
+    assert result.scores["grouping"].unique().tolist() == ["recordist"]
+    assert sorted(result.selected.groupby("group")["recording"].nunique().tolist()) == [2, 2, 2]
+
+    # Three recordists cannot fill five folds: said, not silently lowered.
+    with pytest.raises(ValueError, match="grouping by recordist gives 3 groups, fewer than n_folds=5"):
+        validate_labelled(labels_csv, audio_dir, [], tmp_path / "five", ValidateConfig(group_by="recordist", **QUICK))
 
     assert main(["--labels", str(labels_csv), "--audio-dir", str(audio_dir), "--out",
                  str(tmp_path / "cli"), "--window-selection", "all", "--n-folds", "3",
@@ -345,3 +342,21 @@ def test_acrocephalus_validation_runs_without_leaks(tmp_path):
         assert 0.0 <= space.knn.accuracy <= 1.0
     assert result.scores["value"].notna().all()
     assert (result.scores["n_labels"] == 4).all() and (result.scores["n_recordings"] == 8).all()
+
+
+@pytest.mark.realdata
+def test_real_labelled_sets_give_recordist_groups():
+    """Both shared labelled sets name a recordist per recording: Acrocephalus in labels.csv,
+    phoebe-10sp in metadata.csv, joined on the path. Every recording gets one, and grouping by
+    recordist merges recordings (fewer groups than recordings) without merging everything."""
+    phoebe = PHOEBE / "labels.csv"
+    if not phoebe.is_file() or not (ACROCEPHALUS / "labels.csv").is_file():
+        pytest.skip(f"labelled sets not found at {PHOEBE} and {ACROCEPHALUS}")
+    groups = recording_groups(pd.read_csv(phoebe), ValidateConfig(group_by="recordist",
+                                                                  metadata_csv=str(PHOEBE / "metadata.csv")))
+    assert len(groups) == 100 and 10 < groups.nunique() < 100
+    acrocephalus = pd.read_csv(ACROCEPHALUS / "labels.csv")
+    groups = recording_groups(acrocephalus, ValidateConfig(group_by="recordist"))
+    assert len(groups) == 48 and 10 < groups.nunique() < 48
+    # Every species is held by at least 5 recordists: 5 grouped folds stay possible.
+    assert acrocephalus.assign(group=groups).groupby("species")["group"].nunique().min() >= 5

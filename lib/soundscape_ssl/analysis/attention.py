@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from ..pretrain.models import SpectrogramViT
 from ..core.provenance import reject_unknown_fields, write_config_json
+from ..core.stats import GroupBootstrap, Interval
 from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, mel_bin_centres_hz
 from ..tiles.store import band_median, normalize_tiles
 
@@ -90,10 +91,10 @@ class AttentionConfig:
     # box_masks_for_tiles
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)  # which events count
     counting_only: bool = True         # truth boxes only from events that count in the tile
-    # rank_heads
-    n_bootstrap: int = 1000            # tile resamples for the ranking's intervals; 0 = none
-    confidence: float = 0.95           # of the bootstrap percentile intervals
-    seed: int = 0                      # bootstrap draws
+    # rank_heads / choose_head_on_half
+    n_bootstrap: int = 1000            # resamples of groups (or tiles) for the ranking's intervals; 0 = none
+    confidence: float = 0.95           # level of the percentile bootstrap intervals
+    seed: int = 0                      # bootstrap draws and the split of the groups in halves
 
     def __post_init__(self) -> None:
         if isinstance(self.ground_truth, dict):
@@ -516,38 +517,38 @@ def score_model_attention(model: SpectrogramViT, tiles_db: np.ndarray, truth: Ti
 
 # --- Ranking ---------------------------------------------------------------------------------
 
-def _bootstrap_interval(values: np.ndarray, weights: np.ndarray | None,
-                        confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval of column means under resampling weights (n_bootstrap, n_tiles)."""
-    if weights is None:
-        nan = np.full(values.shape[1], np.nan)
-        return nan, nan
-    means = weights @ values / values.shape[0]
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    return np.percentile(means, tail, axis=0), np.percentile(means, 100.0 - tail, axis=0)
+_RANKING_REQUIRED = {"tile", "source", "head", "has_foreground", "iou", "mass_in_foreground", "foreground_share",
+                     "precision", "recall", "mask_share", "iou_ceiling", "energy_iou_same_area"}
 
 
 def rank_heads(scores: pd.DataFrame, by: str = "iou", n_bootstrap: int = 1000, confidence: float = 0.95,
-               seed: int = 0) -> pd.DataFrame:
+               seed: int = 0, group_column: str | None = None) -> pd.DataFrame:
     """Rank sources (heads and the energy baseline) by how well they pick out foreground events.
 
     Means are over the tiles with at least one foreground (bird) cell, with standard errors and
-    paired percentile-bootstrap intervals (tiles resampled with replacement, the same draws for
-    every source). Tiles of one recording are not independent, so the intervals are optimistic
-    when many tiles come from few files. `by` is "iou" or "mass_in_foreground". Columns:
-    rank, source, head, n_tiles, mean_iou (+ _se, _ci_low, _ci_high), mean_mass_in_foreground
-    (+ the same), mean_foreground_share (a uniform map's mass there: chance), mass_lift (mean
-    mass / mean share), mean_precision (over tiles where the mask is not empty), mean_recall,
-    mean_mask_share, mean_iou_ceiling,
-    mean_iou_minus_energy_same_area (+ _se; heads only), and the background check over tiles
-    without foreground: n_background_tiles, background_mass_in_other, background_other_share.
-    The baseline is ranked with the heads, so its rank shows how many heads beat it.
+    paired percentile-bootstrap intervals (`core.stats.GroupBootstrap`, the same draws for every
+    source). With `group_column` (a column of `scores`, e.g. the recorder or file of each tile)
+    the groups are resampled, as they should be: tiles of one recording or recorder share birds
+    and background and are not independent. Without it the tiles are resampled, and the intervals
+    are optimistic when many tiles come from few recordings. `by` is "iou" or
+    "mass_in_foreground". Every mean here is that source's own mean on these tiles; the highest
+    of them is an optimistic estimate of the best head's score (it was chosen on the same tiles):
+    `choose_head_on_half` chooses and reports on different tiles.
+
+    Columns: rank, source, head, n_tiles, mean_iou (+ _se, _interval_low, _interval_high),
+    mean_mass_in_foreground (+ the same), interval_level, interval_method,
+    mean_foreground_share (a uniform map's mass there: chance), mass_lift (mean mass / mean
+    share), mean_precision (over tiles where the mask is not empty), mean_recall,
+    mean_mask_share, mean_iou_ceiling, mean_iou_minus_energy_same_area (+ _se; heads only), and
+    the background check over tiles without foreground: n_background_tiles,
+    background_mass_in_other, background_other_share. The baseline is ranked with the heads, so
+    its rank shows how many heads beat it.
     """
     if by not in ("iou", "mass_in_foreground"):
         raise ValueError(f"by must be 'iou' or 'mass_in_foreground', got {by!r}")
-    required = {"tile", "source", "head", "has_foreground", "iou", "mass_in_foreground", "foreground_share",
-                "precision", "recall", "mask_share", "iou_ceiling", "energy_iou_same_area"}
-    missing = required - set(scores.columns)
+    missing = _RANKING_REQUIRED - set(scores.columns)
+    if group_column is not None and group_column not in scores.columns:
+        missing.add(group_column)
     if missing:
         raise ValueError(f"scores lack columns {sorted(missing)}")
     sources = list(pd.unique(scores["source"]))
@@ -564,17 +565,26 @@ def rank_heads(scores: pd.DataFrame, by: str = "iou", n_bootstrap: int = 1000, c
                             "n_tiles": n_tiles})
     if n_tiles == 0:
         logger.warning("no tile with a foreground event: heads cannot be ranked")
-    weights = None
+    bootstrap = None
     if n_tiles > 0 and n_bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        weights = rng.multinomial(n_tiles, np.full(n_tiles, 1.0 / n_tiles), size=n_bootstrap).astype(float)
+        tile_groups = (foreground.drop_duplicates("tile").set_index("tile")[group_column].sort_index().to_numpy()
+                       if group_column is not None else np.sort(foreground["tile"].unique()))
+        bootstrap = GroupBootstrap(tile_groups, n_bootstrap, seed, unit=group_column or "tile")
     for column in ("iou", "mass_in_foreground"):
         values = per_tile(foreground, column) if n_tiles else np.zeros((0, len(sources)))
         with np.errstate(invalid="ignore", divide="ignore"):
             ranking[f"mean_{column}"] = values.mean(axis=0) if n_tiles else np.nan
             ranking[f"{column}_se"] = values.std(axis=0, ddof=1) / np.sqrt(n_tiles) if n_tiles > 1 else np.nan
-        low, high = _bootstrap_interval(values, weights, confidence)
-        ranking[f"{column}_ci_low"], ranking[f"{column}_ci_high"] = low, high
+        if bootstrap is None:
+            intervals = [Interval.undefined(confidence, "no bootstrap")] * len(sources)
+        else:
+            finite = np.isfinite(values)
+            intervals = bootstrap.intervals(bootstrap.resampled_means(np.where(finite, values, 0.0), finite),
+                                            confidence)
+        ranking[f"{column}_interval_low"] = [interval.low for interval in intervals]
+        ranking[f"{column}_interval_high"] = [interval.high for interval in intervals]
+    ranking["interval_level"] = confidence
+    ranking["interval_method"] = bootstrap.method if bootstrap is not None else "no bootstrap"
     for column in ("foreground_share", "precision", "recall", "mask_share", "iou_ceiling"):
         # Precision is undefined (NaN) for an empty mask (the baseline on a quiet tile): left out.
         with warnings.catch_warnings():
@@ -598,6 +608,114 @@ def rank_heads(scores: pd.DataFrame, by: str = "iou", n_bootstrap: int = 1000, c
     ranking = ranking.sort_values(f"mean_{by}", ascending=False, kind="mergesort", na_position="last")
     ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
     return ranking.reset_index(drop=True)
+
+
+def with_tile_groups(scores: pd.DataFrame, column: str, groups_of_tiles: Any) -> pd.DataFrame:
+    """`scores` (a `score_tiles` table) with a `column` holding each row's tile's group:
+    `groups_of_tiles[i]` is the group (e.g. the recorder) of tile position i."""
+    groups_of_tiles = np.asarray(groups_of_tiles)
+    tiles = scores["tile"].to_numpy()
+    if len(tiles) and (tiles.max() >= len(groups_of_tiles) or tiles.min() < 0):
+        raise ValueError(f"scores have tiles up to {tiles.max()}, but groups are given for {len(groups_of_tiles)}")
+    return scores.assign(**{column: groups_of_tiles[tiles]})
+
+
+def split_groups_in_halves(groups: Any, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The distinct groups in two halves, at random (seeded): (choosing half, reporting half).
+
+    The choosing half gets the extra group when their number is odd. Needs at least two groups.
+    """
+    names = np.unique(np.asarray(groups).astype(str))
+    if len(names) < 2:
+        raise ValueError(f"{len(names)} group(s): choosing on one half and reporting on the other needs at least 2")
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_choose = (len(names) + 1) // 2
+    return sorted(names[order[:n_choose]].tolist()), sorted(names[order[n_choose:]].tolist())
+
+
+@dataclass
+class HeadChoice:
+    """A best head chosen on one half of the tiles (by group) and reported on the other.
+
+    `choose_ranking` ranks every source on the choosing half: the chosen head is its best head,
+    and its score there (`chosen_score_on_choosing_half`) is optimistic, since the choice took the
+    maximum of noisy means. `report_ranking` ranks every source on the reporting half, which took
+    no part in the choice: the chosen head's score there (`reported`) is the honest one.
+    """
+
+    head: int
+    source: str
+    by: str                          # the score the head was chosen by ("iou" or "mass_in_foreground")
+    grouping: str                    # what the halves are made of (a column of the scores)
+    choose_groups: list[str]
+    report_groups: list[str]
+    choose_ranking: pd.DataFrame
+    report_ranking: pd.DataFrame
+
+    def _row(self, ranking: pd.DataFrame, source: str) -> pd.Series:
+        return ranking.set_index("source").loc[source]
+
+    @property
+    def chosen_score_on_choosing_half(self) -> float:
+        return float(self._row(self.choose_ranking, self.source)[f"mean_{self.by}"])
+
+    @property
+    def reported(self) -> pd.Series:
+        """The chosen head's row of the reporting half's ranking."""
+        return self._row(self.report_ranking, self.source)
+
+    def summary(self) -> dict[str, Any]:
+        """One table row: the choice, where it was made, and the held-out scores beside the baseline's."""
+        reported, energy = self.reported, self._row(self.report_ranking, ENERGY_SOURCE)
+        heads = self.report_ranking[self.report_ranking["source"] != ENERGY_SOURCE]
+        return {
+            "best_head": self.head, "chosen_by": self.by, "split_by": self.grouping,
+            "chosen_on": ", ".join(self.choose_groups), "reported_on": ", ".join(self.report_groups),
+            "n_tiles_choosing": int(self.choose_ranking["n_tiles"].iloc[0]),
+            "n_tiles_reporting": int(self.report_ranking["n_tiles"].iloc[0]),
+            f"best_head_{self.by}_on_choosing_half": self.chosen_score_on_choosing_half,
+            "best_head_iou": float(reported["mean_iou"]),
+            "best_head_iou_interval_low": float(reported["iou_interval_low"]),
+            "best_head_iou_interval_high": float(reported["iou_interval_high"]),
+            "interval_method": str(reported["interval_method"]),
+            "best_head_mass_lift": float(reported["mass_lift"]),
+            "energy_iou": float(energy["mean_iou"]),
+            "best_head_iou_minus_energy_same_area": float(reported["mean_iou_minus_energy_same_area"]),
+            "heads_beating_energy": int((heads["mean_iou"] > energy["mean_iou"]).sum()),
+            "n_heads": len(heads),
+        }
+
+
+def choose_head_on_half(scores: pd.DataFrame, group_column: str, by: str = "iou", seed: int = 0,
+                        n_bootstrap: int = 1000, confidence: float = 0.95,
+                        choose_groups: Sequence[str] | None = None) -> HeadChoice:
+    """Choose the best head on one half of the tiles and report it on the other.
+
+    The tiles are split by `group_column` (the recorder or the file of each tile: halves never
+    share a group, so the reported tiles share no recording with the choosing ones), at random
+    with `seed` (`split_groups_in_halves`), or with the given `choose_groups` (the rest report).
+    Both halves are ranked with `rank_heads` (intervals over that half's groups). Raises
+    ValueError when a half holds no tile with a foreground event.
+    """
+    if group_column not in scores.columns:
+        raise ValueError(f"scores lack the column {group_column!r} to split the tiles by")
+    groups = scores[group_column].astype(str)
+    if choose_groups is None:
+        choose, report = split_groups_in_halves(groups, seed)
+    else:
+        choose = sorted(set(map(str, choose_groups)))
+        report = sorted(set(groups) - set(choose))
+    halves = {}
+    for name, members in (("choosing", choose), ("reporting", report)):
+        half = scores[groups.isin(members).to_numpy()]
+        if not half["has_foreground"].astype(bool).any():
+            raise ValueError(f"the {name} half ({group_column} {', '.join(members)}) has no tile with a "
+                             "foreground event: too few scored tiles or groups to choose and report a head")
+        halves[name] = rank_heads(half, by, n_bootstrap, confidence, seed, group_column)
+    heads = halves["choosing"][halves["choosing"]["source"] != ENERGY_SOURCE]
+    best = heads.iloc[0]
+    return HeadChoice(int(best["head"]), str(best["source"]), by, group_column, choose, report,
+                      halves["choosing"], halves["reporting"])
 
 
 def save_attention_products(out_dir: str | os.PathLike, scores: pd.DataFrame, ranking: pd.DataFrame,

@@ -18,11 +18,18 @@ confident detection enter each metric, and why:
 * Per-cluster detection rate: over all comparable tiles (a tile is "detected" when its
   top confidence is at or above the threshold), as the original study reported it.
 * kNN of species: labelled tiles only; kNN of recorder, habitat and hour of day: all comparable
-  tiles with a value. Folds are grouped by file (`relpath`): neighbouring 3 s tiles of one
-  file share noise, gain and often the same bird, so a split by tile would score near-duplicates
+  tiles with a value. Folds are grouped, never split by tile: neighbouring 3 s tiles of one file
+  share noise, gain and often the same bird, so a split by tile would score near-duplicates
   against each other (the original study scored kNN on its own training vectors, which
-  overstates accuracy further). A class heard in fewer than `knn_min_files_per_class` files
-  cannot be learned from other files, so it is left out of that task (logged).
+  overstates accuracy further). Species, habitat and hour are grouped by recorder
+  (`group_column`): a recorder hears the same individual birds, the same site and the same
+  background in all its files (on the synthetic archive by construction, in the field because
+  birds hold territories), so grouping by file would let one individual sit on both sides of a
+  split. The recorder task cannot be grouped by recorder (each class would be one group), so it
+  is grouped by file (`recorder_group_column`): it asks whether a held-out file of a recorder
+  is recognised. A class heard in fewer than `knn_min_groups_per_class` groups cannot be
+  learned from other groups, so it is left out of that task (logged); too few groups for the
+  folds gives NaN and a note naming the grouping.
 
 Comparable tiles: BirdNET scored the tile and the tile's row is finite in every space, so every
 space is scored on exactly the same tiles. A task without enough data (no confident detection,
@@ -65,9 +72,10 @@ class CompareConfig:
     confidence_threshold: float = 0.5       # BirdNET top confidence for a pseudo-label / a detection
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the same for every space
     knn: KnnConfig = field(default_factory=KnnConfig)              # the same for every task
-    group_column: str = "relpath"           # the unit kNN folds never split (the recording file)
+    group_column: str = "recorder"          # the unit kNN folds of species, habitat and hour never split
+    recorder_group_column: str = "relpath"  # the unit of the recorder task's folds (the file)
     knn_tasks: tuple[str, ...] = KNN_TASKS  # which kNN tasks to score
-    knn_min_files_per_class: int = 2        # classes heard in fewer files are left out of a task
+    knn_min_groups_per_class: int = 2       # classes heard in fewer groups are left out of a task
     knn_max_rows: int | None = 20_000       # random tiles per kNN task (same for every space); None: all
     hour_bin_h: int = 1                     # hour-of-day classes: floor(hour / bin) * bin
     min_labelled_tiles: int = 10            # fewer confidently labelled tiles: species metrics NaN
@@ -83,7 +91,7 @@ class CompareConfig:
             raise ValueError(f"unknown kNN tasks {sorted(unknown)}; choose from {KNN_TASKS}")
         if not 1 <= self.hour_bin_h <= 24 or 24 % self.hour_bin_h:
             raise ValueError(f"hour_bin_h must divide 24, got {self.hour_bin_h}")
-        for name in ("knn_min_files_per_class", "min_labelled_tiles", "n_top_clusters", "min_cluster_tiles"):
+        for name in ("knn_min_groups_per_class", "min_labelled_tiles", "n_top_clusters", "min_cluster_tiles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.knn_max_rows is not None and self.knn_max_rows < 2:
@@ -138,13 +146,14 @@ def tile_labels(tile_index: pd.DataFrame, detections: pd.DataFrame,
                 config: CompareConfig | None = None) -> pd.DataFrame:
     """One row per tile of `tile_index` (same order): what every metric is scored against.
 
-    Columns: tile_id, group (the file), recorder, habitat, hour, top_species, top_confidence,
-    scored (BirdNET scored the tile), detected (scored and top_confidence >= threshold),
-    pseudo_label (species, "none", or NA when unscored). Detections are matched by tile_id; a
-    tile without a detections row counts as unscored (logged).
+    Columns: tile_id, group (`config.group_column`), recorder_task_group
+    (`config.recorder_group_column`), recorder, habitat, hour, top_species, top_confidence, scored
+    (BirdNET scored the tile), detected (scored and top_confidence >= threshold), pseudo_label
+    (species, "none", or NA when unscored). Detections are matched by tile_id; a tile without a
+    detections row counts as unscored (logged).
     """
     config = config or CompareConfig()
-    for column in ("tile_id", config.group_column):
+    for column in ("tile_id", config.group_column, config.recorder_group_column):
         if column not in tile_index.columns:
             raise ValueError(f"tile index lacks column {column!r}")
     missing = [c for c in ("tile_id", "top_species", "top_confidence") if c not in detections.columns]
@@ -165,6 +174,7 @@ def tile_labels(tile_index: pd.DataFrame, detections: pd.DataFrame,
     frame = pd.DataFrame({
         "tile_id": index["tile_id"].to_numpy(np.int64),
         "group": index[config.group_column].astype(str).to_numpy(),
+        "recorder_task_group": index[config.recorder_group_column].astype(str).to_numpy(),
         "recorder": index["recorder"].astype(object) if "recorder" in index else pd.NA,
         "habitat": index["habitat"].astype(object) if "habitat" in index else pd.NA,
         "hour": hour_of_day(index["timestamp"], config.hour_bin_h) if "timestamp" in index
@@ -269,8 +279,12 @@ def cluster_spaces(spaces: Mapping[str, Any], config: ClusterConfig, rows: np.nd
 
 
 def _nan_knn(task: str) -> dict[str, Any]:
-    return {f"knn_{task}_{key}": np.nan for key in
-            ("accuracy", "ci_low", "ci_high", "macro_f1", "majority_share", "n_tiles", "n_files", "n_classes")}
+    row: dict[str, Any] = {f"knn_{task}_{key}": np.nan for key in
+                           ("accuracy", "interval_low", "interval_high", "macro_f1", "majority_share", "n_tiles",
+                            "n_groups", "n_classes")}
+    row[f"knn_{task}_grouping"] = ""
+    row[f"knn_{task}_interval_method"] = ""
+    return row
 
 
 @dataclass
@@ -278,6 +292,7 @@ class _KnnTask:
     """The rows, labels and groups of one kNN task (drawn once, shared by every space)."""
 
     name: str
+    grouping: str                    # what the groups are ("recorder", "file")
     rows: np.ndarray | None          # positions among the comparable tiles; None: skipped
     labels: np.ndarray | None
     groups: np.ndarray | None
@@ -285,55 +300,65 @@ class _KnnTask:
 
 
 def _prepare_knn_task(task: str, labels: pd.DataFrame, config: CompareConfig) -> _KnnTask:
-    """Which comparable tiles enter a kNN task, with which labels; or why the task is skipped."""
+    """Which comparable tiles enter a kNN task, with which labels and groups; or why it is skipped."""
     column = {"species": "pseudo_label", "hour": "hour"}.get(task, task)
+    group_source, group_column = (("recorder_task_group", config.recorder_group_column) if task == "recorder"
+                                  else ("group", config.group_column))
+    grouping = metrics.grouping_name(group_column)
     values = labels[column].astype(object)
     usable = values.notna().to_numpy().copy()
     if task == "species":
         usable &= (values != NO_DETECTION).to_numpy()
-    frame = pd.DataFrame({"label": values.astype(str), "group": labels["group"].to_numpy()})[usable]
-    files_per_class = frame.groupby("label")["group"].nunique()
-    rare = files_per_class[files_per_class < config.knn_min_files_per_class]
+    frame = pd.DataFrame({"label": values.astype(str), "group": labels[group_source].to_numpy()})[usable]
+    groups_per_class = frame.groupby("label")["group"].nunique()
+    rare = groups_per_class[groups_per_class < config.knn_min_groups_per_class]
     if len(rare):
-        logger.info("kNN %s: %d classes heard in fewer than %d files are left out (%s)", task, len(rare),
-                    config.knn_min_files_per_class, ", ".join(map(str, rare.index[:5])))
+        logger.info("kNN %s: %d classes heard in fewer than %d %s groups are left out (%s)", task, len(rare),
+                    config.knn_min_groups_per_class, grouping, ", ".join(map(str, rare.index[:5])))
         frame = frame[~frame["label"].isin(rare.index)]
-    n_classes, n_files = frame["label"].nunique(), frame["group"].nunique()
+    n_classes, n_groups = frame["label"].nunique(), frame["group"].nunique()
     minimum = config.min_labelled_tiles if task == "species" else 2
     if len(frame) < minimum:
         note = f"kNN {task}: {len(frame)} usable tiles (< {minimum})"
+        if len(rare):
+            note += (f" after leaving out {len(rare)} classes heard in fewer than "
+                     f"{config.knn_min_groups_per_class} {grouping} groups")
     elif n_classes < 2:
-        note = f"kNN {task}: {n_classes} class in at least {config.knn_min_files_per_class} files (need 2)"
-    elif n_files < config.knn.n_folds:
-        note = f"kNN {task}: {n_files} files cannot fill {config.knn.n_folds} grouped folds"
+        note = (f"kNN {task}: {n_classes} class in at least {config.knn_min_groups_per_class} "
+                f"{grouping} groups (need 2)")
+    elif n_groups < config.knn.n_folds:
+        note = f"kNN {task}: {n_groups} {grouping} groups cannot fill {config.knn.n_folds} grouped folds"
     else:
         rows = frame.index.to_numpy()
         if config.knn_max_rows is not None and len(rows) > config.knn_max_rows:
             rng = np.random.default_rng(config.seed)
             rows = np.sort(rng.choice(rows, size=config.knn_max_rows, replace=False))
-        return _KnnTask(task, rows, frame.loc[rows, "label"].to_numpy(), frame.loc[rows, "group"].to_numpy())
+        return _KnnTask(task, grouping, rows, frame.loc[rows, "label"].to_numpy(),
+                        frame.loc[rows, "group"].to_numpy())
     logger.warning("%s: skipped", note)
-    return _KnnTask(task, None, None, None, note)
+    return _KnnTask(task, grouping, None, None, None, note)
 
 
 def _score_knn(space: np.ndarray, task: _KnnTask, config: KnnConfig) -> tuple[dict[str, Any], str]:
     row = _nan_knn(task.name)
+    row[f"knn_{task.name}_grouping"] = task.grouping
     if task.rows is None:
         return row, task.note
     try:
-        result = metrics.knn_cross_validate(space[task.rows], task.labels, task.groups, config)
+        result = metrics.knn_cross_validate(space[task.rows], task.labels, task.groups, config, task.grouping)
     except ValueError as error:  # e.g. a fold splitter that cannot honour the groups
         logger.warning("kNN %s skipped: %s", task.name, error)
         return row, f"kNN {task.name}: {error}"
     _, counts = np.unique(task.labels, return_counts=True)
     row.update({
         f"knn_{task.name}_accuracy": result.accuracy,
-        f"knn_{task.name}_ci_low": result.accuracy_ci_bootstrap[0],
-        f"knn_{task.name}_ci_high": result.accuracy_ci_bootstrap[1],
+        f"knn_{task.name}_interval_low": result.accuracy_interval.low,
+        f"knn_{task.name}_interval_high": result.accuracy_interval.high,
+        f"knn_{task.name}_interval_method": result.accuracy_interval.method,
         f"knn_{task.name}_macro_f1": result.macro_f1,
         f"knn_{task.name}_majority_share": counts.max() / counts.sum(),  # accuracy of always guessing the commonest
         f"knn_{task.name}_n_tiles": len(task.rows),
-        f"knn_{task.name}_n_files": len(np.unique(task.groups)),
+        f"knn_{task.name}_n_groups": result.n_groups,
         f"knn_{task.name}_n_classes": len(counts),
     })
     return row, ""
@@ -386,8 +411,9 @@ def compare_output_spaces(spaces: Mapping[str, Any], tile_index: pd.DataFrame, d
     nmi, ari, v_measure, homogeneity, completeness, purity (labelled tiles),
     detection_rate_overall / _top / _top_lift, detection_top_tile_share,
     detection_top_detection_share, n_top_clusters (all tiles), then per kNN task
-    knn_<task>_{accuracy, ci_low, ci_high, macro_f1, majority_share, n_tiles, n_files, n_classes}
-    (the interval: bootstrap over files), and notes (why a value is NaN).
+    knn_<task>_{accuracy, interval_low, interval_high, interval_method, macro_f1, majority_share,
+    n_tiles, grouping, n_groups, n_classes} (the interval: a percentile bootstrap over the task's
+    groups, its method says over how many), and notes (why a value is NaN).
     """
     config = config or CompareConfig()
     if not spaces:

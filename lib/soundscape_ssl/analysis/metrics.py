@@ -8,27 +8,39 @@ Three families, each a function that takes arrays and returns numbers or tidy Da
 - BirdNET detection rate per cluster (`detection_rate_per_cluster`, `summarize_detection_rates`):
   the original study's yardstick, the share of a cluster's tiles where BirdNET detected a bird;
 - grouped kNN classification (`knn_cross_validate`): accuracy and macro-F1 of a k-nearest-
-  neighbour vote with folds split by recording, so that windows of one recording are never on
-  both sides of a split (neighbouring windows of one recording share noise, gain and often the
-  same individual bird: a split by window measures recording identity, not species).
+  neighbour vote with folds grouped by the unit that carries identity, so that rows of one group
+  are never on both sides of a split. Which unit is a property of the data: neighbouring windows
+  of one recording share noise, gain and often the same individual bird (group at least by
+  recording); on the synthetic archive every recorder hears the same individual birds in all its
+  files (group by recorder); recordings of one recordist may share a site and a bird (group by
+  recordist where a table gives one). Too few groups for the folds is an error that names the
+  grouping, never a silent fallback.
 
-`score_output_space` runs whichever of them its inputs allow and returns one flat dict, the row
-of a table of output spaces x metrics.
+`score_space` scores one output space against labels (grouped kNN, a KMeans clustering's
+agreement, each with an interval over resampled groups); `score_spaces` does it for a dict of
+spaces with one clustering config, `spaces_table` makes their table, and `paired_against`
+compares every space with a reference space on the same resamples of groups. The statistics
+themselves (group bootstrap, intervals, paired differences) live in `core.stats`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn import metrics as skm
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
+from tqdm.auto import tqdm
+
+from .cluster import ClusterConfig, fit_clusters
+from ..core.stats import (DEFAULT_LEVEL, PAIRED_COLUMNS, GroupBootstrap, Interval, agreement_intervals, codes,
+                          paired_accuracy, paired_agreement, paired_table, t_interval)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +128,8 @@ def clustering_agreement(cluster_labels: Any, reference_labels: Any) -> dict[str
     Rows with a missing reference label (None / NaN) are left out and counted in
     `n_rows_unlabelled`. NMI uses the arithmetic mean of the two entropies (sklearn's default),
     so it equals the V-measure. NMI and V-measure are ~0 for an independent clustering but
-    grow with the number of clusters; ARI is chance-corrected (0 expected for random).
+    grow with the number of clusters; ARI is chance-corrected (0 expected for random). These
+    are scikit-learn's own scores; resampled ones come from `core.stats`.
     """
     clusters = _as_1d(cluster_labels, "cluster_labels")
     reference = _as_1d(reference_labels, "reference_labels")
@@ -210,8 +223,8 @@ class KnnConfig:
     weights: str = "uniform"         # "uniform" majority vote or "distance" weighted
     stratified: bool = True          # StratifiedGroupKFold (balance classes) instead of GroupKFold
     seed: int = 0                    # fold shuffling (StratifiedGroupKFold) and the bootstrap
-    confidence_level: float = 0.95
-    n_bootstrap: int = 2000          # resamples of groups for the bootstrap interval; 0 = none
+    confidence_level: float = 0.95   # level of the intervals
+    n_bootstrap: int = 2000          # resamples of groups for the bootstrap intervals; 0 = none
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -231,19 +244,36 @@ class KnnConfig:
         return dataclasses.asdict(self)
 
 
+# Words for grouping columns of a tile index, in table columns, interval methods and errors.
+_GROUPING_NAMES = {"relpath": "file", "path": "file"}
+
+
+def grouping_name(column: str) -> str:
+    """How a grouping column is named in tables: "relpath" -> "file", others as they are."""
+    return _GROUPING_NAMES.get(column, column)
+
+
+def group_bootstrap(groups: Any, config: KnnConfig, grouping: str) -> GroupBootstrap | None:
+    """The resamples of groups every interval of one scoring shares (None when n_bootstrap is 0)."""
+    if config.n_bootstrap == 0:
+        return None
+    return GroupBootstrap(groups, config.n_bootstrap, config.seed, unit=grouping)
+
+
+def _no_bootstrap(config: KnnConfig) -> Interval:
+    return Interval.undefined(config.confidence_level, "no bootstrap (n_bootstrap = 0)")
+
+
 @dataclass
 class KnnResult:
     """Out-of-fold kNN scores.
 
-    Two confidence intervals, because they answer different questions:
-    - `*_ci_t`: Student t-interval of the per-fold scores (mean +- t * sd / sqrt(n_folds)).
-      Folds share training rows, so their scores are correlated and this interval is
-      optimistic (Nadeau & Bengio 2003); it describes the spread over splits.
-    - `*_ci_bootstrap`: percentile bootstrap over groups of the pooled out-of-fold predictions
-      (groups drawn with replacement, `n_bootstrap` times): how much the score would move with
-      another sample of recordings, the quantity a reader usually wants. Preferred for reports.
-    `accuracy` and `macro_f1` are pooled over all out-of-fold predictions; `*_fold_mean` are the
-    means of the per-fold scores.
+    `accuracy` and `macro_f1` are pooled over all out-of-fold predictions, each with a percentile
+    bootstrap interval over the groups (`*_interval`: the fixed predictions rescored on groups
+    drawn with replacement; how much the score would move with another sample of groups, the
+    models not refitted). `*_fold_mean` are the means of the per-fold scores with a t-interval
+    over the folds (`*_fold_interval`: folds share training rows, so it is optimistic; it
+    describes the spread over splits). Each interval's `method` says how it was made.
     """
 
     fold_scores: pd.DataFrame          # fold, n_train, n_test, n_test_groups, accuracy, macro_f1
@@ -251,14 +281,16 @@ class KnnResult:
     macro_f1: float
     accuracy_fold_mean: float
     macro_f1_fold_mean: float
-    accuracy_ci_t: tuple[float, float]
-    macro_f1_ci_t: tuple[float, float]
-    accuracy_ci_bootstrap: tuple[float, float]
-    macro_f1_ci_bootstrap: tuple[float, float]
+    accuracy_interval: Interval
+    macro_f1_interval: Interval
+    accuracy_fold_interval: Interval
+    macro_f1_fold_interval: Interval
     predictions: np.ndarray            # (N,) out-of-fold predicted label of every row
     true_labels: np.ndarray            # (N,) the labels that were scored
     fold_of_row: np.ndarray            # (N,) int, the fold in which the row was tested
     classes: np.ndarray                # sorted class labels
+    grouping: str                      # what the groups are: "recording", "recorder", "file" ...
+    n_groups: int
     config: KnnConfig
 
     def confusion_matrix(self, normalize: str | None = None) -> pd.DataFrame:
@@ -278,38 +310,42 @@ class KnnResult:
             f"{prefix}k": self.config.k,
             f"{prefix}metric": self.config.metric,
             f"{prefix}n_folds": self.config.n_folds,
+            f"{prefix}grouping": self.grouping,
+            f"{prefix}n_groups": self.n_groups,
             f"{prefix}accuracy": self.accuracy,
-            f"{prefix}accuracy_fold_mean": self.accuracy_fold_mean,
-            f"{prefix}accuracy_ci_t_low": self.accuracy_ci_t[0],
-            f"{prefix}accuracy_ci_t_high": self.accuracy_ci_t[1],
-            f"{prefix}accuracy_ci_bootstrap_low": self.accuracy_ci_bootstrap[0],
-            f"{prefix}accuracy_ci_bootstrap_high": self.accuracy_ci_bootstrap[1],
+            f"{prefix}accuracy_interval_low": self.accuracy_interval.low,
+            f"{prefix}accuracy_interval_high": self.accuracy_interval.high,
             f"{prefix}macro_f1": self.macro_f1,
+            f"{prefix}macro_f1_interval_low": self.macro_f1_interval.low,
+            f"{prefix}macro_f1_interval_high": self.macro_f1_interval.high,
+            f"{prefix}interval_level": self.accuracy_interval.level,
+            f"{prefix}interval_method": self.accuracy_interval.method,
+            f"{prefix}accuracy_fold_mean": self.accuracy_fold_mean,
+            f"{prefix}accuracy_fold_interval_low": self.accuracy_fold_interval.low,
+            f"{prefix}accuracy_fold_interval_high": self.accuracy_fold_interval.high,
             f"{prefix}macro_f1_fold_mean": self.macro_f1_fold_mean,
-            f"{prefix}macro_f1_ci_t_low": self.macro_f1_ci_t[0],
-            f"{prefix}macro_f1_ci_t_high": self.macro_f1_ci_t[1],
-            f"{prefix}macro_f1_ci_bootstrap_low": self.macro_f1_ci_bootstrap[0],
-            f"{prefix}macro_f1_ci_bootstrap_high": self.macro_f1_ci_bootstrap[1],
+            f"{prefix}fold_interval_method": self.accuracy_fold_interval.method,
         }
 
 
 def grouped_folds(labels: Any, groups: Any, n_folds: int = 5, stratified: bool = True,
-                  seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+                  seed: int = 0, grouping: str = "group") -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_rows, test_rows) per fold such that no group is ever on both sides.
 
-    Raises ValueError when there are fewer distinct groups than folds. The no-leak property
-    and the cover-every-row-once property are checked on every call, not assumed.
+    Raises ValueError, naming the `grouping`, when there are fewer distinct groups than folds:
+    the folds are never silently made from a finer unit. The no-leak property and the
+    cover-every-row-once property are checked on every call, not assumed.
     """
     labels = _as_1d(labels, "labels")
     groups = _as_1d(groups, "groups")
     n_rows = _same_length(labels=labels, groups=groups)
     if _missing(groups).any():
-        raise ValueError(f"{int(_missing(groups).sum())} rows have no group")
+        raise ValueError(f"{int(_missing(groups).sum())} rows have no group ({grouping})")
     group_codes, group_index = np.unique(groups.astype(str), return_inverse=True)
     if len(group_codes) < n_folds:
-        raise ValueError(f"{len(group_codes)} distinct groups cannot fill {n_folds} folds: "
-                         "lower n_folds or add recordings")
-    _, label_codes = np.unique(labels.astype(str), return_inverse=True)
+        raise ValueError(f"{len(group_codes)} distinct groups cannot fill {n_folds} folds when grouping by "
+                         f"{grouping}: lower n_folds, or add data with more {grouping} groups")
+    label_codes = codes(labels)
     if stratified:
         splitter: StratifiedGroupKFold | GroupKFold = StratifiedGroupKFold(
             n_splits=n_folds, shuffle=True, random_state=seed)
@@ -338,61 +374,15 @@ def _standardize_fold(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, 
     return (train - mean) / scale, (test - mean) / scale
 
 
-def _t_interval(values: np.ndarray, confidence_level: float) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    mean = values.mean()
-    if values.size < 2:
-        return (float("nan"), float("nan"))
-    half_width = stats.t.ppf(0.5 + confidence_level / 2, df=values.size - 1) * \
-        values.std(ddof=1) / np.sqrt(values.size)
-    return (float(mean - half_width), float(mean + half_width))
-
-
-def _bootstrap_over_groups(true_codes: np.ndarray, predicted_codes: np.ndarray,
-                           group_index: np.ndarray, n_classes: int, config: KnnConfig
-                           ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Percentile intervals of accuracy and macro-F1 with groups resampled with replacement.
-
-    Vectorised: per-group counts of correct rows and of per-class true positives, false
-    positives and false negatives are summed with multinomial group weights.
-    """
-    if config.n_bootstrap == 0:
-        nan = (float("nan"), float("nan"))
-        return nan, nan
-    n_groups = int(group_index.max()) + 1
-    correct = true_codes == predicted_codes
-    rows_per_group = np.bincount(group_index, minlength=n_groups).astype(np.float64)
-    correct_per_group = np.bincount(group_index, weights=correct, minlength=n_groups)
-    tp = np.zeros((n_groups, n_classes))
-    fp = np.zeros((n_groups, n_classes))
-    fn = np.zeros((n_groups, n_classes))
-    np.add.at(tp, (group_index[correct], true_codes[correct]), 1)
-    np.add.at(fp, (group_index[~correct], predicted_codes[~correct]), 1)
-    np.add.at(fn, (group_index[~correct], true_codes[~correct]), 1)
-
-    rng = np.random.default_rng(config.seed)
-    weights = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=config.n_bootstrap)
-    accuracy = (weights @ correct_per_group) / (weights @ rows_per_group)
-    tp_b, fp_b, fn_b = weights @ tp, weights @ fp, weights @ fn
-    denominator = 2 * tp_b + fp_b + fn_b
-    # A class absent from a resample (no true and no predicted row) does not enter its
-    # macro average, as in sklearn's f1_score over the labels present.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denominator > 0, 2 * tp_b / denominator, np.nan)
-    macro_f1 = np.nanmean(f1, axis=1)
-    tail = (1 - config.confidence_level) / 2 * 100
-    return (tuple(float(v) for v in np.percentile(accuracy, [tail, 100 - tail])),
-            tuple(float(v) for v in np.percentile(macro_f1, [tail, 100 - tail])))
-
-
 def knn_cross_validate(embeddings: Any, labels: Any, groups: Any,
-                       config: KnnConfig | None = None) -> KnnResult:
+                       config: KnnConfig | None = None, grouping: str = "group") -> KnnResult:
     """Grouped k-fold kNN accuracy and macro-F1 of an embedding, with out-of-fold predictions.
 
     embeddings: (N, D) numbers, finite; labels: (N,) classes; groups: (N,) the unit that must not
-    be split (the recording or file). In each fold the scaler is fitted on the training rows
-    only, then a k-NN vote (`config.metric`, `config.weights`) predicts the test rows.
-    k is clipped to the smallest training fold, with a warning.
+    be split, named by `grouping` ("recording", "recorder" ...) in intervals and errors. In each
+    fold the scaler is fitted on the training rows only, then a k-NN vote (`config.metric`,
+    `config.weights`) predicts the test rows. k is clipped to the smallest training fold, with a
+    warning.
     """
     config = config or KnnConfig()
     embeddings = _check_finite_embeddings(embeddings).astype(np.float64)
@@ -404,8 +394,8 @@ def knn_cross_validate(embeddings: Any, labels: Any, groups: Any,
     classes, true_codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"kNN classification needs at least 2 classes, got {classes.tolist()}")
-    folds = grouped_folds(labels, groups, config.n_folds, config.stratified, config.seed)
-    _, group_index = np.unique(groups.astype(str), return_inverse=True)
+    folds = grouped_folds(labels, groups, config.n_folds, config.stratified, config.seed, grouping)
+    group_index = codes(groups)
 
     k = min(config.k, min(len(train) for train, _ in folds))
     if k < config.k:
@@ -437,63 +427,136 @@ def knn_cross_validate(embeddings: Any, labels: Any, groups: Any,
                                            average="macro", zero_division=0)),
         })
     fold_scores = pd.DataFrame(rows)
-    accuracy_ci_bootstrap, macro_f1_ci_bootstrap = _bootstrap_over_groups(
-        true_codes, predicted_codes, group_index, len(classes), config)
+    bootstrap = group_bootstrap(groups, config, grouping)
+    if bootstrap is None:
+        accuracy_interval = macro_f1_interval = _no_bootstrap(config)
+    else:
+        note = "fixed out-of-fold predictions"
+        accuracy_interval = bootstrap.interval(bootstrap.resampled_accuracy(true_codes == predicted_codes),
+                                               config.confidence_level, note)
+        macro_f1_interval = bootstrap.interval(
+            bootstrap.resampled_macro_f1(true_codes, predicted_codes, len(classes)), config.confidence_level, note)
     return KnnResult(
         fold_scores=fold_scores,
         accuracy=float(skm.accuracy_score(true_codes, predicted_codes)),
         macro_f1=float(skm.f1_score(true_codes, predicted_codes, average="macro", zero_division=0)),
         accuracy_fold_mean=float(fold_scores["accuracy"].mean()),
         macro_f1_fold_mean=float(fold_scores["macro_f1"].mean()),
-        accuracy_ci_t=_t_interval(fold_scores["accuracy"].to_numpy(), config.confidence_level),
-        macro_f1_ci_t=_t_interval(fold_scores["macro_f1"].to_numpy(), config.confidence_level),
-        accuracy_ci_bootstrap=accuracy_ci_bootstrap,
-        macro_f1_ci_bootstrap=macro_f1_ci_bootstrap,
+        accuracy_interval=accuracy_interval,
+        macro_f1_interval=macro_f1_interval,
+        accuracy_fold_interval=t_interval(fold_scores["accuracy"], config.confidence_level, "fold"),
+        macro_f1_fold_interval=t_interval(fold_scores["macro_f1"], config.confidence_level, "fold"),
         predictions=classes[predicted_codes],
         true_labels=labels,
         fold_of_row=fold_of_row,
         classes=classes,
+        grouping=grouping,
+        n_groups=int(group_index.max()) + 1,
         config=config,
     )
 
 
-# --------------------------------------------------------------------------- one output space
+# --------------------------------------------------------------------------- output spaces against labels
 
-def score_output_space(name: str, embeddings: Any, labels: Any = None, groups: Any = None,
-                       cluster_labels: Any = None, detected: Any = None,
-                       knn_config: KnnConfig | None = None, n_clusters: int | None = None,
-                       seed: int = 0, n_top_detection_clusters: int = 10) -> dict[str, Any]:
-    """Every score its inputs allow for one output space, as one flat dict (a table row).
+@dataclass
+class SpaceScores:
+    """One output space scored against labels: grouped kNN and a fixed KMeans clustering.
 
-    - labels + groups: grouped kNN (`knn_*` keys);
-    - labels: clustering agreement of `cluster_labels` with them; when no cluster labels are
-      given, `cluster.fit_clusters` runs here (standardised embedding, KMeans fitted on up to
-      50k rows) with `n_clusters` (default: the number of classes), the usual "KMeans NMI"
-      protocol, and the silhouette is added;
-    - detected + cluster_labels: the BirdNET detection-rate summary (`detection_*` keys).
-    Rows with NaN in the embedding are an error (see `knn_cross_validate`).
+    `agreement` is `clustering_agreement` of `clusters` with the labels (scikit-learn's scores);
+    `agreement_intervals` their percentile intervals over the same resamples of groups as the
+    kNN intervals (NMI's and V-measure's say they are a spread, the statistic being biased).
     """
-    embeddings = _check_finite_embeddings(embeddings)
-    row: dict[str, Any] = {"output_space": name, "n_rows": int(embeddings.shape[0]),
-                           "n_dims": int(embeddings.shape[1])}
-    if labels is not None and groups is not None:
-        row.update(knn_cross_validate(embeddings, labels, groups, knn_config).summary())
-    if labels is not None:
-        if cluster_labels is None:
-            from .cluster import ClusterConfig, fit_clusters  # clustering is only needed here
 
-            reference = _as_1d(labels, "labels")
-            k = n_clusters or len(pd.unique(reference[~_missing(reference)]))
-            result = fit_clusters(embeddings.astype(np.float32), ClusterConfig(n_clusters=k, seed=seed),
-                                  progress=False)
-            cluster_labels = result.labels
-            row["silhouette"] = result.silhouette
-        row.update(clustering_agreement(cluster_labels, labels))
-    if detected is not None:
-        if cluster_labels is None:
-            raise ValueError("a detection-rate summary needs cluster_labels (or labels to cluster by)")
-        summary = summarize_detection_rates(detection_rate_per_cluster(cluster_labels, detected),
-                                            n_top=n_top_detection_clusters)
-        row.update({f"detection_{key}": value for key, value in summary.items()
-                    if key not in ("top_clusters", "top_rates")})
-    return row
+    name: str
+    embeddings: np.ndarray             # (N, D) the rows that were scored
+    knn: KnnResult
+    clusters: np.ndarray               # (N,) KMeans cluster of every row
+    agreement: dict[str, Any]
+    agreement_intervals: dict[str, Interval]
+    silhouette: float                  # of the clustering (NaN when not computed)
+
+    def row(self) -> dict[str, Any]:
+        """The space's scalar scores as one flat table row."""
+        row: dict[str, Any] = {"output_space": self.name, "n_rows": int(self.embeddings.shape[0]),
+                               "n_dims": int(self.embeddings.shape[1])}
+        row.update(self.knn.summary())
+        for name in ("nmi", "ari", "v_measure"):
+            row[name] = self.agreement[name]
+            interval = self.agreement_intervals[name]
+            row[f"{name}_interval_low"], row[f"{name}_interval_high"] = interval.bounds
+            row[f"{name}_interval_method"] = interval.method
+        row.update({key: value for key, value in self.agreement.items() if key not in row})
+        row["silhouette"] = self.silhouette
+        return row
+
+
+def score_space(name: str, embeddings: Any, labels: Any, groups: Any, grouping: str,
+                knn_config: KnnConfig | None = None, cluster_config: ClusterConfig | None = None,
+                cluster_labels: Any = None, silhouette: float = float("nan")) -> SpaceScores:
+    """Grouped kNN and KMeans agreement of one output space, with intervals over resampled groups.
+
+    labels, groups: one per row (no missing label); `grouping` names the groups ("recorder" ...).
+    The clustering is `cluster_labels` when given (with its `silhouette`), else
+    `cluster.fit_clusters(embeddings, cluster_config)` (default: k = the number of labels, all
+    rows). Rows with NaN are an error (see `knn_cross_validate`).
+    """
+    knn_config = knn_config or KnnConfig()
+    embeddings = _check_finite_embeddings(embeddings)
+    labels = _as_1d(labels, "labels")
+    knn = knn_cross_validate(embeddings, labels, groups, knn_config, grouping)
+    if cluster_labels is None:
+        cluster_config = cluster_config or ClusterConfig(n_clusters=len(knn.classes), fit_subsample=None,
+                                                         seed=knn_config.seed)
+        clustering = fit_clusters(np.asarray(embeddings, dtype=np.float32), cluster_config, progress=False)
+        cluster_labels, silhouette = clustering.labels, clustering.silhouette
+    cluster_labels = _as_1d(cluster_labels, "cluster_labels")
+    _same_length(embeddings=embeddings, cluster_labels=cluster_labels)
+    bootstrap = group_bootstrap(groups, knn_config, grouping)
+    intervals = ({name: _no_bootstrap(knn_config) for name in ("nmi", "v_measure", "ari")} if bootstrap is None
+                 else agreement_intervals(bootstrap, labels, cluster_labels, knn_config.confidence_level))
+    return SpaceScores(name, np.asarray(embeddings), knn, cluster_labels,
+                       clustering_agreement(cluster_labels, labels), intervals, float(silhouette))
+
+
+def score_spaces(spaces: Mapping[str, Any], labels: Any, groups: Any, grouping: str,
+                 knn_config: KnnConfig | None = None, cluster_config: ClusterConfig | None = None,
+                 cluster_labels: Mapping[str, Any] | None = None, silhouettes: Mapping[str, float] | None = None,
+                 progress: bool = True) -> dict[str, SpaceScores]:
+    """`score_space` for every space (name -> (N, D), rows aligned with labels and groups), all
+    clustered with one `cluster_config` unless their `cluster_labels` are given."""
+    cluster_labels, silhouettes = dict(cluster_labels or {}), dict(silhouettes or {})
+    return {name: score_space(name, array, labels, groups, grouping, knn_config, cluster_config,
+                              cluster_labels.get(name), silhouettes.get(name, float("nan")))
+            for name, array in tqdm(spaces.items(), desc="scoring", unit="space", disable=not progress)}
+
+
+def spaces_table(scored: Mapping[str, SpaceScores]) -> pd.DataFrame:
+    """One row per scored space (`SpaceScores.row`), indexed by output_space."""
+    return pd.DataFrame([result.row() for result in scored.values()]).set_index("output_space")
+
+
+def paired_against(scored: Mapping[str, SpaceScores], reference: str, groups: Any, grouping: str,
+                   n_bootstrap: int = 2000, level: float = DEFAULT_LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Every other scored space against `reference`, on the same resamples of groups.
+
+    Per space: kNN accuracy (the out-of-fold predictions, `core.stats.paired_accuracy`) and the
+    KMeans NMI and ARI (the fixed clusterings, `core.stats.paired_agreement`). Tidy: output_space,
+    then `core.stats.PAIRED_COLUMNS` (difference, its interval with level and method, and
+    share_not_better: the share of resamples in which the space did not beat the reference,
+    not a p-value).
+    """
+    if reference not in scored:
+        raise KeyError(f"no space {reference!r} was scored; scored: {sorted(scored)}")
+    base = scored[reference]
+    bootstrap = GroupBootstrap(groups, n_bootstrap, seed, unit=grouping)
+    tables = []
+    for name, result in scored.items():
+        if name == reference:
+            continue
+        differences = [paired_accuracy(result.knn.true_labels, result.knn.predictions, base.knn.predictions,
+                                       bootstrap, level)]
+        differences += paired_agreement(result.knn.true_labels, result.clusters, base.clusters, bootstrap,
+                                        result.agreement, base.agreement, level, metrics=("nmi", "ari"))
+        tables.append(paired_table(differences, output_space=name))
+    columns = ["output_space", *PAIRED_COLUMNS]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

@@ -32,19 +32,31 @@ window above a song.
 Scores (all on the same selected windows, labels with fewer than `min_recordings_per_label`
 recordings dropped because no split could ever train and test on them):
 
-* kNN accuracy and macro-F1, folds grouped by recording (`metrics.knn_cross_validate`: no group
-  is ever on both sides of a split; checked on every call), with a percentile bootstrap interval
-  over recordings (`knn_accuracy`, `knn_macro_f1`) and a t-interval across folds
+* kNN accuracy and macro-F1, folds grouped (`metrics.knn_cross_validate`: no group is ever on
+  both sides of a split; checked on every call), with a percentile bootstrap interval over the
+  groups (`knn_accuracy`, `knn_macro_f1`) and a t-interval across folds
   (`knn_accuracy_fold_mean`);
 * KMeans with k = number of labels on the standardised embedding (`cluster.fit_clusters`): NMI,
-  ARI and V-measure against the labels, with a percentile bootstrap interval over recordings of
+  ARI and V-measure against the labels, with a percentile bootstrap interval over the groups of
   the fixed clustering (the clustering is not refitted per resample: the interval is about the
-  sample of recordings, not about KMeans' initialisation).
+  sample of recordings, not about KMeans' initialisation; for NMI and V-measure, biased upwards
+  in resamples, it is a spread, not a confidence interval, and its method says so).
+
+Groups (`group_by`). The unit the folds never split and the bootstrap resamples: "recording"
+(default), or a column of the labels table or of a metadata table joined on the path
+(`metadata_csv`), e.g. "recordist": one recordist's recordings may share a site, a day and a
+bird, so grouping by recordist is the stricter test where a table names them
+(`xeno-canto-phoebe-10sp/metadata.csv`, the Acrocephalus `labels.csv`). Several columns joined
+with "+" ("recordist+date") group one session. On a synthetic archive the groups are the
+recorders (each recorder hears the same individual birds in all its files) or the files. Every
+score row names its grouping; too few groups for the folds is an error that names the grouping.
 
 Products in `out_dir`::
 
-    scores.csv / scores.json   tidy: space, pooling, metric, value, ci_low, ci_high, ci_method,
-                               n_windows, n_recordings, n_groups, n_labels, n_dims, window_selection
+    scores.csv / scores.json   tidy: space, pooling, metric, value, interval_low, interval_high,
+                               interval_level, interval_method (how the interval was made),
+                               n_windows, n_recordings, n_groups, grouping, n_labels, n_dims,
+                               window_selection
                                (the JSON adds the run's metadata and the skipped spaces)
     windows.csv                every grid window: recording, path, label, group, offset_s,
                                in_band_db, energy_rank (1 = loudest in its recording), selected
@@ -64,6 +76,7 @@ scoring, so the demo validates without any external data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -82,23 +95,26 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
-from .metrics import KnnConfig, KnnResult, clustering_agreement, knn_cross_validate
+from . import metrics
+from .metrics import KnnConfig, SpaceScores
 from ..core.provenance import to_jsonable, write_config_json
+from ..pretrain.pooling import POOLINGS
 from ..tiles.spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
 
 logger = logging.getLogger(__name__)
 
 STAGE = "validate"
 WINDOW_SELECTIONS = ("all", "top_k_energy")
-SSL_POOLINGS = ("mean", "cls", "band")    # embed.POOLINGS, without importing torch here
 BIRDNET_SPACE = "birdnet_v2.4"
 BIRDNET_POOLING = "global_avg_pool"     # BirdNET's own embedding: its penultimate layer
 LOGMEL_SPACE = "logmel_stats"
 LOGMEL_POOLING = "mean_std_over_time"
 METRICS = ("knn_accuracy", "knn_macro_f1", "knn_accuracy_fold_mean", "kmeans_nmi", "kmeans_ari",
            "kmeans_v_measure")
-SCORE_COLUMNS = ("space", "pooling", "metric", "value", "ci_low", "ci_high", "ci_method",
-                 "n_windows", "n_recordings", "n_groups", "n_labels", "n_dims", "window_selection")
+SCORE_COLUMNS = ("space", "pooling", "metric", "value", "interval_low", "interval_high", "interval_level",
+                 "interval_method", "n_windows", "n_recordings", "n_groups", "grouping", "n_labels", "n_dims",
+                 "window_selection")
+RECORDING_GROUPING = "recording"
 WINDOW_COLUMNS = ("window", "recording", "path", "label", "group", "offset_s", "window_s",
                   "in_band_db", "energy_rank", "selected")
 # Offsets are compared in integer milliseconds: every front end puts spans on exact multiples of
@@ -117,10 +133,11 @@ class ValidateConfig:
     energy_f_high_hz: float = 8000.0
     label_column: str = "auto"             # column of the labels CSV; "auto": label, else species
     path_column: str = "path"              # column with the recording's path (relative to audio_dir)
-    group_columns: tuple[str, ...] = ()    # columns whose values form the split's groups; () = the
-                                           # recording (e.g. recordist date: stricter, one session)
+    group_by: str = RECORDING_GROUPING     # the unit folds never split: "recording", or a column of the
+                                           # labels or metadata table ("recordist"; "recordist+date")
+    metadata_csv: str = ""                 # a table joined on the path column that may hold group_by
     min_recordings_per_label: int = 2      # labels with fewer groups are dropped (never testable)
-    poolings: tuple[str, ...] = SSL_POOLINGS   # SSL poolings scored: "mean", "cls", "band"
+    poolings: tuple[str, ...] = POOLINGS   # SSL poolings scored: "mean", "cls", "band"
     n_folds: int = 5                       # grouped kNN folds (clipped to the number of groups)
     k_neighbours: int = 10                 # kNN vote size
     knn_metric: str = "cosine"             # on features standardised per training fold
@@ -144,15 +161,22 @@ class ValidateConfig:
             raise ValueError(f"need 0 <= energy_f_low_hz < energy_f_high_hz, got "
                              f"{self.energy_f_low_hz}, {self.energy_f_high_hz}")
         self.poolings = tuple(self.poolings)
-        self.group_columns = tuple(self.group_columns)
-        unknown = set(self.poolings) - set(SSL_POOLINGS)
+        unknown = set(self.poolings) - set(POOLINGS)
         if unknown or not self.poolings:
-            raise ValueError(f"poolings must be a non-empty subset of {SSL_POOLINGS}, got {self.poolings}")
+            raise ValueError(f"poolings must be a non-empty subset of {POOLINGS}, got {self.poolings}")
+        if not self.group_by.strip() or "" in self.grouping_columns():
+            raise ValueError(f"group_by must be 'recording' or column names joined by '+', got {self.group_by!r}")
         if self.min_recordings_per_label < 2:
             raise ValueError("min_recordings_per_label must be >= 2: a label held by one recording "
                              "is never on both sides of a grouped split")
         # The kNN settings are checked where they are defined.
         self.knn_config(self.n_folds)
+
+    def grouping_columns(self) -> tuple[str, ...]:
+        """The table columns that form the groups; () when grouping by recording."""
+        if self.group_by.strip() == RECORDING_GROUPING:
+            return ()
+        return tuple(part.strip() for part in self.group_by.split("+"))
 
     def knn_config(self, n_folds: int) -> KnnConfig:
         return KnnConfig(k=self.k_neighbours, n_folds=n_folds, metric=self.knn_metric,
@@ -176,15 +200,11 @@ class ValidateConfig:
 
 
 @dataclass
-class SpaceResult:
-    """One output space's rows and scores."""
+class SpaceResult(SpaceScores):
+    """One output space's rows and scores (`metrics.SpaceScores`), with its space and pooling."""
 
-    space: str
-    pooling: str
-    embeddings: np.ndarray             # (n_selected_windows, n_dims), windows.csv order
-    knn: KnnResult
-    clusters: np.ndarray               # KMeans cluster of every row
-    agreement: dict[str, Any]          # metrics.clustering_agreement of the clusters
+    space: str = ""
+    pooling: str = ""
 
 
 @dataclass
@@ -216,6 +236,23 @@ class ValidationResult:
         top = rows.sort_values("value", ascending=False, kind="mergesort").iloc[0]
         return self.spaces[space_key(top["space"], top["pooling"])]
 
+    def spaces_to_show(self) -> dict[str, SpaceResult]:
+        """The spaces a reader looks at first, by title: the best SSL space by kNN accuracy (the
+        untrained control excluded), and BirdNET (the log-mel baseline when BirdNET was not scored)."""
+        shown: dict[str, SpaceResult] = {}
+        best_ssl = self.best("ssl_", exclude_prefix="ssl_untrained")
+        if best_ssl is not None:
+            shown[f"{best_ssl.space} · {best_ssl.pooling} (best SSL)"] = best_ssl
+        reference = (self.spaces.get(space_key(BIRDNET_SPACE, BIRDNET_POOLING))
+                     or self.spaces.get(space_key(LOGMEL_SPACE, LOGMEL_POOLING)))
+        if reference is not None:
+            shown[f"{reference.space} · {reference.pooling}"] = reference
+        return shown
+
+    def majority_label_share(self) -> float:
+        """The share of the most frequent label among the scored windows: what always guessing it scores."""
+        return float(self.selected["label"].value_counts(normalize=True).max())
+
 
 def space_key(space: str, pooling: str) -> str:
     return f"{space}/{pooling}"
@@ -223,6 +260,44 @@ def space_key(space: str, pooling: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Labelled recordings
+
+
+def recording_groups(table: pd.DataFrame, config: ValidateConfig) -> pd.Series:
+    """The group of each row of a labels table (same index), by `config.group_by`.
+
+    "recording": the path as written. Otherwise the values of the named columns (joined with
+    " | " when several), taken from the labels table or, for columns it lacks, from
+    `config.metadata_csv` joined on the path column. A column found nowhere, a metadata table
+    with a path twice, or a recording without a value is an error that names them: a recording
+    never falls back to its own group silently.
+    """
+    paths = table[config.path_column].astype(str)
+    columns = config.grouping_columns()
+    if not columns:
+        return paths.rename("group")
+    values = table[[c for c in columns if c in table.columns]].copy()
+    from_metadata = [c for c in columns if c not in table.columns]
+    if from_metadata:
+        if not config.metadata_csv:
+            raise ValueError(f"group_by {config.group_by!r}: the labels table lacks {from_metadata} "
+                             f"(it has {list(table.columns)}) and no metadata_csv is given")
+        metadata = pd.read_csv(config.metadata_csv)
+        lacking = [c for c in (config.path_column, *from_metadata) if c not in metadata.columns]
+        if lacking:
+            raise ValueError(f"group_by {config.group_by!r}: {config.metadata_csv} lacks {lacking}; "
+                             f"it has {list(metadata.columns)}")
+        keys = metadata[config.path_column].astype(str)
+        if keys.duplicated().any():
+            raise ValueError(f"{config.metadata_csv}: paths listed twice, e.g. {keys[keys.duplicated()].iloc[0]!r}")
+        joined = metadata.assign(**{config.path_column: keys}).set_index(config.path_column)[from_metadata]
+        for column in from_metadata:
+            values[column] = paths.map(joined[column]).to_numpy()
+    values = values[list(columns)]
+    absent = values.isna().any(axis=1) | (values.astype(str).apply(lambda c: c.str.strip()) == "").any(axis=1)
+    if absent.any():
+        raise ValueError(f"group_by {config.group_by!r}: {int(absent.sum())} recording(s) have no value, "
+                         f"e.g. {paths[absent].iloc[0]!r}: fill them in, or group by recording")
+    return values.astype(str).agg(" | ".join, axis=1).rename("group")
 
 
 def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir: str | os.PathLike,
@@ -236,8 +311,7 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
     label_column = config.label_column
     if label_column == "auto":
         label_column = next((c for c in ("label", "species") if c in table.columns), "label")
-    missing = [c for c in (config.path_column, label_column, *config.group_columns)
-               if c not in table.columns]
+    missing = [c for c in (config.path_column, label_column) if c not in table.columns]
     if missing:
         raise ValueError(f"labels table lacks columns {missing}; it has {list(table.columns)}")
     audio_dir = Path(audio_dir)
@@ -247,10 +321,7 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
         "path": [str(p.resolve()) for p in paths],
         "label": table[label_column],
     })
-    if config.group_columns:
-        recordings["group"] = table[list(config.group_columns)].astype(str).agg(" | ".join, axis=1)
-    else:
-        recordings["group"] = recordings["recording"]
+    recordings["group"] = recording_groups(table, config).to_numpy()
     skipped = []
     no_label = recordings["label"].isna() | (recordings["label"].astype(str).str.strip() == "")
     no_file = ~np.array([Path(p).is_file() for p in recordings["path"]])
@@ -500,238 +571,84 @@ def birdnet_space(windows: pd.DataFrame, work_dir: Path, config: ValidateConfig)
 # Scores
 
 
-def agreement_from_contingency(counts: np.ndarray) -> dict[str, np.ndarray]:
-    """NMI (arithmetic mean normalisation, = V-measure with beta 1), V-measure and ARI from
-    contingency tables (..., n_labels, n_clusters) of (possibly weighted) counts, vectorised
-    over the leading axes. Matches sklearn's scores on integer tables, edge cases included
-    (a table with one label and one cluster scores 1)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    n = counts.sum(axis=(-2, -1))
-    a = counts.sum(axis=-1)                      # per label
-    b = counts.sum(axis=-2)                      # per cluster
-
-    def entropy(margins: np.ndarray) -> np.ndarray:
-        p = margins / n[..., None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=-1)
-
-    h_labels, h_clusters = entropy(a), entropy(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = counts * n[..., None, None] / (a[..., :, None] * b[..., None, :])
-        mutual = np.sum(np.where(counts > 0, counts / n[..., None, None] * np.log(ratio), 0.0),
-                        axis=(-2, -1))
-        mutual = np.maximum(mutual, 0.0)         # rounding can make an independent table -1e-17
-        denominator = (h_labels + h_clusters) / 2
-        nmi = np.where(denominator > 0, mutual / denominator, 1.0)
-        # sklearn: homogeneity (completeness) is 1 when the labels (clusters) have no entropy.
-        homogeneity = np.where(h_labels > 0, mutual / h_labels, 1.0)
-        completeness = np.where(h_clusters > 0, mutual / h_clusters, 1.0)
-        v_measure = np.where(homogeneity + completeness > 0,
-                             2 * homogeneity * completeness / (homogeneity + completeness), 0.0)
-        pairs = np.sum(counts * (counts - 1), axis=(-2, -1)) / 2
-        pairs_a = np.sum(a * (a - 1), axis=-1) / 2
-        pairs_b = np.sum(b * (b - 1), axis=-1) / 2
-        total = n * (n - 1) / 2
-        expected = pairs_a * pairs_b / total
-        maximum = (pairs_a + pairs_b) / 2
-        ari = np.where(maximum != expected, (pairs - expected) / (maximum - expected), 1.0)
-    return {"nmi": nmi, "v_measure": v_measure, "ari": ari}
-
-
-def _bootstrap_weights(groups: np.ndarray, n_bootstrap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Group codes and (n_bootstrap, n_groups) multinomial resampling weights of the groups."""
-    _, group_codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    n_groups = group_codes.max() + 1
-    weights = np.random.default_rng(seed).multinomial(
-        n_groups, np.full(n_groups, 1.0 / n_groups), size=n_bootstrap)
-    return group_codes, weights
-
-
-def _resampled_agreement(clusters: np.ndarray, label_codes: np.ndarray, group_codes: np.ndarray,
-                         weights: np.ndarray) -> dict[str, np.ndarray]:
-    """NMI, V-measure and ARI of a fixed clustering under each row of group `weights`."""
-    _, cluster_codes = np.unique(clusters, return_inverse=True)
-    n_groups, n_labels, n_clusters = weights.shape[1], label_codes.max() + 1, cluster_codes.max() + 1
-    per_group = np.zeros((n_groups, n_labels * n_clusters))
-    np.add.at(per_group, (group_codes, label_codes * n_clusters + cluster_codes), 1.0)
-    tables = (weights @ per_group).reshape(len(weights), n_labels, n_clusters)
-    return agreement_from_contingency(tables)
-
-
-def clustering_bootstrap(clusters: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                         n_bootstrap: int, confidence_level: float, seed: int
-                         ) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of NMI, V-measure and ARI of a fixed clustering, with groups
-    (recordings) resampled with replacement: per-group contingency tables summed with
-    multinomial weights, so each resample costs one matrix product.
-
-    Percentile intervals, read as spread: NMI and V-measure are biased upwards on small samples
-    and a resample with repeated recordings has fewer independent ones, so their bootstrap
-    distribution sits above the estimate (measured on the Acrocephalus set: NMI 0.20, interval
-    0.15-0.38); the ARI, chance-corrected, shifts less."""
-    if n_bootstrap == 0:
-        return {"nmi": (float("nan"), float("nan")), "v_measure": (float("nan"), float("nan")),
-                "ari": (float("nan"), float("nan"))}
-    _, label_codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    group_codes, weights = _bootstrap_weights(groups, n_bootstrap, seed)
-    scores = _resampled_agreement(clusters, label_codes, group_codes, weights)
-    tail = (1 - confidence_level) / 2 * 100
-    return {name: tuple(float(v) for v in np.nanpercentile(values, [tail, 100 - tail]))
-            for name, values in scores.items()}
-
-
-def paired_clustering_difference(clusters: np.ndarray, reference_clusters: np.ndarray, labels: np.ndarray,
-                                 groups: np.ndarray, n_bootstrap: int = 2000, confidence_level: float = 0.95,
-                                 seed: int = 0) -> pd.DataFrame:
-    """Does one clustering agree with `labels` better than another? Paired over resampled groups.
-
-    Both fixed clusterings are scored on the same resamples of groups (recordings), so what the
-    two share (which recordings happen to be drawn) cancels in the difference. Rows nmi,
-    v_measure and ari; columns: the estimate of each, their difference, its percentile interval
-    and the share of resamples in which the difference is not positive (a one-sided p-value).
-    """
-    _, label_codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    group_codes, weights = _bootstrap_weights(groups, n_bootstrap, seed)
-    resampled = _resampled_agreement(clusters, label_codes, group_codes, weights)
-    reference = _resampled_agreement(reference_clusters, label_codes, group_codes, weights)
-    estimate, reference_estimate = (clustering_agreement(clusters, labels),
-                                    clustering_agreement(reference_clusters, labels))
-    tail = (1 - confidence_level) / 2 * 100
-    rows = []
-    for name in ("nmi", "v_measure", "ari"):
-        difference = resampled[name] - reference[name]
-        low, high = np.nanpercentile(difference, [tail, 100 - tail])
-        rows.append({"metric": name, "value": float(estimate[name]), "reference": float(reference_estimate[name]),
-                     "difference": float(estimate[name] - reference_estimate[name]),
-                     "ci_low": float(low), "ci_high": float(high),
-                     "share_not_better": float(np.mean(difference[np.isfinite(difference)] <= 0))})
-    return pd.DataFrame(rows).set_index("metric")
-
-
-def paired_knn_difference(predictions: np.ndarray, reference_predictions: np.ndarray,
-                          labels: np.ndarray, groups: np.ndarray, n_bootstrap: int = 2000,
-                          confidence_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Is one space's out-of-fold kNN accuracy higher than another's? Paired over resampled groups.
-
-    Both prediction vectors are of the same rows; each resample of groups (recordings, with
-    replacement) scores both, so the recordings that are easy or hard for every space cancel in
-    the difference. One row, "knn_accuracy", with the columns of `paired_clustering_difference`.
-    """
-    if not len(predictions) == len(reference_predictions) == len(labels) == len(groups):
-        raise ValueError("predictions, reference predictions, labels and groups must be of the same rows")
-    labels = np.asarray(labels).astype(str)
-    correct = np.asarray(predictions).astype(str) == labels
-    reference_correct = np.asarray(reference_predictions).astype(str) == labels
-    group_codes, weights = _bootstrap_weights(groups, n_bootstrap, seed)
-    n_groups = weights.shape[1]
-    rows_per_group = np.bincount(group_codes, minlength=n_groups)
-    resampled_rows = weights @ rows_per_group
-    difference = weights @ (np.bincount(group_codes, correct, n_groups)
-                            - np.bincount(group_codes, reference_correct, n_groups)) / resampled_rows
-    tail = (1 - confidence_level) / 2 * 100
-    low, high = np.percentile(difference, [tail, 100 - tail])
-    return pd.DataFrame([{
-        "metric": "knn_accuracy", "value": float(correct.mean()), "reference": float(reference_correct.mean()),
-        "difference": float(correct.mean() - reference_correct.mean()), "ci_low": float(low),
-        "ci_high": float(high), "share_not_better": float(np.mean(difference <= 0))}]).set_index("metric")
-
-
 def paired_against(result: "ValidationResult", reference: str, n_bootstrap: int = 2000,
                    confidence_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Every other scored space against `reference` ("space/pooling"), paired over recordings:
-    kNN accuracy (`paired_knn_difference`) and the KMeans NMI and ARI
-    (`paired_clustering_difference`). Tidy: space, pooling, metric, value, reference, difference,
-    ci_low, ci_high, share_not_better."""
-    if reference not in result.spaces:
-        raise KeyError(f"no space {reference!r} was scored; scored: {sorted(result.spaces)}")
+    """Every other scored space against `reference` ("space/pooling"), paired over the groups
+    (`metrics.paired_against`: kNN accuracy, KMeans NMI and ARI on the same resamples). Tidy:
+    space, pooling, then `core.stats.PAIRED_COLUMNS`; `share_not_better` is the share of
+    resamples in which the space did not beat the reference, not a p-value."""
     groups = result.selected["group"].to_numpy()
-    base = result.spaces[reference]
-    tables = []
-    for key, space in result.spaces.items():
-        if key == reference:
-            continue
-        knn = paired_knn_difference(space.knn.predictions, base.knn.predictions, space.knn.true_labels,
-                                    groups, n_bootstrap, confidence_level, seed)
-        clustering = paired_clustering_difference(space.clusters, base.clusters, space.knn.true_labels,
-                                                  groups, n_bootstrap, confidence_level, seed)
-        table = pd.concat([knn, clustering.loc[["nmi", "ari"]]]).reset_index()
-        tables.append(table.assign(space=space.space, pooling=space.pooling))
-    columns = ["space", "pooling", "metric", "value", "reference", "difference", "ci_low", "ci_high",
-               "share_not_better"]
-    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    grouping = str(result.scores["grouping"].iloc[0]) if len(result.scores) else "group"
+    table = metrics.paired_against(result.spaces, reference, groups, grouping, n_bootstrap, confidence_level, seed)
+    names = table.pop("output_space").str.split("/", n=1, expand=True) if len(table) else None
+    table.insert(0, "space", names[0] if names is not None else pd.Series(dtype=object))
+    table.insert(1, "pooling", names[1] if names is not None else pd.Series(dtype=object))
+    return table
 
 
 def score_space(space: str, pooling: str, embeddings: np.ndarray, labels: np.ndarray,
-                groups: np.ndarray, config: ValidateConfig) -> SpaceResult:
-    """Grouped kNN and KMeans (k = number of labels) scores of one output space.
-
-    `config.n_folds` is lowered to the number of groups when there are fewer."""
-    from .cluster import ClusterConfig, fit_clusters
-
-    n_folds = min(config.n_folds, len(np.unique(groups.astype(str))))
-    knn = knn_cross_validate(embeddings, labels, groups, config.knn_config(n_folds))
-    n_labels = len(np.unique(labels))
-    cluster_result = fit_clusters(np.asarray(embeddings, dtype=np.float32),
-                                  ClusterConfig(n_clusters=n_labels, fit_subsample=None,
-                                                seed=config.seed),
-                                  progress=False)
-    agreement = clustering_agreement(cluster_result.labels, labels)
-    agreement["intervals"] = clustering_bootstrap(cluster_result.labels, labels, groups,
-                                                  config.n_bootstrap, config.confidence_level,
-                                                  config.seed)
-    return SpaceResult(space, pooling, np.asarray(embeddings), knn, cluster_result.labels, agreement)
+                groups: np.ndarray, config: ValidateConfig, grouping: str = RECORDING_GROUPING) -> SpaceResult:
+    """Grouped kNN and KMeans (k = number of labels, all rows) scores of one output space, with
+    intervals over the groups (`metrics.score_space`). Fewer groups than `config.n_folds` is an
+    error naming the grouping."""
+    scores = metrics.score_space(space_key(space, pooling), embeddings, labels, groups, grouping,
+                                 config.knn_config(config.n_folds))
+    return SpaceResult(**{f.name: getattr(scores, f.name) for f in dataclasses.fields(SpaceScores)},
+                       space=space, pooling=pooling)
 
 
-def score_rows(result: SpaceResult, n_recordings: int, n_groups: int, window_selection: str
-               ) -> list[dict[str, Any]]:
+def score_rows(result: SpaceResult, n_recordings: int, window_selection: str) -> list[dict[str, Any]]:
     """The tidy rows (SCORE_COLUMNS) of one space."""
-    knn, agreement = result.knn, result.agreement
-    bootstrap = f"bootstrap_groups_{knn.config.n_bootstrap}"
+    knn, agreement, intervals = result.knn, result.agreement, result.agreement_intervals
     values = {
-        "knn_accuracy": (knn.accuracy, knn.accuracy_ci_bootstrap, bootstrap),
-        "knn_macro_f1": (knn.macro_f1, knn.macro_f1_ci_bootstrap, bootstrap),
-        "knn_accuracy_fold_mean": (knn.accuracy_fold_mean, knn.accuracy_ci_t,
-                                   f"t_over_{knn.config.n_folds}_folds"),
-        "kmeans_nmi": (agreement["nmi"], agreement["intervals"]["nmi"], bootstrap),
-        "kmeans_ari": (agreement["ari"], agreement["intervals"]["ari"], bootstrap),
-        "kmeans_v_measure": (agreement["v_measure"], agreement["intervals"]["v_measure"], bootstrap),
+        "knn_accuracy": (knn.accuracy, knn.accuracy_interval),
+        "knn_macro_f1": (knn.macro_f1, knn.macro_f1_interval),
+        "knn_accuracy_fold_mean": (knn.accuracy_fold_mean, knn.accuracy_fold_interval),
+        "kmeans_nmi": (agreement["nmi"], intervals["nmi"]),
+        "kmeans_ari": (agreement["ari"], intervals["ari"]),
+        "kmeans_v_measure": (agreement["v_measure"], intervals["v_measure"]),
     }
     common = {"n_windows": len(result.embeddings), "n_recordings": n_recordings,
-              "n_groups": n_groups, "n_labels": len(knn.classes),
+              "n_groups": knn.n_groups, "grouping": knn.grouping, "n_labels": len(knn.classes),
               "n_dims": int(result.embeddings.shape[1]), "window_selection": window_selection}
     return [{"space": result.space, "pooling": result.pooling, "metric": metric, "value": float(value),
-             "ci_low": float(interval[0]), "ci_high": float(interval[1]), "ci_method": method, **common}
-            for metric, (value, interval, method) in values.items()]
+             **interval.columns(), **common}
+            for metric, (value, interval) in values.items()]
 
 
-def _drop_rare_labels(windows: pd.DataFrame, config: ValidateConfig) -> pd.DataFrame:
-    """Unselect windows of labels held by fewer than `min_recordings_per_label` groups."""
+def _drop_rare_labels(windows: pd.DataFrame, config: ValidateConfig, grouping: str
+                      ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Unselect windows of labels held by fewer than `min_recordings_per_label` groups; returns
+    the windows and the labels left out with their number of groups."""
     selected = windows[windows["selected"]]
     groups_per_label = selected.groupby("label")["group"].nunique()
     rare = groups_per_label[groups_per_label < config.min_recordings_per_label]
     if len(rare):
-        logger.warning("labels with fewer than %d recordings (groups) left out: %s",
-                       config.min_recordings_per_label, rare.to_dict())
+        logger.warning("labels held by fewer than %d groups (grouping by %s) left out: %s",
+                       config.min_recordings_per_label, grouping, rare.to_dict())
         windows = windows.copy()
         windows.loc[windows["label"].isin(rare.index), "selected"] = False
-    return windows
+    return windows, {str(label): int(n) for label, n in rare.items()}
 
 
 def run_validation(windows: pd.DataFrame, logmel_features: np.ndarray | None,
                    checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
                    out_dir: str | os.PathLike, config: ValidateConfig, window_selection: str,
                    skipped_recordings: pd.DataFrame | None = None,
-                   inputs: dict[str, Any] | None = None) -> ValidationResult:
+                   inputs: dict[str, Any] | None = None, grouping: str = RECORDING_GROUPING
+                   ) -> ValidationResult:
     """Score every output space on the selected windows and write the products (module docstring).
 
     windows: WINDOW_COLUMNS (from `window_table` with `selected` set); logmel_features: rows
-    aligned with `windows` (None skips the baseline). An output space that cannot be computed
-    (a checkpoint that cannot be read, BirdNET not installed ...) is logged and listed in
-    `skipped_spaces`; the others are still scored.
+    aligned with `windows` (None skips the baseline); `grouping` names what the windows' `group`
+    column holds (written into every score row). Fewer groups than `config.n_folds` is an error
+    that names the grouping, raised before any space is embedded. An output space that cannot be
+    computed (a checkpoint that cannot be read, BirdNET not installed ...) is logged and listed
+    in `skipped_spaces`; the others are still scored.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    windows = _drop_rare_labels(windows.reset_index(drop=True), config)
+    windows, labels_left_out = _drop_rare_labels(windows.reset_index(drop=True), config, grouping)
     selected_mask = windows["selected"].to_numpy(dtype=bool)
     selected = windows[selected_mask].reset_index(drop=True)
     labels = selected["label"].astype(str).to_numpy()
@@ -742,10 +659,11 @@ def run_validation(windows: pd.DataFrame, logmel_features: np.ndarray | None,
                          f"{config.min_recordings_per_label} recordings: nothing to tell apart")
     n_recordings = int(selected["recording"].nunique())
     n_groups = len(np.unique(groups))
-    logger.info("scoring %d windows of %d recordings (%d groups), %d labels, selection %s",
-                len(selected), n_recordings, n_groups, n_labels, window_selection)
+    logger.info("scoring %d windows of %d recordings (%d groups by %s), %d labels, selection %s",
+                len(selected), n_recordings, n_groups, grouping, n_labels, window_selection)
     if n_groups < config.n_folds:
-        logger.warning("%d groups: n_folds %d lowered to %d", n_groups, config.n_folds, n_groups)
+        raise ValueError(f"grouping by {grouping} gives {n_groups} groups, fewer than n_folds={config.n_folds}: "
+                         f"lower n_folds to at most {n_groups}, or group by a finer unit")
 
     candidates: dict[str, np.ndarray] = {}
     skipped_spaces: dict[str, str] = {}
@@ -777,20 +695,20 @@ def run_validation(windows: pd.DataFrame, logmel_features: np.ndarray | None,
     for key, values in tqdm(candidates.items(), desc="scoring", unit="space", disable=not config.progress):
         space, pooling = key.split("/")
         try:
-            spaces[key] = score_space(space, pooling, values, labels, groups, config)
+            spaces[key] = score_space(space, pooling, values, labels, groups, config, grouping)
         except ValueError as error:           # e.g. NaN rows: one space, not the whole run
             logger.warning("output space %s not scored: %s", key, error)
             skipped_spaces[key] = f"{type(error).__name__}: {error}"
 
     rows = [row for result in spaces.values()
-            for row in score_rows(result, n_recordings, n_groups, window_selection)]
+            for row in score_rows(result, n_recordings, window_selection)]
     scores = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     windows = windows.assign(selected=selected_mask)
     _write_products(out_dir, scores, windows, selected, spaces, skipped_spaces,
                     skipped_recordings, config, window_selection, inputs or {},
                     {"n_windows_selected": len(selected), "n_windows_grid": len(windows),
-                     "n_recordings": n_recordings, "n_groups": n_groups, "n_labels": n_labels,
-                     "n_folds": min(config.n_folds, n_groups),
+                     "n_recordings": n_recordings, "n_groups": n_groups, "grouping": grouping,
+                     "labels_left_out": labels_left_out, "n_labels": n_labels, "n_folds": config.n_folds,
                      "windows_per_label": selected["label"].value_counts().sort_index().to_dict(),
                      "majority_label_share": float(selected["label"].value_counts(normalize=True).max())})
     return ValidationResult(scores, windows, spaces, skipped_spaces, out_dir)
@@ -857,8 +775,12 @@ def validate_labelled(labels: str | os.PathLike | pd.DataFrame, audio_dir: str |
     windows["selected"] = select_windows(windows, config)
     inputs = {"labels": labels if not isinstance(labels, pd.DataFrame) else "DataFrame",
               "audio_dir": str(audio_dir), "checkpoints": _checkpoint_names(checkpoints)}
+    inputs["group_by"] = config.group_by
+    if config.metadata_csv:
+        inputs["metadata_csv"] = config.metadata_csv
     return run_validation(windows, logmel, checkpoints, out_dir, config, config.describe_selection(),
-                          pd.concat([skipped, unreadable], ignore_index=True), inputs)
+                          pd.concat([skipped, unreadable], ignore_index=True), inputs,
+                          grouping=config.group_by.strip())
 
 
 def validate_synthetic_archive(archive_dir: str | os.PathLike,
@@ -868,7 +790,9 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     """The same scoring on a synthetic archive's planted bird calls (`synthetic_call_windows`).
 
     The window selection is the calls' windows (reported as "planted_calls_snr>=X_dB"); the
-    config's `window_selection` and `top_k` do not apply.
+    config's `window_selection`, `top_k` and `group_by` do not apply: the groups are `group_by`
+    here, "recorder" (default: a recorder hears the same individual birds in all its files, so
+    grouping by file would let one bird sit on both sides of a split) or "file".
     """
     config = config or ValidateConfig()
     calls = synthetic_call_windows(archive_dir, config.window_s, min_snr_db, group_by)
@@ -884,7 +808,8 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     selection = f"planted_calls_snr>={min_snr_db:g}dB"
     inputs = {"archive_dir": str(archive_dir), "checkpoints": _checkpoint_names(checkpoints),
               "min_snr_db": min_snr_db, "group_by": group_by}
-    return run_validation(windows, logmel, checkpoints, out_dir, config, selection, skipped, inputs)
+    return run_validation(windows, logmel, checkpoints, out_dir, config, selection, skipped, inputs,
+                          grouping=group_by)
 
 
 def load_scores(out_dir: str | os.PathLike) -> pd.DataFrame:
@@ -895,10 +820,11 @@ def load_scores(out_dir: str | os.PathLike) -> pd.DataFrame:
 def scores_table(scores: pd.DataFrame, metrics: Sequence[str] = ("knn_accuracy", "kmeans_nmi",
                                                                   "kmeans_ari", "kmeans_v_measure")
                  ) -> pd.DataFrame:
-    """Output spaces x metrics, each cell "value [ci_low, ci_high]" as text, for display."""
+    """Output spaces x metrics, each cell "value [interval_low, interval_high]" as text, for
+    display (each interval's level and method are in the scores' columns)."""
     shown = scores[scores["metric"].isin(metrics)].copy()
     shown["cell"] = [f"{v:.3f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
-                     zip(shown["value"], shown["ci_low"], shown["ci_high"])]
+                     zip(shown["value"], shown["interval_low"], shown["interval_high"])]
     table = shown.pivot_table(index=["space", "pooling"], columns="metric", values="cell",
                               aggfunc="first")
     return table[[m for m in metrics if m in table.columns]]

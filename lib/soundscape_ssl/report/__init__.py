@@ -1,1 +1,2 @@
-"""Figures and tables a reader looks at: spectrogram panels, cluster maps and galleries, training curves."""
+"""Figures and tables a reader looks at: spectrogram panels, attention maps, cluster maps and galleries,
+training curves, the labelled validation's figures."""

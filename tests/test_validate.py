@@ -180,20 +180,26 @@ def tone_recording(sample_rate_hz: int, seconds: float, loud_windows: dict[int, 
 
 
 def test_top_k_energy_ranks_windows_by_in_band_energy(tmp_path):
-    # 16.5 s: five whole windows, the last 1.5 s is no window. Window 3 holds the loudest tone,
-    # window 1 a quieter one, window 4 loud rumble below the band (must not rank high).
-    path = write_wav(tmp_path / "a.wav", tone_recording(22050, 16.5, {3: 0.3, 1: 0.05}, 3000.0, 0,
-                                                        rumble_windows=(4,)), 22050)
+    # 16.5 s: five whole windows and a padded one (1.5 s of audio, half a window: kept by the
+    # window rule, listed, never scored). Window 3 holds the loudest tone of the whole windows,
+    # window 1 a quieter one, window 4 loud rumble below the band (must not rank high); the
+    # padded window 5 is louder still and takes no rank.
+    path = write_wav(tmp_path / "a.wav", tone_recording(22050, 16.5, {3: 0.3, 1: 0.05, 5: 0.6},
+                                                        3000.0, 0, rumble_windows=(4,)), 22050)
     recordings = pd.DataFrame({"recording": ["a.wav"], "path": [str(path)], "label": ["x"],
                                "group": ["a.wav"]})
     config = ValidateConfig(window_selection="top_k_energy", top_k=2, **QUICK)
     windows, logmel, skipped = window_table(recordings, config)
 
-    assert windows["offset_s"].tolist() == [0.0, 3.0, 6.0, 9.0, 12.0]
+    assert windows["offset_s"].tolist() == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]
+    assert windows["valid_s"].tolist() == [3.0] * 5 + [1.5]
+    assert windows["padded"].tolist() == [False] * 5 + [True]
+    assert windows["in_band_db"].idxmax() == 5 and pd.isna(windows["energy_rank"].iloc[5])
     assert windows.set_index("offset_s")["energy_rank"].loc[[9.0, 3.0]].tolist() == [1, 2]
     assert windows["offset_s"][select_windows(windows, config)].tolist() == [3.0, 9.0]
-    assert select_windows(windows, ValidateConfig(window_selection="all", **QUICK)).all()
-    assert logmel.shape == (5, 2 * 128) and np.isfinite(logmel).all() and skipped.empty
+    assert select_windows(windows, ValidateConfig(window_selection="all", **QUICK)).tolist() == \
+        [True] * 5 + [False]
+    assert logmel.shape == (6, 2 * 128) and np.isfinite(logmel).all() and skipped.empty
 
 
 def test_synthetic_call_windows_from_annotations(tmp_path):

@@ -12,9 +12,12 @@ output space is scored on the same windows:
 * the log-mel baseline: mean and std over time of each mel band of the window's log-mel tile
   (`baselines.logmel_stats_features`, the default 32 kHz / 128-mel front end).
 
-Windows. The grid is every whole `window_s` span of a recording from 0 s with hop `window_s` (no
-overlap, so no two windows share audio; a last partial span is left out rather than zero-padded,
-which would give every space a padding artefact to key on). Which grid windows are scored is
+Windows. The grid is the one window rule of `soundscape_ssl.core.audio` with window and hop
+`window_s` from 0 s (no overlap, so no two windows share audio), read through the one audio
+reader, so the windows are those the tile store, `embed --audio` and BirdNET cut from the same
+file. The rule keeps a last partial window, zero-padded, when at least half of it is audio;
+such padded windows are listed in windows.csv (`valid_s`, `padded`) but never scored: zero
+padding would give every space an artefact to key on. Which whole windows are scored is
 `window_selection`:
 
 * "top_k_energy" (default): per recording, the `top_k` windows with the highest in-band energy.
@@ -47,13 +50,15 @@ Products in `out_dir`::
                                n_windows, n_recordings, n_groups, n_labels, n_dims, window_selection
                                (the JSON adds the run's metadata and the skipped spaces)
     windows.csv                every grid window: recording, path, label, group, offset_s,
-                               in_band_db, energy_rank (1 = loudest in its recording), selected
+                               window_s, valid_s, padded, in_band_db, energy_rank (1 = loudest
+                               whole window of its recording; empty for padded ones), selected
     predictions.csv            per selected window and output space: the out-of-fold kNN
                                prediction, its fold, and the KMeans cluster
     fold_scores.csv            per output space and fold: sizes, accuracy, macro-F1
     embeddings/SPACE__POOLING.npy  each space's rows for the selected windows (windows.csv order)
     ssl/NAME/, birdnet/        the embedding stages' own products (with their provenance)
-    skipped.csv                recordings that gave no window, with a reason
+    skipped.csv                recordings that gave no window, and windows lost to bad audio,
+                               with a reason
     config.json                the ValidateConfig, inputs and counts (written last)
 
 `validate_synthetic_archive` builds a labelled set from a synthetic archive's annotations instead
@@ -78,13 +83,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
 from .metrics import KnnConfig, KnnResult, clustering_agreement, knn_cross_validate
+from ..core.audio import AudioFile, AudioOpenError, WindowLoss, grid_windows, read_info
 from ..core.provenance import to_jsonable, write_config_json
-from ..tiles.spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
+from ..recordings.archive import probe_recording
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, mel_bin_centres_hz
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +106,7 @@ METRICS = ("knn_accuracy", "knn_macro_f1", "knn_accuracy_fold_mean", "kmeans_nmi
 SCORE_COLUMNS = ("space", "pooling", "metric", "value", "ci_low", "ci_high", "ci_method",
                  "n_windows", "n_recordings", "n_groups", "n_labels", "n_dims", "window_selection")
 WINDOW_COLUMNS = ("window", "recording", "path", "label", "group", "offset_s", "window_s",
-                  "in_band_db", "energy_rank", "selected")
+                  "valid_s", "padded", "in_band_db", "energy_rank", "selected")
 # Offsets are compared in integer milliseconds: every front end puts spans on exact multiples of
 # the hop, but as floats computed in different ways.
 _OFFSET_KEY_SCALE = 1000
@@ -288,43 +294,80 @@ def in_band_energy_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz:
 
 def window_table(recordings: pd.DataFrame, config: ValidateConfig
                  ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """Every whole grid window of every recording: (windows, log-mel features, skipped).
+    """Every window of every recording by the one window rule: (windows, log-mel features, skipped).
 
-    windows: one row per window (WINDOW_COLUMNS but `selected`, which the caller sets); the
-    log-mel statistics (N, 2 n_mels) are row-aligned with it. A file that cannot be decoded or
-    holds no whole window is logged and listed in `skipped`.
+    windows: one row per window (WINDOW_COLUMNS but `selected`, which the caller sets), padded
+    ones included (`select_windows` never selects them); the log-mel statistics (N, 2 n_mels) are
+    row-aligned with it. Recordings are read through the one audio reader; a recording nothing
+    can be read from, or too short for a window, and windows lost to bad audio are logged and
+    listed in `skipped`.
     """
     spectrogram = config.spectrogram_config()
+    rule = spectrogram.window_rule
+    front_end = LogMelFrontEnd(spectrogram, "cpu")
     frames: list[pd.DataFrame] = []
     features: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
+
+    def skip(recording: Any, reason: str, detail: str) -> None:
+        logger.warning("skip %s [%s] %s", recording.path, reason, detail)
+        skipped.append({"recording": recording.recording, "reason": reason, "detail": detail})
+
     for recording in tqdm(recordings.itertuples(index=False), total=len(recordings), unit="file",
                           desc="windows", disable=not config.progress):
+        probe = probe_recording(recording.path)
+        if not probe.readable:
+            skip(recording, probe.reason, probe.detail)
+            continue
+        if probe.damage:
+            logger.warning("%s is damaged (%s), read up to the break: %s", recording.path,
+                           probe.damage, probe.damage_detail)
+        rate_hz = probe.sample_rate_hz
+        if not spectrogram.accepts_sample_rate(rate_hz):
+            skip(recording, "unsupported_sample_rate",
+                 f"{rate_hz} Hz outside {spectrogram.min_input_sample_rate_hz}-"
+                 f"{spectrogram.max_input_sample_rate_hz} Hz")
+            continue
+        n_windows = rule.count(probe.frames, rate_hz)
+        if n_windows == 0:
+            skip(recording, "too_short", f"{probe.frames / rate_hz:.2f} s is less than half a "
+                                         f"{config.window_s:g} s window")
+            continue
         try:
-            samples, sample_rate_hz = sf.read(recording.path, dtype="float32", always_2d=True)
-            mono = downmix(samples)
-            if not np.isfinite(mono).all():
-                raise ValueError("NaN or infinite samples")
-            tiles_db, offsets_s = waveform_to_tiles(mono, sample_rate_hz, spectrogram)
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            logger.warning("skip %s: %s", recording.path, error)
-            skipped.append({"recording": recording.recording, "reason": "unreadable", "detail": str(error)})
+            audio = AudioFile(recording.path, frames=probe.frames, piece_s=config.window_s)
+        except AudioOpenError as error:
+            skip(recording, "unreadable", str(error))
             continue
-        if len(tiles_db) == 0:
-            logger.warning("skip %s: shorter than one %.1f s window", recording.path, config.window_s)
-            skipped.append({"recording": recording.recording, "reason": "too_short",
-                            "detail": f"{len(mono) / sample_rate_hz:.2f} s"})
+        losses: list[WindowLoss] = []
+        tiles, offsets, valid, padded = [], [], [], []
+        with audio:
+            for batch in grid_windows(audio, rule, 0, n_windows, losses, device="cpu",
+                                      lowpass_filter_width=spectrogram.resample_lowpass_filter_width,
+                                      rolloff=spectrogram.resample_rolloff):
+                tiles.append(front_end(batch.waveforms).log_mel_db.numpy())
+                offsets.append(batch.offset_s)
+                valid.append(batch.valid_s)
+                padded.append(batch.padded)
+        for loss in losses:
+            skip(recording, loss.reason, f"{len(loss.numbers)} window(s) from {loss.offset_s:g} s: "
+                                         f"{loss.detail}")
+        if not tiles:
             continue
+        tiles_db = np.concatenate(tiles)
+        offsets_s, padded_mask = np.concatenate(offsets), np.concatenate(padded)
         energy_db = in_band_energy_db(tiles_db, spectrogram, config.energy_f_low_hz,
                                       config.energy_f_high_hz)
-        # Rank 1 = loudest; ties broken by time so the ranking is reproducible.
-        order = np.lexsort((offsets_s, -energy_db))
-        rank = np.empty(len(order), np.int64)
+        # Rank 1 = loudest whole window; ties broken by time so the ranking is reproducible.
+        # Padded windows are never scored, so they take no rank.
+        whole = np.flatnonzero(~padded_mask)
+        order = whole[np.lexsort((offsets_s[whole], -energy_db[whole]))]
+        rank = pd.array(np.full(len(tiles_db), pd.NA), dtype="Int64")
         rank[order] = np.arange(1, len(order) + 1)
         frames.append(pd.DataFrame({
             "recording": recording.recording, "path": recording.path,
             "label": getattr(recording, "label", None), "group": recording.group,
             "offset_s": offsets_s.astype(np.float64), "window_s": config.window_s,
+            "valid_s": np.concatenate(valid).astype(np.float64), "padded": padded_mask,
             "in_band_db": energy_db, "energy_rank": rank,
         }))
         features.append(logmel_stats_features(tiles_db, progress=False))
@@ -337,10 +380,12 @@ def window_table(recordings: pd.DataFrame, config: ValidateConfig
 
 
 def select_windows(windows: pd.DataFrame, config: ValidateConfig) -> np.ndarray:
-    """Boolean mask of the windows `config.window_selection` keeps."""
+    """Boolean mask of the windows `config.window_selection` keeps; never a padded window."""
+    whole = ~windows["padded"].to_numpy(dtype=bool)
     if config.window_selection == "all":
-        return np.ones(len(windows), dtype=bool)
-    return windows["energy_rank"].to_numpy() <= config.top_k
+        return whole
+    rank = pd.to_numeric(windows["energy_rank"]).to_numpy(dtype=np.float64, na_value=np.inf)
+    return whole & (rank <= config.top_k)
 
 
 def _offset_keys(offsets_s: Any) -> np.ndarray:
@@ -374,8 +419,14 @@ def synthetic_call_windows(archive_dir: str | os.PathLike, window_s: float = 3.0
     if calls.empty:
         return pd.DataFrame(columns=columns)
     calls["span"] = np.floor((calls["start_s"] + calls["end_s"]) / 2 / window_s).astype(np.int64)
-    durations = {file: sf.info(str(archive_dir / file)).duration for file in calls["file"].unique()}
-    whole = (calls["span"] + 1) * window_s <= calls["file"].map(durations) + 1e-9
+    # Whole windows by the one window rule, in exact integers (the rule's window set does not
+    # depend on the rate it is computed at).
+    rule = SpectrogramConfig(tile_s=window_s, tile_hop_s=window_s).window_rule
+    n_whole = {}
+    for file in calls["file"].unique():
+        info = read_info(str(archive_dir / file))
+        n_whole[file] = rule.n_whole(info.frames, info.sample_rate_hz)
+    whole = calls["span"] < calls["file"].map(n_whole)
     calls = calls[whole]
     spans = calls.groupby(["file", "span"], sort=True).agg(
         recorder=("recorder", "first"), n_labels=("label", "nunique"), label=("label", "first"),

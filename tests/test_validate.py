@@ -231,6 +231,68 @@ def test_synthetic_call_windows_from_annotations(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Labels files: paths stay inside the audio folder, one label per file
+
+
+def labels_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """audio/ with a.wav and b.wav, and outside.wav beside the folder."""
+    audio = tmp_path / "audio"
+    for name in ("a.wav", "b.wav"):
+        write_wav(audio / name, np.zeros(8000), 8000)
+    write_wav(tmp_path / "outside.wav", np.zeros(8000), 8000)
+    return audio, tmp_path / "outside.wav"
+
+
+def write_labels(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(path, index=False)
+    return path
+
+
+def test_labels_may_not_name_files_outside_the_audio_folder(tmp_path):
+    """Defect 17.7: `../`, absolute paths and symbolic links leading out of --audio-dir were
+    opened. Each is refused, naming its line, unless allow_outside_paths."""
+    from soundscape_ssl.analysis.validate import read_labelled_recordings
+
+    audio, outside = labels_folder(tmp_path)
+    (audio / "link.wav").symlink_to(outside)
+    config = ValidateConfig(**QUICK)
+    for hostile in ("../../../../etc/passwd", "../outside.wav", str(outside), "link.wav",
+                    "sub/../../outside.wav"):
+        labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), (hostile, "B")])
+        with pytest.raises(ValueError, match=r"outside the audio folder .*line 3 of "
+                                             r".*labels.csv names") as error:
+            read_labelled_recordings(labels, audio, config)
+        assert repr(hostile) in str(error.value)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("../outside.wav", "B"),
+                                                    ("b.wav", "B")])
+    recordings, skipped = read_labelled_recordings(
+        labels, audio, ValidateConfig(allow_outside_paths=True, **QUICK))
+    assert recordings["path"].tolist() == [str(audio / "a.wav"), str(outside), str(audio / "b.wav")]
+    assert skipped.empty
+    # Inside the folder, `..` that stays inside is fine.
+    labels = write_labels(tmp_path / "labels.csv", [("sub/../a.wav", "A")])
+    assert read_labelled_recordings(labels, audio, config)[0]["path"].tolist() == [str(audio / "a.wav")]
+
+
+def test_a_file_with_two_labels_is_an_error_and_a_repeated_row_a_duplicate(tmp_path):
+    """Defect 17.7: one file under two labels was dropped as a mere duplicate."""
+    from soundscape_ssl.analysis.validate import read_labelled_recordings
+
+    audio, _ = labels_folder(tmp_path)
+    config = ValidateConfig(**QUICK)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("b.wav", "B"),
+                                                    ("./a.wav", "B")])
+    with pytest.raises(ValueError, match=r"line 2 of .*labels.csv labels .*a.wav 'A' but line 4 "
+                                         r"of .*labels.csv labels it 'B'"):
+        read_labelled_recordings(labels, audio, config)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("b.wav", "B"),
+                                                    ("./a.wav", "A")])
+    recordings, skipped = read_labelled_recordings(labels, audio, config)
+    assert recordings["recording"].tolist() == ["a.wav", "b.wav"]
+    assert skipped.values.tolist() == [["./a.wav", "duplicate", f"line 4 of {labels}"]]
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole run
 
 

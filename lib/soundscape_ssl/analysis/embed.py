@@ -32,7 +32,8 @@ Two entry points share one forward path (normalise, backbone, pool):
   Writes `EMB.npy`, `EMB.csv` (row, path, relpath, offset_s, valid_s, padded),
   `EMB.skipped.csv` (files or spans that gave no row, and files read only up to a break, with a
   reason) and `EMB.json` (provenance). Bad files are logged and skipped, bad spans too (a
-  decoder error costs only the spans it touches).
+  decoder error costs only the spans it touches); when nothing at all could be embedded, the
+  outputs are written with zero rows and `NothingEmbedded` is raised.
 
 Choices:
 
@@ -293,7 +294,7 @@ def _check_tile_shape(model: SpectrogramViT, tile_shape: tuple[int, int], source
 
 def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
     """float32 embeddings -> the output dtype; non-finite rows are reported, float16 overflow refused."""
-    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
     if not finite.all():
         logger.warning("%s: %d of %d rows have NaN/inf embeddings (kept, to keep rows aligned)",
                        where, int(np.sum(~finite)), len(values))
@@ -765,6 +766,11 @@ class AudioEmbedSummary:
         return dataclasses.asdict(self)
 
 
+class NothingEmbedded(ValueError):
+    """`embed_audio_files` found no audio to embed: no file given exists, a folder holds no audio
+    file, or no file gave a single span. The skip table says why for each input."""
+
+
 class AudioInput(NamedTuple):
     """An audio file to embed."""
 
@@ -797,7 +803,11 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     inputs: dict[str, AudioInput] = {}
     problems: list[tuple] = []
     for given in paths:
-        path = Path(given).expanduser().resolve()
+        try:
+            path = Path(given).expanduser().resolve()
+        except (OSError, RuntimeError) as error:     # e.g. a symbolic link loop
+            problems.append((str(given), Path(given).name, "unreadable", str(error)))
+            continue
         if path.is_dir():
             candidates, folder_problems = list_audio_files(path, AUDIO_EXTENSIONS)
             for candidate in candidates:
@@ -893,7 +903,9 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
     (with pooling="both" the class tokens to EMB.cls.npy). EMB.csv names the file and offset of
     each row; EMB.skipped.csv lists what gave no row and why; EMB.json records the checkpoint
-    (with its sha256) and the config.
+    (with its sha256) and the config. When no row at all could be made (no input exists, no
+    audio file found, every file unreadable or too short) these files are written with zero
+    rows and `NothingEmbedded` names the inputs and the skip table.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
@@ -984,7 +996,13 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                        + "\n")
     logger.info("wrote %d rows (%d padded) from %d of %d files to %s; %d skip record(s)", n_rows,
                 n_padded, files_with_rows, len(inputs), out_path, len(skipped))
-
+    if n_rows == 0:
+        given = ", ".join(str(p) for p in paths) or "no path"
+        found = (f"{len(inputs)} audio file(s) found, none gave a span" if inputs
+                 else "no audio file found")
+        if problems:
+            found += f" ({len(problems)} path(s) missing or unreadable)"
+        raise NothingEmbedded(f"nothing to embed in {given}: {found}; see {targets['skipped']}")
     return AudioEmbedSummary(str(out_path), str(targets["csv"]), str(targets["skipped"]),
                              len(inputs), files_with_rows, n_rows, n_padded, len(skipped),
                              str(device), precision, time.perf_counter() - started)

@@ -139,6 +139,8 @@ class ValidateConfig:
     batch_size: int = 64                   # SSL embedding batch
     birdnet_threads: int = 1               # LiteRT threads
     progress: bool = True
+    allow_outside_paths: bool = False      # let labels name files outside audio_dir (refused by
+                                           # default: a labels file must not reach elsewhere)
 
     def __post_init__(self) -> None:
         if self.window_selection not in WINDOW_SELECTIONS:
@@ -236,9 +238,14 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
     """(recordings, skipped): one row per usable recording (recording, path, label, group).
 
     `recording` is the path as written in the labels table, `path` the resolved absolute path.
-    Rows without a label or whose file does not exist go to `skipped` (logged), not to an error.
+    Every path must resolve (symbolic links and `..` followed) to a file under `audio_dir`: a
+    row naming anything outside is an error naming the row, unless `allow_outside_paths`. One
+    file listed twice with two labels is an error naming both rows; twice with the same label,
+    the second row is a logged "duplicate" skip. Rows without a label or whose file does not
+    exist go to `skipped` (logged), not to an error.
     """
-    table = pd.read_csv(labels) if not isinstance(labels, pd.DataFrame) else labels.copy()
+    from_file = not isinstance(labels, pd.DataFrame)
+    table = pd.read_csv(labels) if from_file else labels.copy()
     label_column = config.label_column
     if label_column == "auto":
         label_column = next((c for c in ("label", "species") if c in table.columns), "label")
@@ -246,29 +253,68 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
                if c not in table.columns]
     if missing:
         raise ValueError(f"labels table lacks columns {missing}; it has {list(table.columns)}")
-    audio_dir = Path(audio_dir)
-    paths = [Path(p) if Path(p).is_absolute() else audio_dir / p for p in table[config.path_column].astype(str)]
+    table = table.reset_index(drop=True)
+
+    def row_name(i: int) -> str:
+        """Where a row is: its line in the CSV (line 1 is the header), or its DataFrame row."""
+        return f"line {i + 2} of {labels}" if from_file else f"row {i} of the labels table"
+
+    audio_root = Path(audio_dir).resolve()
+    written = table[config.path_column].astype(str)
+    resolved: list[str | None] = []
+    outside: list[str] = []
+    for i, text in enumerate(written):
+        path = Path(text) if Path(text).is_absolute() else audio_root / text
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):              # a symbolic link loop
+            resolved.append(None)
+            continue
+        if not config.allow_outside_paths and not target.is_relative_to(audio_root):
+            outside.append(f"{row_name(i)} names {text!r}, which resolves to {target}")
+        resolved.append(str(target))
+    if outside:
+        raise ValueError(f"labels name {len(outside)} file(s) outside the audio folder "
+                         f"{audio_root} (refused; allow_outside_paths / --allow-outside-paths "
+                         f"permits it): {outside[0]}" + (f"; and {len(outside) - 1} more"
+                                                         if len(outside) > 1 else ""))
     recordings = pd.DataFrame({
-        "recording": table[config.path_column].astype(str),
-        "path": [str(p.resolve()) for p in paths],
+        "recording": written,
+        "path": [p if p is not None else str(audio_root / t) for p, t in zip(resolved, written)],
         "label": table[label_column],
     })
     if config.group_columns:
         recordings["group"] = table[list(config.group_columns)].astype(str).agg(" | ".join, axis=1)
     else:
         recordings["group"] = recordings["recording"]
+    no_label = (recordings["label"].isna()
+                | (recordings["label"].astype(str).str.strip() == "")).to_numpy()
+    no_file = np.array([p is None or not Path(p).is_file() for p in resolved], dtype=bool)
+    usable = ~no_label & ~no_file
+    conflicts = []
+    for path, rows in recordings[usable].groupby("path", sort=False).groups.items():
+        labels_here = recordings.loc[rows, "label"].astype(str).to_numpy()
+        differing = np.flatnonzero(labels_here != labels_here[0])
+        if len(differing):
+            first, second = int(rows[0]), int(rows[differing[0]])
+            conflicts.append(f"{row_name(first)} labels {path} {labels_here[0]!r} but "
+                             f"{row_name(second)} labels it {labels_here[differing[0]]!r}")
+    if conflicts:
+        raise ValueError(f"{len(conflicts)} file(s) listed with two labels: {conflicts[0]}"
+                         + (f"; and {len(conflicts) - 1} more" if len(conflicts) > 1 else ""))
+    # The same file under the same label twice: the later rows are dropped, with a note.
+    duplicated = np.zeros(len(recordings), dtype=bool)
+    duplicated[usable] = recordings.loc[usable, "path"].duplicated(keep="first").to_numpy()
     skipped = []
-    no_label = recordings["label"].isna() | (recordings["label"].astype(str).str.strip() == "")
-    no_file = ~np.array([Path(p).is_file() for p in recordings["path"]])
-    duplicated = recordings["path"].duplicated(keep="first")
     for reason, mask in (("no_label", no_label), ("not_found", no_file & ~no_label),
-                         ("duplicate", duplicated & ~no_file & ~no_label)):
-        for recording in recordings.loc[mask, "recording"]:
-            skipped.append({"recording": recording, "reason": reason, "detail": ""})
+                         ("duplicate", duplicated)):
+        for i in np.flatnonzero(mask):
+            skipped.append({"recording": recordings.at[i, "recording"], "reason": reason,
+                            "detail": row_name(int(i)) if reason == "duplicate" else ""})
     if skipped:
         logger.warning("%d of %d labelled recordings skipped: %s", len(skipped), len(recordings),
                        pd.Series([s["reason"] for s in skipped]).value_counts().to_dict())
-    keep = ~(no_label | no_file | duplicated)
+    keep = usable & ~duplicated
     recordings = recordings[keep].reset_index(drop=True)
     recordings["label"] = recordings["label"].astype(str)
     return recordings, pd.DataFrame(skipped, columns=["recording", "reason", "detail"])

@@ -228,6 +228,27 @@ def test_non_finite_samples_are_counted_in_full(tmp_path):
     assert TileStore(tmp_path / "tiles").index["offset_s"].tolist() == [6.0]
 
 
+def test_scattered_non_finite_samples_are_counted_and_kept_short(tmp_path):
+    """Every other sample of 0.5-2.5 s is NaN (16,000 runs of one sample), and one NaN at 8.2 s:
+    runs closer than a window share a fault span (the span list stays short however the samples
+    are scattered), every sample is counted, and the windows between the faults are kept."""
+    samples = noise(12.0, 16000, 13)
+    samples[8000:40000:2] = np.nan
+    samples[round(8.2 * 16000)] = np.nan
+    path = write(tmp_path / "a.wav", samples, 16000, subtype="FLOAT")
+    losses = []
+    with AudioFile(str(path), piece_s=3.0) as audio:
+        offsets = [o for b in grid_windows(audio, RULE_32K, 0, 4, losses, block_s=4.0)
+                   for o in b.offset_s.tolist()]
+        assert len(audio.bad_spans) == 2
+    assert offsets == [3.0, 9.0]
+    assert [(loss.reason, loss.numbers.tolist(), loss.detail) for loss in losses] == [
+        ("non_finite_samples", [0], "16000 non-finite sample(s) in 16000 run(s), frames "
+                                    "8000-39998 (0.500-2.500 s)"),
+        ("non_finite_samples", [2], "1 non-finite sample(s) in 1 run(s), frames 131200-131200 "
+                                    "(8.200-8.200 s)")]
+
+
 def test_a_decoder_error_costs_only_the_windows_it_touches(tmp_path, reference_tiles):
     """A FLAC with 64 bytes overwritten mid-file: the windows around the damage are lost with a
     decode_error, every other window equals the intact file's, byte for byte."""

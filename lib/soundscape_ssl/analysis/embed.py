@@ -850,7 +850,8 @@ def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
                                         f"{config.tile_s:g} s tile", math.nan, 0))
         return
     try:
-        audio = AudioFile(path, frames=recording.frames, piece_s=config.tile_hop_s)
+        audio = AudioFile(path, frames=recording.frames,
+                          piece_s=min(config.tile_hop_s, config.tile_s))
     except AudioOpenError as error:
         skips.append(_Skip("unreadable", str(error), math.nan, 0))
         return

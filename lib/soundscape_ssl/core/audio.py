@@ -419,6 +419,8 @@ class BadSpan(NamedTuple):
     stop: int
     reason: str       # a LOSS_REASONS key
     message: str      # the decoder's words, or "" for non-finite samples
+    samples: int = 0  # non-finite samples in the span (runs closer than a piece are one span)
+    runs: int = 0     # runs of non-finite samples in it
 
 
 class DecodeBuffers:
@@ -436,18 +438,29 @@ class DecodeBuffers:
         return self._buffers[self._turn][:size]
 
 
-def _non_finite_runs(mask: np.ndarray, offset: int) -> list[BadSpan]:
-    """Spans of consecutive True values of `mask`, in absolute frames."""
+def _non_finite_spans(mask: np.ndarray, offset: int, max_gap: int) -> list[BadSpan]:
+    """Runs of True values of `mask` as spans in absolute frames, with their sample counts.
+
+    Runs less than `max_gap` frames apart (one piece: at most a window) share a span, which keeps
+    the span list short however the samples are scattered and loses nothing: no window fits
+    between two such runs without touching one of them."""
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return [BadSpan(offset + int(a), offset + int(b), "non_finite_samples", "")
-            for a, b in zip(edges[::2], edges[1::2])]
+    starts, stops = edges[::2], edges[1::2]
+    if len(starts) == 0:
+        return []
+    breaks = np.flatnonzero(starts[1:] - stops[:-1] >= max_gap) + 1
+    groups = np.split(np.arange(len(starts)), breaks)
+    return [BadSpan(offset + int(starts[g[0]]), offset + int(stops[g[-1]]), "non_finite_samples",
+                    "", int(np.sum(stops[g] - starts[g])), len(g)) for g in groups]
 
 
 class AudioFile:
     """Mono float32 reads of any frame range of one file, zeros outside the audio, faults isolated.
 
     `frames`: the audio's length to use (the inventory's readable count); the header's count when
-    None, and never more than the header's. `frames` drops further when the decoder stops early
+    None, and never more than the header's. `piece_s` (one window hop, at most one window): the
+    granularity at which a decoder fault is localised, and the gap below which non-finite runs
+    share one fault span. `frames` drops further when the decoder stops early
     (`ended_early`). Consecutive requests may overlap (resampling context); the overlap is served
     from the last read, so a file is decoded sequentially, once. Forward gaps in formats whose
     seeking is approximate (MP3, OGG) are decoded and discarded rather than seeked over.
@@ -600,7 +613,7 @@ class AudioFile:
             bad = self._decode(fresh_from, fresh)
             if not np.isfinite(fresh).all():
                 finite = np.isfinite(fresh)
-                bad += _non_finite_runs(~finite, fresh_from)
+                bad += _non_finite_spans(~finite, fresh_from, self._piece_frames)
                 fresh[~finite] = 0.0
         self._cache, self._cache_start = out, start
         self.bad_spans += bad
@@ -663,6 +676,7 @@ def read_windows(audio: AudioFile, rule: WindowRule, numbers: np.ndarray, starts
     block_samples = max(length, round(block_s * rate_out))
     state = _WindowState(len(starts))
     covered_to = int(starts[0]) if len(starts) else 0
+    live = 0      # faults before audio.bad_spans[live] end before every window still to come
     first = 0
     while first < len(starts):
         last = first
@@ -681,8 +695,11 @@ def read_windows(audio: AudioFile, rule: WindowRule, numbers: np.ndarray, starts
         frame_start, frame_stop = read_from // new, -(-read_to // new)
         samples, _ = audio.read(frame_start * orig - width, frame_stop * orig + width)
         valid_s, kept = rule.extent(starts[block], audio.frames, rate_in)   # the end may have moved
-        touched = _touched_by_faults(audio.bad_spans, starts[block], length, rate_in, rate_out,
-                                     width)
+        touched = _touched_by_faults(audio.bad_spans, live, starts[block], length, rate_in,
+                                     rate_out, width)
+        reach_from = (int(starts[block[-1]]) * rate_in) // rate_out - width   # the next windows'
+        while live < len(audio.bad_spans) and audio.bad_spans[live].stop <= reach_from:
+            live += 1
         for position, span_ids in touched.items():
             if kept[position]:
                 state.lose(block[position], span_ids)
@@ -711,22 +728,23 @@ def _cut(resampled: torch.Tensor, offsets: np.ndarray, length: int) -> torch.Ten
     return torch.stack([resampled[int(o):int(o) + length] for o in offsets])
 
 
-def _touched_by_faults(spans: Sequence[BadSpan], starts: np.ndarray, length: int, rate_in: int,
-                       rate_out: int, width: int) -> dict[int, list[int]]:
+def _touched_by_faults(spans: Sequence[BadSpan], first: int, starts: np.ndarray, length: int,
+                       rate_in: int, rate_out: int, width: int) -> dict[int, list[int]]:
     """{position in `starts`: ids of the spans it touches} for windows whose source frames,
-    widened by the resampler's reach, overlap a fault."""
-    if not spans:
+    widened by the resampler's reach, overlap a fault; spans before `first` are not looked at."""
+    if len(spans) <= first:
         return {}
     low = (starts * rate_in) // rate_out - width
     high = -(-((starts + length) * rate_in) // rate_out) + width
-    span_start = np.fromiter((s.start for s in spans), np.int64, len(spans))
-    span_stop = np.fromiter((s.stop for s in spans), np.int64, len(spans))
+    n = len(spans) - first
+    span_start = np.fromiter((s.start for s in spans[first:]), np.int64, n)
+    span_stop = np.fromiter((s.stop for s in spans[first:]), np.int64, n)
     near = np.flatnonzero((span_start < high.max()) & (span_stop > low.min()))
     touched: dict[int, list[int]] = {}
     for position in range(len(starts)):
         hits = near[(span_start[near] < high[position]) & (span_stop[near] > low[position])]
         if len(hits):
-            touched[position] = hits.tolist()
+            touched[position] = (hits + first).tolist()
     return touched
 
 
@@ -778,6 +796,6 @@ class _WindowState:
         first, last = min(s.start for s in spans), max(s.stop for s in spans)
         where = f"frames {first}-{last - 1} ({first / rate:.3f}-{last / rate:.3f} s)"
         if reason == "non_finite_samples":
-            total = sum(s.stop - s.start for s in spans)
-            return f"{total} non-finite sample(s) in {len(spans)} run(s), {where}"
+            total, runs = sum(s.samples for s in spans), sum(s.runs for s in spans)
+            return f"{total} non-finite sample(s) in {runs} run(s), {where}"
         return f"{spans[0].message}; {where} could not be decoded"

@@ -419,7 +419,8 @@ class _SegmentTiler:
             # Read up to the break (the inventory lists the readable frames); said once per file.
             skips.append(_Skip(info.damage, info.damage_detail or "", None, 0))
         try:
-            audio = AudioFile(info.path, frames=info.frames, piece_s=config.tile_hop_s,
+            audio = AudioFile(info.path, frames=info.frames,
+                              piece_s=min(config.tile_hop_s, config.tile_s),
                               buffers=self._buffers)
         except AudioOpenError as error:
             skips.append(_Skip("unreadable", str(error), None if segment.n_tiles == 0

@@ -330,9 +330,11 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
         units.append(WorkUnit(len(units), tuple(current)))
 
     start_iso = [None if np.isnat(t) else str(t) for t in start_time]
+    # Each file's planned tile count is part of the identity: a store begun under another
+    # window rule (e.g. before padded tails were kept) is refused, never resumed into a mix.
     identity = list(zip(file_table.relpath.tolist(), file_table.path.tolist(), frames.tolist(),
                         rates.tolist(), file_table.recorder.tolist(),
-                        file_table.habitat.tolist(), start_iso))
+                        file_table.habitat.tolist(), start_iso, file_table.n_tiles.tolist()))
     digest = hashlib.sha256(json.dumps(
         [spectrogram.to_dict(), tiling.to_dict(), identity]).encode()).hexdigest()
     return TilingPlan(file_table, units, spectrogram, tiling, digest)

@@ -149,12 +149,14 @@ def corpus(tmp_path_factory) -> tuple[Path, Products, Path]:
     return root, products, ckpt
 
 
-def cases() -> list[str]:
+def written_cases() -> list[str]:
     return [name for name in EXPECTED if name != "half.mp3" or mp3_writable()]
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_each_bad_file_has_its_exact_outcome_in_every_stage(corpus, name):
+    if name not in written_cases():
+        pytest.skip("this libsndfile cannot write MP3 (soundfile.available_formats())")
     _, products, _ = corpus
     inventory_outcome, windows = EXPECTED[name]
     files, quarantine = products.inventory.files, products.inventory.quarantine
@@ -201,7 +203,7 @@ def test_each_bad_file_has_its_exact_outcome_in_every_stage(corpus, name):
 def test_nothing_else_is_listed_and_no_name_runs_as_code(corpus):
     root, products, _ = corpus
     listed = set(products.inventory.files["relpath"]) | set(products.inventory.quarantine["relpath"])
-    assert listed == set(cases())
+    assert listed == set(written_cases())
     assert not any(name.startswith(NOT_LISTED) for name in listed)
     assert not any(path.name == "PWNED" for path in root.rglob("*") if not path.is_symlink())
     assert np.isfinite(products.embeddings).all()

@@ -625,7 +625,8 @@ class AudioFile:
 
 
 class WindowBatch(NamedTuple):
-    """Consecutive good windows of one file, resampled to the model rate."""
+    """Consecutive good windows of one file, resampled to the model rate. `waveforms` may share
+    memory with the reader's decode buffers: use (or copy) them before the next batch."""
 
     numbers: np.ndarray          # int64, the caller's number of each window
     offset_s: np.ndarray         # float64 start in the file

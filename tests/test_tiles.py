@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundscape_ssl.tiles.spectrogram import SpectrogramConfig, waveform_to_tiles
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 from soundscape_ssl.tiles.store import TileDataset, TileStore, TileStream
 from soundscape_ssl.tiles.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
                                    plan_tiling, resolve_rank, tile_archive)
@@ -61,10 +61,14 @@ def inventory(root: Path, paths: list[Path], habitat: str | None = "canopy") -> 
 
 
 def expected_tiles(frames: int, rate_hz: int, config: SpectrogramConfig = CONFIG) -> int:
-    """Whole tiles, from exact rational seconds (independent of the implementation's integers)."""
+    """Tiles by the window rule, from exact rational seconds (independent of the implementation's
+    integers): tile k starts before the end and holds at least half a tile of audio."""
     duration = Fraction(frames, rate_hz)
     tile, hop = Fraction(config.tile_s), Fraction(config.tile_hop_s)
-    return 0 if duration < tile else int((duration - tile) // hop) + 1
+    k = 0
+    while k * hop < duration and duration - k * hop >= tile / 2:
+        k += 1
+    return k
 
 
 def store_files(store: Path) -> dict[str, bytes]:
@@ -74,13 +78,14 @@ def store_files(store: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
-    """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time."""
+    """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time.
+    Every tail is shorter than half a tile (padded tiles: test_audio.py)."""
     root = tmp_path_factory.mktemp("archive")
     specs = [  # relpath stem, seconds, rate
         ("R2/R2_20190522_000000", 10.0, 22050),
         ("R1/R1_20190524_053000", 9.0, 44100),
-        ("R1/R1_20190524_060000", 3.0 - 1 / 44100, 44100),   # one frame short of a tile
-        ("R1/R1_20190524_063000", 7.7, 44100),
+        ("R1/R1_20190524_060000", 1.5 - 1 / 44100, 44100),   # one frame short of half a tile
+        ("R1/R1_20190524_063000", 7.4, 44100),
         ("R1/unnamed", 6.0, 32000),
         ("R3/R3_20190601_120000", 4.0, 48000),
     ]
@@ -121,27 +126,50 @@ def test_tile_counts_and_timestamps_match_the_archive(archive, reference_store):
         assert (tiles["habitat"] == "canopy").all()
     config = json.loads((reference_store / "config.json").read_text())
     assert config["counts"]["n_tiles"] == 11
-    assert config["counts"]["skipped"] == {"shorter_than_tile": {"records": 1, "tiles_lost": 0}}
-    assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.7 and 4 s files
-    assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.7 + 1.0)
+    assert config["counts"]["skipped"] == {"too_short": {"records": 1, "tiles_lost": 0}}
+    assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.4 and 4 s files
+    assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.4 + 1.0)
+    assert (TileStore(reference_store).index["valid_s"] == 3.0).all()
+    assert not TileStore(reference_store).index["padded"].any()
     assert SpectrogramConfig.from_dict(config["config"]) == CONFIG
 
 
-def test_stored_tiles_equal_tiling_the_decoded_file(archive, reference_store):
-    """Streaming in 1.3 s decode blocks and 2-tile units gives the tiles of the whole signal."""
+def test_stored_tiles_equal_tiling_the_decoded_file(archive, reference_store, reference_tiles):
+    """Streaming in 1.3 s decode blocks and 2-tile units gives the tiles of the whole signal
+    resampled at once, to the bit (float16 as stored)."""
     _, files = archive
     store = TileStore(reference_store)
     for _, file in files.iterrows():
         samples, rate = sf.read(file["path"], dtype="float32")
-        expected, _ = waveform_to_tiles(samples, rate)
+        expected, _ = reference_tiles(samples, rate)
+        expected = expected.astype(np.float16)
         rows = np.flatnonzero(store.index["relpath"].to_numpy() == file["relpath"])
-        stored = np.stack([store[int(i)] for i in rows]) if len(rows) else \
-            expected[:0].astype(np.float16)
+        stored = np.stack([store[int(i)] for i in rows]) if len(rows) else expected[:0]
         assert stored.dtype == np.float16 and stored.shape == expected.shape
-        np.testing.assert_allclose(stored.astype(np.float32), expected, atol=0.05)
+        assert stored.tobytes() == expected.tobytes(), file["relpath"]
 
 
-def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path):
+def test_whole_tiles_of_a_whole_tile_file_are_the_known_answer(tmp_path, reference_tiles):
+    """The demo's case: a 60 s, 44.1 kHz file is exactly 20 tiles. However the work is cut
+    (decode blocks of 60 s, or 1.3 s across 7-tile units), every tile is the front end applied to
+    the whole file resampled at once, byte for byte: the window rule and the reader change no
+    whole tile (none is padded)."""
+    path = write_wav(tmp_path / "R1" / "R1_20240524_050000.wav", noise(60.0, 44100, 5), 44100)
+    files = inventory(tmp_path, [path])
+    samples, rate = sf.read(path, dtype="float32")
+    expected, grid = reference_tiles(samples, rate)
+    assert len(expected) == 20 and not grid.padded.any()
+    for name, tiling in (("default", TilingConfig()),
+                         ("small", TilingConfig(unit_max_tiles=7, decode_block_s=1.3))):
+        tile_archive(files, tmp_path / name, tiling=tiling, show_progress=False)
+        store = TileStore(tmp_path / name)
+        assert store.index["offset_s"].tolist() == [3.0 * k for k in range(20)]
+        assert (store.index["valid_s"] == 3.0).all() and not store.index["padded"].any()
+        stored = store.read_range(0, 20)
+        assert stored.tobytes() == expected.astype(np.float16).tobytes(), name
+
+
+def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path, reference_tiles):
     """Hop 1.5 s < tile 3 s: tiles straddle decode blocks and still equal in-memory tiling."""
     _, files = archive
     config = SpectrogramConfig(tile_hop_s=1.5)
@@ -153,12 +181,14 @@ def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path):
     assert tiles.config == config
     for _, file in files.iterrows():
         samples, rate = sf.read(file["path"], dtype="float32")
-        expected, offsets = waveform_to_tiles(samples, rate, config)
+        expected, grid = reference_tiles(samples, rate, config)
         rows = np.flatnonzero(tiles.index["relpath"].to_numpy() == file["relpath"])
         assert len(rows) == expected_tiles(file["frames"], rate, config)
-        assert tiles.index["offset_s"].to_numpy()[rows].tolist() == offsets.tolist()
+        assert tiles.index["offset_s"].to_numpy()[rows].tolist() == grid.offset_s.tolist()
+        np.testing.assert_array_equal(tiles.index["valid_s"].to_numpy()[rows],
+                                      grid.valid_s.astype(np.float32))
         for row, tile in zip(rows, expected):
-            np.testing.assert_allclose(tiles[int(row)].astype(np.float32), tile, atol=0.05)
+            assert tiles[int(row)].tobytes() == tile.astype(np.float16).tobytes()
 
 
 def test_readers_give_random_access_streaming_and_normalised_tensors(reference_store):
@@ -321,7 +351,8 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, pd.DataFrame, Path]:
     return root, files, paths
 
 
-def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, tmp_path):
+def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, tmp_path,
+                                                                   reference_tiles):
     root, files, paths = bad_corpus
     store = tmp_path / "tiles"
     summary = tile_archive(files, store, show_progress=False, rank=0, world_size=1)
@@ -337,7 +368,7 @@ def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, t
 
     assert reasons("zero") == ["unreadable"]
     assert reasons("header_only") == ["no_frames"]
-    assert reasons("short") == ["shorter_than_tile"]
+    assert reasons("short") == ["too_short"]
     assert reasons("4k") == ["unsupported_sample_rate"]
     assert reasons("changed") == ["header_mismatch"] and offsets("changed") == []
     assert offsets("truncated") == [0.0, 3.0] and reasons("truncated") == ["truncated"]
@@ -353,7 +384,7 @@ def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, t
     assert len(flac_kept) + flac_lost["n_tiles_lost"].sum() == 10
     # kept tiles are the real audio, e.g. the stereo file's channel mean
     stereo, _ = sf.read(paths["stereo"], dtype="float32")
-    expected, _ = waveform_to_tiles(stereo.mean(axis=1), 44100)
+    expected, _ = reference_tiles(stereo, 44100)
     row = int(index.index[index["path"] == str(paths["stereo"])][0])
     np.testing.assert_allclose(tiles[row].astype(np.float32), expected[0], atol=0.05)
     assert np.isfinite(np.stack([tiles[i] for i in range(len(tiles))]).astype(np.float32)).all()

@@ -69,11 +69,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
-from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
+from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.provenance import write_config_json
+from ..recordings.archive import probe_recording
 from ..tiles.tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
 
 logger = logging.getLogger(__name__)
@@ -233,8 +233,13 @@ class BirdNetConfig:
     save_confidences: bool = False                  # also keep all 6522 confidences per window
     shard_max_windows: int = 4096                   # windows per atomic shard (~3.4 h of audio)
     decode_block_s: float = 600.0                   # longest audio block decoded at once
-    min_partial_window_s: float = 1.5               # run_on_files: keep a final short span this long
-                                                    # (zero-padded, as BirdNET does)
+    # The one resampler (core.audio.SincResampler) with a long kernel: most recordings reach
+    # BirdNET's 48 kHz by upsampling, and the short default kernel of the tiles (width 6) leaves
+    # images in BirdNET's band (measured, 22 -> 48 kHz: a 9 kHz tone's image at 13 kHz -24 dB;
+    # the chiffchaff of the Jura dawn file at 3-6 s fell from 0.90 to 0.60). Width 64: images
+    # below -98 dB, the chiffchaff at 0.91, 0.2-6 ms per audio second on one core.
+    resample_lowpass_filter_width: int = 64
+    resample_rolloff: float = 0.99
 
     def __post_init__(self) -> None:
         if not math.isclose(self.window_s, WINDOW_S) or self.model_sample_rate_hz != MODEL_SAMPLE_RATE_HZ:
@@ -257,8 +262,9 @@ class BirdNetConfig:
             raise ValueError(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
         if self.decode_block_s < self.window_s:
             raise ValueError(f"decode_block_s must be >= window_s, got {self.decode_block_s}")
-        if not 0.0 < self.min_partial_window_s <= self.window_s:
-            raise ValueError(f"min_partial_window_s must be in (0, window_s], got {self.min_partial_window_s}")
+        if self.resample_lowpass_filter_width < 1 or not 0.0 < self.resample_rolloff <= 1.0:
+            raise ValueError(f"need resample_lowpass_filter_width >= 1 and 0 < resample_rolloff "
+                             f"<= 1, got {self.resample_lowpass_filter_width}, {self.resample_rolloff}")
 
     @property
     def window_samples(self) -> int:
@@ -484,7 +490,7 @@ class BirdNetRunner:
 
 
 # --------------------------------------------------------------------------------------------
-# Audio: decode once per block, resample to 48 kHz, cut windows
+# Audio: through the one reader (soundscape_ssl.core.audio), resampled to 48 kHz
 # --------------------------------------------------------------------------------------------
 
 class _Window(NamedTuple):
@@ -494,83 +500,58 @@ class _Window(NamedTuple):
     skip_reason: str | None
 
 
-def _resampling_ratio(sample_rate_hz: int, target_hz: int) -> tuple[int, int]:
-    divisor = math.gcd(sample_rate_hz, target_hz)
-    return target_hz // divisor, sample_rate_hz // divisor
+def window_rule(config: BirdNetConfig) -> WindowRule:
+    """BirdNET's windows: `window_s` every `window_s` at 48 kHz, by the one rule of
+    `soundscape_ssl.core.audio` (a last partial window is zero-padded and kept when at least
+    half of it, 1.5 s, is audio: BirdNET-Analyzer's own rule)."""
+    return WindowRule.from_seconds(config.model_sample_rate_hz, config.window_s, config.window_s)
 
 
 def _file_windows(path: str, rows: Sequence[int], offsets_s: np.ndarray,
                   config: BirdNetConfig) -> Iterator[_Window]:
-    """The 48 kHz windows [offset, offset + window_s) of one file, in the order given.
+    """The 48 kHz windows [offset, offset + window_s) of one file, in start order.
 
-    The file is read in blocks of at most `decode_block_s` covering consecutive windows, plus a
-    little context so that resampling is seamless; block starts are aligned so every block
-    lands on the same 48 kHz sample grid as resampling the whole file would (integer sample
-    offsets, no sub-sample shifts). Spans past the end of the file are zero-padded, like BirdNET.
+    Read through the one audio reader (`soundscape_ssl.core.audio`): the file is classified as
+    the inventory classifies it (a file cut short is read up to its break), decoded in blocks of
+    at most `decode_block_s`, resampled to 48 kHz by the one resampler (with BirdNET's kernel
+    width, see `BirdNetConfig`), and windows past the end of the audio are zero-padded exactly. A decoder error or non-finite
+    samples cost only the windows they touch. A window must start inside the audio and hold at
+    least half a window of it. `samples` of a yielded window are valid until the next one is
+    requested.
     """
-    target_hz = config.model_sample_rate_hz
-    n_window = config.window_samples
+    recording = probe_recording(path)
+    if not recording.readable:
+        logger.warning("skipping %s: %s (%s)", path, recording.reason, recording.detail)
+        for row in rows:
+            yield _Window(row, None, 0.0, recording.reason)
+        return
+    rule = window_rule(config)
+    starts = np.round(np.asarray(offsets_s, dtype=np.float64) * rule.sample_rate_hz).astype(np.int64)
+    order = np.argsort(starts, kind="stable")
     try:
-        handle = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
+        audio = AudioFile(path, frames=recording.frames, piece_s=config.window_s)
+    except AudioOpenError as error:
         logger.warning("skipping %s: cannot open (%s)", path, error)
         for row in rows:
             yield _Window(row, None, 0.0, "unreadable")
         return
-    with handle:
-        sample_rate_hz, frames = handle.samplerate, handle.frames
-        up, down = _resampling_ratio(sample_rate_hz, target_hz)
-        # scipy's default polyphase filter reaches 10 * max(up, down) upsampled samples each way.
-        context = math.ceil(10 * max(up, down) / up) + 16
-        duration_s = frames / sample_rate_hz
-        order = np.argsort(offsets_s, kind="stable")
-        i = 0
-        while i < len(order):
-            first = offsets_s[order[i]]
-            j = i
-            while j + 1 < len(order) and offsets_s[order[j + 1]] + config.window_s - first <= config.decode_block_s:
-                j += 1
-            block = order[i:j + 1]
-            i = j + 1
-            bad = [k for k in block if not (0.0 <= offsets_s[k] < duration_s)]
-            for k in bad:
-                yield _Window(rows[k], None, 0.0, "span_outside_file")
-            block = [k for k in block if 0.0 <= offsets_s[k] < duration_s]
-            if not block:
-                continue
-            start = max(0, math.floor(offsets_s[block[0]] * sample_rate_hz) - context)
-            start -= start % down  # block output starts on the whole file's 48 kHz grid
-            stop = min(frames, math.ceil((offsets_s[block[-1]] + config.window_s) * sample_rate_hz) + context)
-            try:
-                handle.seek(start)
-                samples = handle.read(stop - start, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-                logger.warning("skipping %d windows of %s: decode error at %.1f s (%s)", len(block),
-                               path, start / sample_rate_hz, error)
-                for k in block:
-                    yield _Window(rows[k], None, 0.0, "decode_error")
-                continue
-            mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-            resampled = mono if up == down == 1 else resample_poly(mono, up, down).astype(np.float32)
-            base = start * up // down                       # 48 kHz index of resampled[0]
-            end = (start + len(mono)) * up / down           # 48 kHz position where decoded audio ends
-            for k in block:
-                first_sample = round(offsets_s[k] * target_hz) - base
-                window = resampled[first_sample:first_sample + n_window]
-                audio_s = min(n_window, max(0.0, end - base - first_sample)) / target_hz
-                expected_s = min(config.window_s, duration_s - offsets_s[k])
-                if audio_s < expected_s - 1e-3:  # the header promised audio the decoder did not give
-                    logger.warning("skipping %s at %.2f s: file ends early (%.2f of %.2f s decoded)",
-                                   path, offsets_s[k], audio_s, expected_s)
-                    yield _Window(rows[k], None, 0.0, "truncated")
-                    continue
-                if len(window) < n_window:
-                    window = np.pad(window, (0, n_window - len(window)))
-                if not np.isfinite(window).all():
-                    logger.warning("skipping %s at %.2f s: non-finite samples", path, offsets_s[k])
-                    yield _Window(rows[k], None, 0.0, "nonfinite_samples")
-                    continue
-                yield _Window(rows[k], window, audio_s, None)
+    losses: list[WindowLoss] = []
+    with audio:
+        for batch in read_windows(audio, rule, order, starts[order], losses,
+                                  block_s=config.decode_block_s,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff):
+            for k, position in enumerate(batch.numbers):
+                yield _Window(rows[position], batch.waveforms[k].numpy(),
+                              float(batch.valid_s[k]), None)
+    for loss in losses:
+        # Past the break of a file cut short: the damage is the reason, not the request.
+        reason = (recording.damage if recording.damage and loss.reason == "outside_audio"
+                  else loss.reason)
+        logger.warning("skipping %d window(s) of %s from %.2f s: %s (%s)", len(loss.numbers),
+                       path, loss.offset_s, reason, loss.detail)
+        for position in loss.numbers:
+            yield _Window(rows[position], None, 0.0, reason)
 
 
 def _shard_windows(shard: pd.DataFrame, config: BirdNetConfig) -> Iterator[_Window]:
@@ -943,26 +924,27 @@ def load_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def file_windows_index(paths: Iterable[str | os.PathLike], config: BirdNetConfig | None = None) -> pd.DataFrame:
-    """A tile index of every 3 s span of each file (tile_id, path, offset_s, duration_s).
-
-    Spans start at 0, 3, 6 ... s; a final shorter span is kept (zero-padded at scoring time, as
-    BirdNET does) when it holds at least `min_partial_window_s`. Unreadable files are logged and
-    left out.
+    """A tile index of every window of each file (tile_id, path, offset_s, duration_s, valid_s,
+    padded), by the one window rule (`window_rule`): spans at 0, 3, 6 ... s, a last partial span
+    kept, zero-padded at scoring time, when it holds at least half a window. A file cut short
+    counts up to its break; files nothing can be read from are logged and left out.
     """
     config = config or BirdNetConfig()
-    rows: list[tuple[str, float, float]] = []
-    for path in paths:
-        path = str(Path(path).resolve())
-        try:
-            info = sf.info(path)
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            logger.warning("skipping %s: cannot read its header (%s)", path, error)
+    rule = window_rule(config)
+    frames: list[pd.DataFrame] = []
+    for given in paths:
+        path = os.path.abspath(os.fspath(given))
+        recording = probe_recording(path)
+        if not recording.readable:
+            logger.warning("skipping %s: %s (%s)", path, recording.reason, recording.detail)
             continue
-        duration_s = info.frames / info.samplerate
-        n_whole = int(duration_s // config.window_s + 1e-9)
-        n_windows = n_whole + (duration_s - n_whole * config.window_s >= config.min_partial_window_s - 1e-9)
-        rows.extend((path, k * config.window_s, duration_s) for k in range(n_windows))
-    frame = pd.DataFrame(rows, columns=["path", "offset_s", "duration_s"])
+        grid = rule.grid(recording.frames, recording.sample_rate_hz)
+        frames.append(pd.DataFrame({
+            "path": path, "offset_s": grid.offset_s,
+            "duration_s": recording.frames / recording.sample_rate_hz,
+            "valid_s": grid.valid_s, "padded": grid.padded}))
+    columns = ["path", "offset_s", "duration_s", "valid_s", "padded"]
+    frame = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns))
     frame.insert(0, "tile_id", np.arange(len(frame), dtype=np.int64))
     return frame
 

@@ -21,15 +21,19 @@ Two entry points share one forward path (normalise, backbone, pool):
   Read the arrays back with `load_embeddings(out_dir, pooling)` (a memory map).
 
 * `embed_audio_files(paths, checkpoint, out_path)` (the `soundscape-ssl embed --audio` command):
-  arbitrary audio files, e.g. a scientist's labelled clips. Each file is decoded, resampled to
-  the checkpoint's model rate and cut into every `tile_s` span (hop `tile_hop_s`) from 0 s; a
-  span that runs past the end of the audio (the last one, or a whole file shorter than a tile)
-  is zero-padded to a full tile and flagged (`padded`, `valid_s`). The log-mel front end, the
-  float16 rounding of the stored tiles and the normalisation are those the backbone was
-  trained with (all three come from the checkpoint), so a span of a file that was also tiled
-  into the training store gets that tile's embedding. Writes `EMB.npy`, `EMB.csv` (row, path,
-  relpath, offset_s, valid_s, padded), `EMB.skipped.csv` (files or spans that gave no row, with
-  a reason) and `EMB.json` (provenance). Unreadable files are logged and skipped.
+  arbitrary audio files, e.g. a scientist's labelled clips. Each file is read through the one
+  audio reader (`soundscape_ssl.core.audio`), resampled to the checkpoint's model rate and cut
+  by the one window rule: every `tile_s` span (hop `tile_hop_s`) from 0 s; a span that runs past
+  the end of the audio is zero-padded to a full tile, flagged (`padded`, `valid_s`) and kept
+  when at least half of it is audio (so a file of 2 s gives one row for 3 s tiles, one of
+  1 s none). The log-mel front end, the float16 rounding of the stored tiles and the
+  normalisation are those the backbone was trained with (all three come from the checkpoint),
+  so a span of a file that was also tiled into the training store gets that tile's embedding.
+  Writes `EMB.npy`, `EMB.csv` (row, path, relpath, offset_s, valid_s, padded),
+  `EMB.skipped.csv` (files or spans that gave no row, and files read only up to a break, with a
+  reason) and `EMB.json` (provenance). Bad files are logged and skipped, bad spans too (a
+  decoder error costs only the spans it touches); when nothing at all could be embedded, the
+  outputs are written with zero rows and `NothingEmbedded` is raised.
 
 Choices:
 
@@ -90,17 +94,18 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
+from ..core.audio import (DEFAULT_BLOCK_S, AudioFile, AudioOpenError, WindowLoss,
+                          grid_windows)
+from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files, probe_recording
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
 from ..pretrain.pooling import parse_poolings
 from ..core.provenance import to_jsonable, write_config_json
-from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
 # The tiling stage's rank, device and finalise-lock conventions, shared rather than re-implemented.
 from ..tiles.tiling import finalize_lock, resolve_device, resolve_rank
@@ -117,10 +122,6 @@ CHUNKS_DIR = "chunks"
 CONFIG_FILE = "config.json"
 # Audio formats looked for in folders given to the audio command (any file named explicitly is tried).
 AUDIO_EXTENSIONS = tuple(DEFAULT_EXTENSIONS) + (".ogg", ".oga", ".aif", ".aiff")
-# Formats whose frame count libsndfile estimates (compressed streams): an earlier end is no loss.
-_ESTIMATED_LENGTH_FORMATS = ("MP3", "MPEG", "OGG")
-# Audio decoded and resampled per step in the audio command: bounds memory for long recordings.
-_DECODE_BLOCK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def _check_tile_shape(model: SpectrogramViT, tile_shape: tuple[int, int], source
 
 def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
     """float32 embeddings -> the output dtype; non-finite rows are reported, float16 overflow refused."""
-    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
     if not finite.all():
         logger.warning("%s: %d of %d rows have NaN/inf embeddings (kept, to keep rows aligned)",
                        where, int(np.sum(~finite)), len(values))
@@ -748,6 +749,11 @@ class AudioEmbedSummary:
         return dataclasses.asdict(self)
 
 
+class NothingEmbedded(ValueError):
+    """`embed_audio_files` found no audio to embed: no file given exists, a folder holds no audio
+    file, or no file gave a single span. The skip table says why for each input."""
+
+
 class AudioInput(NamedTuple):
     """An audio file to embed."""
 
@@ -780,7 +786,11 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     inputs: dict[str, AudioInput] = {}
     problems: list[tuple] = []
     for given in paths:
-        path = Path(given).expanduser().resolve()
+        try:
+            path = Path(given).expanduser().resolve()
+        except (OSError, RuntimeError) as error:     # e.g. a symbolic link loop
+            problems.append((str(given), Path(given).name, "unreadable", str(error)))
+            continue
         if path.is_dir():
             candidates, folder_problems = list_audio_files(path, AUDIO_EXTENSIONS)
             for candidate in candidates:
@@ -793,165 +803,51 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     return sorted(inputs.values()), problems
 
 
-class _MonoStream:
-    """Sequential mono float32 reads of an open sound file, for any frame range [start, stop)
-    with zeros outside the audio (requests move forward, so the file is decoded once, in order:
-    no seeking, which compressed formats do not always do exactly).
-
-    A decoder error or an early end stops the audio there (`end_frame`, `error`); NaN/inf
-    samples are zeroed and their runs remembered (`bad_runs`, absolute frames).
-    """
-
-    def __init__(self, sound_file: sf.SoundFile) -> None:
-        self._file = sound_file
-        self._buffer = np.zeros(0, np.float32)      # frames [_buffer_start, _decoded)
-        self._buffer_start = 0
-        self._decoded = 0
-        self.end_frame: int | None = None
-        self.error: str | None = None
-        self.bad_runs: list[tuple[int, int]] = []
-
-    def _decode(self, n_frames: int) -> np.ndarray:
-        try:
-            data = self._file.read(n_frames, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as error:
-            self.error, self.end_frame = str(error), self._decoded
-            return np.zeros(0, np.float32)
-        mono = np.array(downmix(data), dtype=np.float32)
-        if len(mono) < n_frames:
-            self.end_frame = self._decoded + len(mono)
-        bad = ~np.isfinite(mono)
-        if bad.any():
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], bad.view(np.int8), [0]))))
-            self.bad_runs += [(self._decoded + int(a), self._decoded + int(b))
-                              for a, b in zip(edges[::2], edges[1::2])]
-            mono[bad] = 0.0
-        self._decoded += len(mono)
-        return mono
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        if self.end_frame is None and start > self._decoded:   # a gap between requests
-            self._decode(start - self._decoded)
-            self._buffer, self._buffer_start = np.zeros(0, np.float32), self._decoded
-        keep_from = max(start, self._buffer_start)            # earlier frames are not asked again
-        self._buffer = self._buffer[keep_from - self._buffer_start:]
-        self._buffer_start = keep_from
-        if self.end_frame is None and stop > self._decoded:
-            self._buffer = np.concatenate([self._buffer, self._decode(stop - self._decoded)])
-        out = np.zeros(stop - start, np.float32)
-        low, high = max(start, self._buffer_start), min(stop, self._buffer_start + len(self._buffer))
-        if high > low:
-            out[low - start:high - start] = self._buffer[low - self._buffer_start:high - self._buffer_start]
-        return out
-
-
 def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
                 device: torch.device, skips: list[_Skip]) -> Iterator[_SpanBlock]:
     """Every span of one file as float16 dB tiles, block by block; problems appended to `skips`.
 
-    Span j covers model-rate samples [j * hop, j * hop + tile) of the file resampled as a whole
-    (blocks are resampled with the resampler's context on both sides, so block edges are
-    seamless); samples past the end of the audio are exact zeros. Spans run from 0 s until one
-    reaches the end of the audio.
+    The file is classified as the inventory classifies it (`archive.probe_recording`: a file cut
+    short is read up to the break and noted) and read through the one reader,
+    `soundscape_ssl.core.audio`, with the window rule of its tiles: span j covers model-rate
+    samples [j * hop, j * hop + tile); a last span that runs past the end of the audio is
+    zero-padded (exact zeros) and kept when at least half of it is audio. So a span of a file
+    that was also tiled into a store is that store's tile, to the bit.
     """
+    recording = probe_recording(path)
+    if not recording.readable:
+        skips.append(_Skip(recording.reason, recording.detail, math.nan, 0))
+        return
+    if recording.damage:
+        skips.append(_Skip(recording.damage, recording.damage_detail, math.nan, 0))
+    rate_in = recording.sample_rate_hz
+    if not config.accepts_sample_rate(rate_in):
+        skips.append(_Skip("unsupported_sample_rate",
+                           f"{rate_in} Hz outside {config.min_input_sample_rate_hz}-"
+                           f"{config.max_input_sample_rate_hz} Hz", math.nan, 0))
+        return
+    rule = config.window_rule
+    n_spans = rule.count(recording.frames, rate_in)
+    if n_spans == 0:
+        skips.append(_Skip("too_short", f"{recording.frames / rate_in:.3f} s is less than half a "
+                                        f"{config.tile_s:g} s tile", math.nan, 0))
+        return
     try:
-        sound_file = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        audio = AudioFile(path, frames=recording.frames,
+                          piece_s=min(config.tile_hop_s, config.tile_s))
+    except AudioOpenError as error:
         skips.append(_Skip("unreadable", str(error), math.nan, 0))
         return
-    with sound_file:
-        rate_in, rate_out = int(sound_file.samplerate), config.sample_rate_hz
-        header_frames = int(sound_file.frames)
-        if not config.accepts_sample_rate(rate_in):
-            skips.append(_Skip("unsupported_sample_rate",
-                               f"{rate_in} Hz outside {config.min_input_sample_rate_hz}-"
-                               f"{config.max_input_sample_rate_hz} Hz", math.nan, 0))
-            return
-        if header_frames <= 0:
-            skips.append(_Skip("no_frames", "the file holds no audio frames", math.nan, 0))
-            return
-        hop, length = config.tile_hop_samples, config.tile_samples
-        resampler = get_resampler(rate_in, rate_out, config.resample_lowpass_filter_width,
-                                  config.resample_rolloff, str(device))
-        orig, new, width = resampler.orig, resampler.new, resampler.width
-        stream = _MonoStream(sound_file)
-
-        def n_spans_for(frames: int) -> tuple[int, int]:
-            """(spans, model-rate samples of audio) for `frames` source frames."""
-            valid = -(-frames * rate_out // rate_in)            # the resampled length
-            if valid <= 0:
-                return 0, 0
-            count = 1 if valid <= length else -(-(valid - length) // hop) + 1
-            return min(count, -(-valid // hop)), valid          # no span starts past the audio
-
-        n_spans, valid_out = n_spans_for(header_frames)
-        spans_per_block = max(1, round(_DECODE_BLOCK_S / config.tile_hop_s))
-        first = 0
-        while first < n_spans:
-            last = min(n_spans, first + spans_per_block)
-            out_start, out_stop = first * hop, (last - 1) * hop + length
-            frame_start, frame_stop = out_start // new, -(-out_stop // new)
-            samples = stream.read(frame_start * orig - width, frame_stop * orig + width)
-            if stream.end_frame is not None and stream.end_frame < header_frames:
-                n_spans, valid_out = n_spans_for(stream.end_frame)   # the audio ended early
-                last = min(last, n_spans)
-                if first >= last:
-                    break
-            resampled = resampler.resample_frames(torch.from_numpy(samples).to(device))
-            segment = resampled[out_start - frame_start * new:out_stop - frame_start * new]
-            segment = segment[:(last - first - 1) * hop + length].clone()
-            segment[max(0, valid_out - out_start):] = 0.0            # exact zero padding
-            numbers = np.arange(first, last)
-            keep = _spans_clear_of(stream.bad_runs, numbers, hop, length, rate_in, rate_out, width)
-            if not keep.all():
-                _record_lost(skips, numbers[~keep], "non_finite_samples",
-                             "NaN or infinite samples in or near the span", hop, rate_out)
-            if keep.any():
-                waveforms = segment.unfold(0, length, hop)[torch.from_numpy(keep).to(device)]
-                tiles_db = front_end(waveforms).log_mel_db.to(torch.float16)   # as the store keeps tiles
-                valid_samples = np.clip(valid_out - numbers[keep] * hop, 0, length)
-                yield _SpanBlock(numbers[keep] * hop / rate_out, valid_samples / rate_out,
-                                 valid_samples < length, tiles_db)
-            first = last
-        planned, _ = n_spans_for(header_frames)
-        if n_spans < planned:
-            if stream.error:
-                _record_lost(skips, np.arange(n_spans, planned), "decode_error", stream.error,
-                             hop, rate_out)
-            elif sound_file.format in _ESTIMATED_LENGTH_FORMATS:
-                # Not lost audio: the header's length was an estimate (measured on xeno-canto
-                # MP3s: ~0.3 s more than decodes). The rows simply end where the audio does.
-                logger.debug("%s: %d frames decoded, %d estimated by the header", path,
-                             stream.end_frame, header_frames)
-            else:
-                _record_lost(skips, np.arange(n_spans, planned), "truncated",
-                             f"decoding ended at frame {stream.end_frame} of {header_frames} "
-                             "listed in the header", hop, rate_out)
-
-
-def _spans_clear_of(bad_runs: list[tuple[int, int]], numbers: np.ndarray, hop: int, length: int,
-                    rate_in: int, rate_out: int, width: int) -> np.ndarray:
-    """True for spans whose source frames, widened by the resampler's reach, touch no bad run."""
-    keep = np.ones(len(numbers), bool)
-    if not bad_runs:
-        return keep
-    low = (numbers * hop * rate_in) // rate_out - width
-    high = -(-((numbers * hop + length) * rate_in) // rate_out) + width
-    for start, stop in bad_runs:
-        keep &= ~((start < high) & (stop > low))
-    return keep
-
-
-def _record_lost(skips: list[_Skip], numbers: np.ndarray, reason: str, detail: str, hop: int,
-                 rate_out: int) -> None:
-    """One skip record per run of consecutive lost spans."""
-    for number in numbers:
-        previous = skips[-1] if skips else None
-        if (previous is not None and previous.reason == reason and not math.isnan(previous.offset_s)
-                and round(previous.offset_s * rate_out) + previous.n_spans * hop == number * hop):
-            skips[-1] = previous._replace(n_spans=previous.n_spans + 1)
-        else:
-            skips.append(_Skip(reason, detail, float(number * hop / rate_out), 1))
+    losses: list[WindowLoss] = []
+    with audio:
+        for batch in grid_windows(audio, rule, 0, n_spans, losses, block_s=DEFAULT_BLOCK_S,
+                                  device=device,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff):
+            tiles_db = front_end(batch.waveforms).log_mel_db.to(torch.float16)  # as the store keeps tiles
+            yield _SpanBlock(batch.offset_s, batch.valid_s, batch.padded, tiles_db)
+    skips.extend(_Skip(loss.reason, loss.detail, loss.offset_s, len(loss.numbers))
+                 for loss in losses)
 
 
 def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[str, Any]]:
@@ -991,7 +887,9 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
     (with pooling="both" the class tokens to EMB.cls.npy). EMB.csv names the file and offset of
     each row; EMB.skipped.csv lists what gave no row and why; EMB.json records the checkpoint
-    (with its sha256) and the config.
+    (with its sha256) and the config. When no row at all could be made (no input exists, no
+    audio file found, every file unreadable or too short) these files are written with zero
+    rows and `NothingEmbedded` names the inputs and the skip table.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
@@ -1082,6 +980,13 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                        + "\n")
     logger.info("wrote %d rows (%d padded) from %d of %d files to %s; %d skip record(s)", n_rows,
                 n_padded, files_with_rows, len(inputs), out_path, len(skipped))
+    if n_rows == 0:
+        given = ", ".join(str(p) for p in paths) or "no path"
+        found = (f"{len(inputs)} audio file(s) found, none gave a span" if inputs
+                 else "no audio file found")
+        if problems:
+            found += f" ({len(problems)} path(s) missing or unreadable)"
+        raise NothingEmbedded(f"nothing to embed in {given}: {found}; see {targets['skipped']}")
     return AudioEmbedSummary(str(out_path), str(targets["csv"]), str(targets["skipped"]),
                              len(inputs), files_with_rows, n_rows, n_padded, len(skipped),
                              str(device), precision, time.perf_counter() - started)

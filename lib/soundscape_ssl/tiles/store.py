@@ -44,7 +44,9 @@ CONFIG_FILE = "config.json"
 
 # One row per tile. Level statistics are computed on the tile's resampled waveform (rms, peak)
 # and on its mel power (flatness); mel_mean_db / mel_std_db on the stored float16 values, which
-# is what the normalisation statistics are combined from.
+# is what the normalisation statistics are combined from. valid_s: seconds of real audio in the
+# tile; padded: the tile runs past the end of its file and was zero-padded (the window rule of
+# soundscape_ssl.core.audio keeps such a tile when at least half of it is audio).
 UNIT_INDEX_SCHEMA = pa.schema([
     ("recorder", pa.string()),
     ("habitat", pa.string()),
@@ -52,6 +54,8 @@ UNIT_INDEX_SCHEMA = pa.schema([
     ("relpath", pa.string()),
     ("file_start_time", pa.timestamp("ns")),
     ("offset_s", pa.float64()),
+    ("valid_s", pa.float32()),
+    ("padded", pa.bool_()),
     ("timestamp", pa.timestamp("ns")),
     ("source_sample_rate_hz", pa.int32()),
     ("rms_dbfs", pa.float32()),
@@ -73,7 +77,7 @@ SKIPPED_SCHEMA = pa.schema([
     ("reason", pa.string()),       # machine-readable code, see soundscape_ssl.tiles.tiling.SKIP_REASONS
     ("detail", pa.string()),       # human-readable message
     ("offset_s", pa.float64()),    # start of the first lost tile; NaN when the file gave no tile
-    ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files shorter than a tile)
+    ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files without tiles, damage notes)
 ])
 
 

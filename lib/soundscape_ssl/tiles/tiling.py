@@ -8,9 +8,11 @@ Run as a plain process, or on many processes and nodes under torchrun::
 Design (why it is safe to kill, rerun and scale):
 
 * Deterministic work units. Files are sorted by relpath (recorder folder, then the time stamp in
-  the name), their whole tiles are counted from the inventory (frames, sample rate) and packed
-  into units of at most `unit_max_tiles` consecutive tiles; a long file is split across units,
-  short ones share one. The plan depends on the inventory and the configs only, never on the
+  the name), their tiles are counted from the inventory (readable frames, sample rate) by the
+  one window rule of `soundscape_ssl.core.audio` (tiles every `tile_hop_s` from 0 s; a last
+  tile that runs past the end is zero-padded and kept when at least half of it is audio; the
+  index says so in `valid_s` and `padded`) and packed into units of at most `unit_max_tiles`
+  consecutive tiles; a long file is split across units, short ones share one. The plan depends on the inventory and the configs only, never on the
   world size, so unit k is the same work, and gives the same bytes, whichever rank does it.
   Unit k belongs to rank k % world_size (RANK / WORLD_SIZE as set by torchrun).
 * Atomic units. A unit streams its tiles into `units/unit-K.npy.tmp` (flat memory: nothing is
@@ -25,13 +27,14 @@ Design (why it is safe to kill, rerun and scale):
   variances (float64) into the global normalisation statistics and writes `config.json` last.
   It is deterministic and writes through tmp + rename, so two ranks finalising at once, or a
   rerun, produce the same bytes.
-* Decoding. soundfile reads blocks of `decode_block_s` (never a whole long file); channels are
-  averaged; blocks are resampled with context on both sides so block edges are seamless (see
-  `SincResampler`). Bad audio is isolated, not fatal: a decoder error makes us reopen the file
-  and retry the failed block in tile-sized pieces, NaN/inf samples are zeroed and flagged, and
-  only the tiles that touch bad samples (plus the resampler's reach) are dropped, with a reason
-  in the skip table. Files too short for a tile, and the remainders after a file's last whole
-  tile, are counted in config.json.
+* Decoding. Through the one reader, `soundscape_ssl.core.audio`: blocks of `decode_block_s`
+  (never a whole long file), channels averaged, blocks resampled with context on both sides so
+  block edges are seamless, and bad audio isolated, not fatal: a decoder error costs only the
+  tiles whose pieces fail, NaN/inf samples are zeroed and only the tiles that touch them (plus
+  the resampler's reach) are dropped, with a reason in the skip table. A file the inventory
+  found damaged (cut short) is read up to the break and noted in the skip table with 0 tiles
+  lost. Files holding less than half a tile, and the audio after a file's last tile, are
+  counted in config.json.
 * Determinism. The bytes of a store depend on the inventory, the configs, the software versions
   and the device type only: not on the world size, on interruptions, or on the CPU thread count
   (per-tile statistics are reduced with numpy, whose summation order is fixed).
@@ -71,8 +74,10 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
+from ..core.audio import (LOSS_REASONS, AudioFile, AudioOpenError, DecodeBuffers, WindowBatch,
+                          WindowLoss, grid_windows)
 from ..core.provenance import write_config_json
-from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
+from .spectrogram import LogMelFrontEnd, SpectrogramConfig
 from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
                     UNIT_INDEX_SCHEMA, UNITS_DIR, shard_path, unit_index_path, unit_skipped_path)
 
@@ -83,14 +88,11 @@ logger = logging.getLogger(__name__)
 KILL_AFTER_UNITS_ENV = "SOUNDSCAPE_SSL_TILING_KILL_AFTER_UNITS"
 
 SKIP_REASONS = {
-    "unreadable": "the decoder could not open the file",
+    **LOSS_REASONS,   # unreadable, decode_error, non_finite_samples, truncated, outside_audio
     "unsupported_sample_rate": "sample rate outside the accepted input range",
     "header_mismatch": "sample rate differs from the inventory's (file changed since the scan)",
     "no_frames": "the file has no audio frames",
-    "shorter_than_tile": "the file is shorter than one tile",
-    "truncated": "the file ends before the inventory said it would",
-    "decode_error": "the decoder failed on these frames",
-    "non_finite_samples": "NaN or infinite samples",
+    "too_short": "the file holds less than half a tile",
 }
 
 REQUIRED_COLUMNS = ("path", "relpath", "sample_rate_hz", "frames")
@@ -139,7 +141,9 @@ class _FileInfo:
     recorder: str | None
     habitat: str | None
     sample_rate_hz: int
-    frames: int
+    frames: int                   # readable frames (the inventory reads damaged files to the break)
+    damage: str | None = None     # the inventory's damage reason for a file read up to a break
+    damage_detail: str | None = None
 
 
 @dataclass
@@ -157,14 +161,17 @@ class FileTable:
     start_time: np.ndarray         # datetime64[ns], NaT when unknown
     sample_rate_hz: np.ndarray     # int64
     frames: np.ndarray             # int64
-    n_tiles: np.ndarray            # int64, whole tiles planned
+    n_tiles: np.ndarray            # int64, tiles planned (the window rule: whole + kept padded)
+    damage: np.ndarray             # object (str or None): the inventory's damage reason
+    damage_detail: np.ndarray      # object (str or None)
 
     def __len__(self) -> int:
         return len(self.path)
 
     def info(self, row: int) -> _FileInfo:
         return _FileInfo(self.path[row], self.relpath[row], self.recorder[row], self.habitat[row],
-                         int(self.sample_rate_hz[row]), int(self.frames[row]))
+                         int(self.sample_rate_hz[row]), int(self.frames[row]), self.damage[row],
+                         self.damage_detail[row])
 
 
 @dataclass
@@ -196,9 +203,13 @@ class TilingPlan:
         config = self.spectrogram
         frames, rates, tiles = self.files.frames, self.files.sample_rate_hz, self.files.n_tiles
         valid = (tiles > 0)
+        # Audio after the end of a file's last planned tile (tails under half a tile), exactly.
         covered_samples = (tiles - 1) * config.tile_hop_samples + config.tile_samples
         covered_units = np.where(valid, covered_samples * rates, 0)  # 1 / (rate_in * rate_out) s
-        leftover = np.where(valid, frames * config.sample_rate_hz - covered_units, 0)
+        leftover = np.where(valid, np.maximum(frames * config.sample_rate_hz - covered_units, 0), 0)
+        rule = config.window_rule
+        whole = np.array([rule.n_whole(int(f), int(r)) for f, r in zip(frames, rates)],
+                         dtype=np.int64).reshape(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
             duration_s = np.where(rates > 0, frames / np.maximum(rates, 1), 0.0)
             leftover_s = np.where(valid, leftover / np.maximum(rates * config.sample_rate_hz, 1), 0)
@@ -210,6 +221,7 @@ class TilingPlan:
             "n_units": len(self.units),
             "n_files": len(self.files),
             "n_tiles_planned": self.n_tiles,
+            "padded_tiles_planned": int(np.sum(np.where(valid, tiles - whole, 0))),
             "audio_s": float(np.sum(duration_s)),
             "files_without_tiles": int(np.sum(~valid)),
             "tail_remainders_dropped": int(np.sum(leftover > 0)),
@@ -261,7 +273,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
                 tiling: TilingConfig) -> TilingPlan:
-    """Sort the files, count each one's whole tiles and pack them into work units."""
+    """Sort the files, count each one's tiles (the window rule of `core.audio`: whole tiles and
+    padded tails of at least half a tile) and pack them into work units."""
     missing = [column for column in REQUIRED_COLUMNS if column not in files.columns]
     if missing:
         raise ValueError(f"files table lacks columns {missing} (see soundscape_ssl.recordings.archive)")
@@ -288,12 +301,14 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
     start_time = (pd.to_datetime(files["start_time"]).to_numpy("datetime64[ns]")[order]
                   if "start_time" in files.columns
                   else np.full(n_rows, np.datetime64("NaT"), "datetime64[ns]"))
-    n_tiles = np.array([spectrogram.tile_count(int(f), int(r))
-                        if spectrogram.accepts_sample_rate(int(r)) else 0
-                        for f, r in zip(frames, rates)], dtype=np.int64)
+    rule = spectrogram.window_rule
+    n_tiles = np.array([rule.count(int(f), int(r)) if spectrogram.accepts_sample_rate(int(r))
+                        else 0 for f, r in zip(frames, rates)], dtype=np.int64).reshape(-1)
     file_table = FileTable(ordered_text(paths), ordered_text(relpaths),
                            ordered_text(text_column("recorder")),
-                           ordered_text(text_column("habitat")), start_time, rates, frames, n_tiles)
+                           ordered_text(text_column("habitat")), start_time, rates, frames, n_tiles,
+                           ordered_text(text_column("damage")),
+                           ordered_text(text_column("damage_detail")))
 
     units: list[WorkUnit] = []
     current: list[Segment] = []
@@ -315,9 +330,11 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
         units.append(WorkUnit(len(units), tuple(current)))
 
     start_iso = [None if np.isnat(t) else str(t) for t in start_time]
+    # Each file's planned tile count is part of the identity: a store begun under another
+    # window rule (e.g. before padded tails were kept) is refused, never resumed into a mix.
     identity = list(zip(file_table.relpath.tolist(), file_table.path.tolist(), frames.tolist(),
                         rates.tolist(), file_table.recorder.tolist(),
-                        file_table.habitat.tolist(), start_iso))
+                        file_table.habitat.tolist(), start_iso, file_table.n_tiles.tolist()))
     digest = hashlib.sha256(json.dumps(
         [spectrogram.to_dict(), tiling.to_dict(), identity]).encode()).hexdigest()
     return TilingPlan(file_table, units, spectrogram, tiling, digest)
@@ -357,151 +374,7 @@ def unit_is_done(store_dir: str | os.PathLike, unit_id: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding
-
-
-class _BadSpan(NamedTuple):
-    start: int      # source frames [start, stop)
-    stop: int
-    reason: str
-    detail: str
-
-
-class _AudioSource:
-    """Mono float32 reads of any frame range of one file, zero outside the file, faults isolated.
-
-    Consecutive requests may overlap (resampling context); the overlap is served from the last
-    read so the file is decoded sequentially, once. 16-bit PCM is read as int16 and scaled by
-    2**-15 here, which is exactly what libsndfile's float conversion does, 3x faster.
-    """
-
-    def __init__(self, path: str, piece_s: float, buffers: "_BufferPair") -> None:
-        self.path = path
-        self._buffers = buffers
-        self._file = sf.SoundFile(path)
-        self.sample_rate_hz = int(self._file.samplerate)
-        self.channels = int(self._file.channels)
-        self.frames = int(self._file.frames)
-        self._read_int16 = self._file.subtype == "PCM_16"
-        # Granularity at which a decoder fault is localised: one tile hop keeps the good tiles.
-        self._piece_frames = max(1, round(piece_s * self.sample_rate_hz))
-        self._cache = np.zeros(0, np.float32)
-        self._cache_start = 0
-        self._dead_from: int | None = None   # frame from which the decoder can no longer go on
-
-    def close(self) -> None:
-        self._file.close()
-
-    def _reopen(self) -> bool:
-        try:
-            self._file.close()
-            self._file = sf.SoundFile(self.path)
-            return True
-        except (sf.LibsndfileError, RuntimeError, OSError):
-            return False
-
-    def _read_into(self, out: np.ndarray) -> int:
-        """Decode len(out) frames from the current position into `out` (mono); frames read."""
-        if self._read_int16:
-            data = self._file.read(len(out), dtype="int16", always_2d=True)
-            if self.channels == 1:
-                np.multiply(data[:, 0], np.float32(2.0 ** -15), out=out[:len(data)])
-            else:
-                out[:len(data)] = data.mean(axis=1, dtype=np.float32) * np.float32(2.0 ** -15)
-        elif self.channels == 1:
-            data = self._file.read(len(out), dtype="float32", out=out[:, None])
-        else:
-            data = self._file.read(len(out), dtype="float32", always_2d=True)
-            out[:len(data)] = downmix(data)
-        return len(data)
-
-    def _decode(self, start: int, out: np.ndarray) -> list[_BadSpan]:
-        """Fill `out` with frames [start, start + len(out)) of the file; faults -> zeros + spans."""
-        stop = start + len(out)
-        if self._dead_from is not None and start >= self._dead_from:
-            out[:] = 0.0
-            return [_BadSpan(start, stop, "decode_error", "decoder could not resume")]
-        try:
-            if self._file.tell() != start:
-                self._file.seek(start)
-            n_read = self._read_into(out)
-            if n_read < len(out):
-                out[n_read:] = 0.0
-                return [_BadSpan(start + n_read, stop, "truncated",
-                                 f"decoding ended at frame {start + n_read} of {self.frames}")]
-            return []
-        except (sf.LibsndfileError, RuntimeError) as error:
-            first_error = str(error)
-        # Localise the fault: a fresh handle per failing piece (a failed decoder may not seek).
-        bad: list[_BadSpan] = []
-        out[:] = 0.0
-        for piece_start in range(start, stop, self._piece_frames):
-            piece_stop = min(piece_start + self._piece_frames, stop)
-            if not self._reopen():
-                self._dead_from = piece_start
-                bad.append(_BadSpan(piece_start, stop, "decode_error",
-                                    f"{first_error}; could not reopen the file"))
-                break
-            piece = out[piece_start - start:piece_stop - start]
-            try:
-                self._file.seek(piece_start)
-                n_read = self._read_into(piece)
-                if n_read < len(piece):
-                    piece[n_read:] = 0.0
-                    bad.append(_BadSpan(piece_start + n_read, piece_stop, "decode_error",
-                                        first_error))
-            except (sf.LibsndfileError, RuntimeError) as error:
-                piece[:] = 0.0
-                bad.append(_BadSpan(piece_start, piece_stop, "decode_error", str(error)))
-        self._reopen()
-        return bad
-
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, list[_BadSpan]]:
-        """Frames [start, stop) (zeros outside the file) and the bad spans in them."""
-        out = self._buffers.next(stop - start)
-        bad: list[_BadSpan] = []
-        fresh_from = max(start, 0)
-        out[:fresh_from - start] = 0.0
-        cache_stop = self._cache_start + len(self._cache)
-        if self._cache_start <= start < cache_stop:   # overlap with the previous request
-            reuse_to = min(stop, cache_stop)
-            offset = start - self._cache_start
-            out[:reuse_to - start] = self._cache[offset:offset + reuse_to - start]
-            fresh_from = reuse_to
-        fresh_to = max(fresh_from, min(stop, self.frames))
-        out[fresh_to - start:] = 0.0
-        if fresh_to > fresh_from:
-            fresh = out[fresh_from - start:fresh_to - start]
-            bad = self._decode(fresh_from, fresh)
-            if not np.isfinite(fresh).all():
-                finite = np.isfinite(fresh)
-                bad += _runs_of(~finite, fresh_from, "non_finite_samples")
-                fresh[~finite] = 0.0
-        self._cache, self._cache_start = out, start
-        return out, bad
-
-
-class _BufferPair:
-    """Two reusable float32 decode buffers, handed out in turn (the previous read stays valid for
-    the overlap), so decoding allocates nothing per block."""
-
-    def __init__(self) -> None:
-        self._buffers = [np.empty(0, np.float32), np.empty(0, np.float32)]
-        self._turn = 0
-
-    def next(self, size: int) -> np.ndarray:
-        self._turn ^= 1
-        if len(self._buffers[self._turn]) < size:
-            self._buffers[self._turn] = np.empty(size, np.float32)
-        return self._buffers[self._turn][:size]
-
-
-def _runs_of(mask: np.ndarray, offset: int, reason: str) -> list[_BadSpan]:
-    """Spans of consecutive True values of `mask`, in absolute frames."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return [_BadSpan(offset + int(a), offset + int(b), reason,
-                     f"{int(b - a)} non-finite sample(s) from frame {offset + int(a)}")
-            for a, b in zip(edges[::2], edges[1::2])]
+# Decoding (through the one reader, soundscape_ssl.core.audio)
 
 
 class _TileBatch(NamedTuple):
@@ -512,12 +385,14 @@ class _TileBatch(NamedTuple):
     spectral_flatness: np.ndarray
     mel_mean_db: np.ndarray       # float64, of the float16 values
     mel_std_db: np.ndarray
+    valid_s: np.ndarray           # float32 seconds of real audio in the tile
+    padded: np.ndarray            # bool: the tile runs past the end of the audio (zero-padded)
 
 
 class _Skip(NamedTuple):
     reason: str
     detail: str
-    first_tile: int | None        # None: the file as a whole (no tile planned)
+    first_tile: int | None        # None: the file as a whole (no tile planned, or a damage note)
     n_tiles: int
 
 
@@ -531,7 +406,7 @@ class _SegmentTiler:
         self.front_end = front_end
         self.device = device
         self.progress = progress
-        self._buffers = _BufferPair()
+        self._buffers = DecodeBuffers()
 
     def _advance(self, samples: int) -> None:
         """Progress in whole samples at the model rate, so the bar ends exactly at its total."""
@@ -542,138 +417,76 @@ class _SegmentTiler:
             skips: list[_Skip]) -> Iterator[_TileBatch]:
         config = self.config
         planned = self.plan.segment_samples(segment)
+        if segment.first_tile == 0 and info.damage:
+            # Read up to the break (the inventory lists the readable frames); said once per file.
+            skips.append(_Skip(info.damage, info.damage_detail or "", None, 0))
         try:
-            source = _AudioSource(info.path, piece_s=config.tile_hop_s, buffers=self._buffers)
-        except (sf.LibsndfileError, RuntimeError, OSError) as error:
+            audio = AudioFile(info.path, frames=info.frames,
+                              piece_s=min(config.tile_hop_s, config.tile_s),
+                              buffers=self._buffers)
+        except AudioOpenError as error:
             skips.append(_Skip("unreadable", str(error), None if segment.n_tiles == 0
                                else segment.first_tile, segment.n_tiles))
             self._advance(planned)
             return
         try:
             if segment.n_tiles == 0:
-                skips.append(self._no_tile_reason(info, source))
+                skips.append(self._no_tile_reason(info, audio))
                 return
-            if source.sample_rate_hz != info.sample_rate_hz:
+            if audio.sample_rate_hz != info.sample_rate_hz:
                 skips.append(_Skip("header_mismatch",
-                                   f"file is {source.sample_rate_hz} Hz, inventory says "
+                                   f"file is {audio.sample_rate_hz} Hz, inventory says "
                                    f"{info.sample_rate_hz} Hz", segment.first_tile,
                                    segment.n_tiles))
                 self._advance(planned)
                 return
-            yield from self._tile(info, segment, source, skips)
+            yield from self._tile(segment, audio, skips)
         finally:
-            source.close()
+            audio.close()
 
-    def _no_tile_reason(self, info: _FileInfo, source: _AudioSource) -> _Skip:
+    def _no_tile_reason(self, info: _FileInfo, audio: AudioFile) -> _Skip:
         config = self.config
-        rate = source.sample_rate_hz
+        rate = audio.sample_rate_hz
         if not config.accepts_sample_rate(rate):
             return _Skip("unsupported_sample_rate",
                          f"{rate} Hz outside {config.min_input_sample_rate_hz}-"
                          f"{config.max_input_sample_rate_hz} Hz", None, 0)
-        if source.frames == 0 or info.frames == 0:
+        if audio.header_frames == 0 or info.frames == 0:
             return _Skip("no_frames", "the file holds no audio frames", None, 0)
-        return _Skip("shorter_than_tile",
-                     f"{info.frames / max(info.sample_rate_hz, 1):.3f} s < {config.tile_s} s",
-                     None, 0)
+        return _Skip("too_short",
+                     f"{info.frames / max(info.sample_rate_hz, 1):.3f} s is less than half a "
+                     f"{config.tile_s:g} s tile", None, 0)
 
-    def _tile(self, info: _FileInfo, segment: Segment, source: _AudioSource,
+    def _tile(self, segment: Segment, audio: AudioFile,
               skips: list[_Skip]) -> Iterator[_TileBatch]:
         config = self.config
         planned = self.plan.segment_samples(segment)
-        rate_in, rate_out = source.sample_rate_hz, config.sample_rate_hz
-        hop, length = config.tile_hop_samples, config.tile_samples
-        first, end = segment.first_tile, segment.first_tile + segment.n_tiles
-        lost: dict[int, tuple[str, str]] = {}
-
-        # Tiles the decoder cannot reach because the file is shorter than the inventory said.
-        reachable_end = min(end, config.tile_count(source.frames, rate_in))
-        for j in range(max(first, reachable_end), end):
-            lost[j] = ("truncated",
-                       f"file has {source.frames} frames, inventory listed {info.frames}")
-        resampler = get_resampler(rate_in, rate_out, config.resample_lowpass_filter_width,
-                                  config.resample_rolloff, str(self.device))
-        orig, new, width = resampler.orig, resampler.new, resampler.width
         done = 0
-        if reachable_end > first:
-            out_start = first * hop
-            out_stop = (reachable_end - 1) * hop + length
-            frame_start, frame_stop = out_start // new, -(-out_stop // new)
-            # Blocks of whole tile hops (when the hop is a whole number of resampler frames) so
-            # that every block ends on a tile boundary and no samples are carried over.
-            aligned = math.lcm(hop, new) // new
-            frames_per_block = aligned * max(1, round(
-                self.plan.tiling.decode_block_s * rate_in / orig / aligned))
-            pending = torch.zeros(0, device=self.device)
-            pending_start = out_start              # absolute output sample of pending[0]
-            next_tile = first
-            for block_start in range(frame_start, frame_stop, frames_per_block):
-                block_stop = min(block_start + frames_per_block, frame_stop)
-                samples, bad = source.read(block_start * orig - width, block_stop * orig + width)
-                for span in bad:
-                    self._mark_lost(lost, span, width, rate_in, first, reachable_end)
-                resampled = resampler.resample_frames(torch.from_numpy(samples).to(self.device))
-                block_out = block_start * new                      # absolute index of resampled[0]
-                pending_end = pending_start + pending.shape[0]
-                if block_out + resampled.shape[0] > pending_end:
-                    take_from = max(0, pending_end - block_out)
-                    pending = (resampled[take_from:] if pending.shape[0] == 0
-                               else torch.cat([pending, resampled[take_from:]]))
-                available = pending.shape[0]
-                ready = 0 if available < length else min((available - length) // hop + 1,
-                                                         reachable_end - next_tile)
-                if ready > 0:
-                    numbers = np.arange(next_tile, next_tile + ready)
-                    keep = np.array([j not in lost for j in numbers])
-                    waveforms = pending.unfold(0, length, hop)[:ready]   # a view, no copy
-                    if not keep.all():
-                        waveforms = waveforms[torch.from_numpy(keep).to(self.device)]
-                    if keep.any():
-                        yield self._features(numbers[keep], waveforms)
-                    next_tile += ready
-                    consumed = min(ready * hop, available)
-                    pending = pending[consumed:]
-                    pending_start += ready * hop
-                block_samples = min((block_stop - block_start) * new, planned - done)
-                self._advance(block_samples)
-                done += block_samples
-                if next_tile >= reachable_end:
-                    break
-            for j in range(next_tile, reachable_end):   # not emitted: decoding ended early
-                lost.setdefault(j, ("truncated", "decoding ended before this tile"))
+
+        def advance(samples: int) -> None:
+            nonlocal done
+            step = min(samples, planned - done)
+            self._advance(step)
+            done += step
+
+        losses: list[WindowLoss] = []
+        for batch in grid_windows(audio, config.window_rule, segment.first_tile,
+                                  segment.first_tile + segment.n_tiles, losses,
+                                  block_s=self.plan.tiling.decode_block_s, device=self.device,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff, on_progress=advance):
+            yield self._features(batch)
         self._advance(planned - done)
-        skips.extend(self._runs_of_lost(lost))
-
-    def _mark_lost(self, lost: dict[int, tuple[str, str]], span: _BadSpan, width: int,
-                   rate_in: int, first: int, end: int) -> None:
-        """Tiles whose audio (widened by the resampler's reach) overlaps a bad source span."""
-        config = self.config
-        hop, length, rate_out = config.tile_hop_samples, config.tile_samples, config.sample_rate_hz
-        low, high = span.start - width, span.stop + width           # source frames
-        # Tile j spans [j*hop, j*hop + length) / rate_out seconds; test overlap with
-        # [low, high) / rate_in in integers.
-        j_min = (low * rate_out - length * rate_in) // (hop * rate_in) + 1
-        j_max = -(-(high * rate_out) // (hop * rate_in)) - 1
-        for j in range(max(first, j_min), min(end - 1, j_max) + 1):
-            lost.setdefault(j, (span.reason, span.detail))
-
-    @staticmethod
-    def _runs_of_lost(lost: dict[int, tuple[str, str]]) -> list[_Skip]:
-        runs: list[_Skip] = []
-        for j in sorted(lost):
-            reason, detail = lost[j]
-            if runs and runs[-1].reason == reason and runs[-1].first_tile + runs[-1].n_tiles == j:
-                runs[-1] = runs[-1]._replace(n_tiles=runs[-1].n_tiles + 1)
-            else:
-                runs.append(_Skip(reason, detail, j, 1))
-        return runs
+        skips.extend(_Skip(loss.reason, loss.detail, int(loss.numbers[0]), len(loss.numbers))
+                     for loss in losses)
 
     @torch.no_grad()
-    def _features(self, numbers: np.ndarray, waveforms: torch.Tensor) -> _TileBatch:
-        features = self.front_end(waveforms)
+    def _features(self, batch: WindowBatch) -> _TileBatch:
+        features = self.front_end(batch.waveforms)
         log_mel_f16 = features.log_mel_db.to(torch.float16)
+        n = len(batch.numbers)
         if log_mel_f16.device.type == "cpu":   # numpy: summation order independent of threads
-            values = log_mel_f16.numpy().reshape(len(numbers), -1).astype(np.float64)
+            values = log_mel_f16.numpy().reshape(n, -1).astype(np.float64)
             mel_mean = values.sum(axis=1) / values.shape[1]
             second_moment = np.einsum("ij,ij->i", values, values) / values.shape[1]
             mel_std = np.sqrt(np.maximum(second_moment - mel_mean * mel_mean, 0.0))
@@ -682,9 +495,9 @@ class _SegmentTiler:
             mel_mean = as_float64.mean(dim=1).cpu().numpy()
             mel_std = as_float64.var(dim=1, correction=0).sqrt().cpu().numpy()
         return _TileBatch(
-            numbers, log_mel_f16.cpu().numpy(), features.rms_dbfs.cpu().numpy(),
+            batch.numbers, log_mel_f16.cpu().numpy(), features.rms_dbfs.cpu().numpy(),
             features.peak_dbfs.cpu().numpy(), features.spectral_flatness.cpu().numpy(),
-            mel_mean, mel_std)
+            mel_mean, mel_std, batch.valid_s.astype(np.float32), batch.padded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,7 +612,8 @@ class _UnitRows:
 
     TYPES = {"file_row": np.int64, "tile": np.int64, "rms_dbfs": np.float32,
              "peak_dbfs": np.float32, "spectral_flatness": np.float32,
-             "mel_mean_db": np.float64, "mel_std_db": np.float64}
+             "mel_mean_db": np.float64, "mel_std_db": np.float64, "valid_s": np.float32,
+             "padded": np.bool_}
 
     def __init__(self, capacity: int) -> None:
         self.n = 0
@@ -809,7 +623,8 @@ class _UnitRows:
         rows = slice(self.n, self.n + len(batch.tile_numbers))
         self._arrays["file_row"][rows] = file_row
         self._arrays["tile"][rows] = batch.tile_numbers
-        for name in ("rms_dbfs", "peak_dbfs", "spectral_flatness", "mel_mean_db", "mel_std_db"):
+        for name in ("rms_dbfs", "peak_dbfs", "spectral_flatness", "mel_mean_db", "mel_std_db",
+                     "valid_s", "padded"):
             self._arrays[name][rows] = getattr(batch, name)
         self.n = rows.stop
 
@@ -835,6 +650,8 @@ def _unit_index_table(plan: TilingPlan, unit_id: int, rows: _UnitRows) -> pa.Tab
         "relpath": strings("relpath"),
         "file_start_time": pa.array(start_ns, pa.timestamp("ns"), from_pandas=True),
         "offset_s": pa.array(offset_s, pa.float64()),
+        "valid_s": pa.array(rows["valid_s"], pa.float32()),
+        "padded": pa.array(rows["padded"], pa.bool_()),
         "timestamp": pa.array(_timestamps(start_ns, offset_s), pa.timestamp("ns"),
                               from_pandas=True),
         "source_sample_rate_hz": pa.array(files.sample_rate_hz[file_rows].astype(np.int32)),

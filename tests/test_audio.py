@@ -53,8 +53,8 @@ def _edge_cases(rate: int) -> list[tuple[str, int, list[float], list[float], int
     half = 3 * rate // 2
     return [
         ("empty", 0, [], [], 0),
-        ("one sample", 1, [], [], 1),
-        ("half a window minus one sample", half - 1, [], [], 1),
+        ("one sample", 1, [0.0], [1 / rate], 0),                  # a file's first window is kept
+        ("half a window minus one sample", half - 1, [0.0], [1.5 - 1 / rate], 0),
         ("exactly half a window", half, [0.0], [1.5], 0),
         ("exactly one window", 3 * rate, [0.0], [3.0], 0),
         ("one window and one sample", 3 * rate + 1, [0.0], [3.0], 1),
@@ -103,7 +103,8 @@ def test_window_rule_agrees_with_exact_fractions_on_random_lengths():
         rate = int(rng.choice([8000, 11025, 16000, 22050, 44100, 48000, 96000, 192000]))
         frames = int(rng.integers(0, 12 * rate))
         duration = Fraction(frames, rate)
-        expected = [k for k in range(5) if 3 * k < duration and duration - 3 * k >= Fraction(3, 2)]
+        expected = [k for k in range(5) if 3 * k < duration
+                    and (k == 0 or duration - 3 * k >= Fraction(3, 2))]
         grid = RULE_32K.grid(frames, rate)
         assert grid.numbers.tolist() == expected, (frames, rate)
         assert grid.valid_s.tolist() == [float(min(Fraction(3), duration - 3 * k)) for k in expected]

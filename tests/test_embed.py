@@ -311,7 +311,7 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
     by_hand = np.concatenate([short, np.zeros(6400, np.float32)])       # to 1.0 s
     write_wav(clips / "b_short_padded_by_hand_16k.wav", by_hand, 16000)
     write_wav(clips / "c_stereo_48k.wav", np.stack([soundscape(0.7, 48000, 8)] * 2, axis=1), 48000)
-    write_wav(clips / "c_too_short_16k.wav", soundscape(0.4, 16000, 13), 16000)   # < half a tile
+    write_wav(clips / "c_shorter_than_half_16k.wav", soundscape(0.4, 16000, 13), 16000)   # < half a tile: kept, the first
     write_wav(clips / "sub" / "d_8k.wav", soundscape(2.2, 8000, 9), 8000)
     with_nan = soundscape(4.0, 16000, 10)
     with_nan[40000] = np.nan                                   # at 2.5 s: span [2, 3) is lost
@@ -332,9 +332,10 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
     assert list(rows.columns) == ["row", "path", "relpath", "offset_s", "valid_s", "padded"]
     per_file = {relpath: group for relpath, group in rows.groupby("relpath", sort=False)}
     # The window rule: every span from 0 s; one that runs past the end is padded and kept when
-    # at least half of it (0.5 s) is audio.
+    # at least half of it (0.5 s) is audio, or when it is the file's first.
     expected_spans = {
         "a_short_16k.wav": ([0.0], [0.6]),
+        "c_shorter_than_half_16k.wav": ([0.0], [0.4]),
         "b_short_padded_by_hand_16k.wav": ([0.0], [1.0]),
         "c_stereo_48k.wav": ([0.0], [0.7]),
         "sub/d_8k.wav": ([0.0, 1.0], [1.0, 1.0]),
@@ -349,14 +350,14 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
         np.testing.assert_allclose(group["offset_s"], offsets, err_msg=relpath)
         np.testing.assert_allclose(group["valid_s"], valid, atol=1e-9, err_msg=relpath)
         assert (group["padded"] == (np.asarray(valid) < 1.0)).all(), relpath
-    assert (rows["row"] == np.arange(len(rows))).all() and len(rows) == 30
+    assert (rows["row"] == np.arange(len(rows))).all() and len(rows) == 31
     assert rows["path"].is_monotonic_increasing                     # files in path order
-    assert embeddings.shape == cls.shape == (30, EMBED_DIM) and np.isfinite(embeddings).all()
-    assert summary["n_rows"] == 30 and summary["n_padded_rows"] == 2
+    assert embeddings.shape == cls.shape == (31, EMBED_DIM) and np.isfinite(embeddings).all()
+    assert summary["n_rows"] == 31 and summary["n_padded_rows"] == 3
 
     # Bad files get the inventory's reasons (g_broken.wav: a RIFF header with a 14 B fmt chunk).
     reasons = dict(zip(skipped["relpath"], skipped["reason"]))
-    assert reasons == {"c_too_short_16k.wav": "too_short", "e_nan_float_16k.wav": "non_finite_samples",
+    assert reasons == {"e_nan_float_16k.wav": "non_finite_samples",
                        "f_7k.wav": "unsupported_sample_rate", "g_broken.wav": "bad_header"}
     nan_skip = skipped[skipped["reason"] == "non_finite_samples"].iloc[0]
     assert (nan_skip["offset_s"], nan_skip["n_spans_lost"]) == (2.0, 1)

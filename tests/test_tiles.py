@@ -62,11 +62,12 @@ def inventory(root: Path, paths: list[Path], habitat: str | None = "canopy") -> 
 
 def expected_tiles(frames: int, rate_hz: int, config: SpectrogramConfig = CONFIG) -> int:
     """Tiles by the window rule, from exact rational seconds (independent of the implementation's
-    integers): tile k starts before the end and holds at least half a tile of audio."""
+    integers): tile k starts before the end and holds at least half a tile of audio, or is the
+    file's first."""
     duration = Fraction(frames, rate_hz)
     tile, hop = Fraction(config.tile_s), Fraction(config.tile_hop_s)
     k = 0
-    while k * hop < duration and duration - k * hop >= tile / 2:
+    while k * hop < duration and (k == 0 or duration - k * hop >= tile / 2):
         k += 1
     return k
 
@@ -79,12 +80,13 @@ def store_files(store: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time.
-    Every tail is shorter than half a tile (padded tiles: test_audio.py)."""
+    Every tail is shorter than half a tile (padded tails: test_audio.py); the file shorter than
+    half a tile gives its one, padded, first tile."""
     root = tmp_path_factory.mktemp("archive")
     specs = [  # relpath stem, seconds, rate
         ("R2/R2_20190522_000000", 10.0, 22050),
         ("R1/R1_20190524_053000", 9.0, 44100),
-        ("R1/R1_20190524_060000", 1.5 - 1 / 44100, 44100),   # one frame short of half a tile
+        ("R1/R1_20190524_060000", 1.5 - 1 / 44100, 44100),   # one frame short of half a tile: one padded tile
         ("R1/R1_20190524_063000", 7.4, 44100),
         ("R1/unnamed", 6.0, 32000),
         ("R3/R3_20190601_120000", 4.0, 48000),
@@ -102,7 +104,7 @@ def reference_store(archive, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("reference") / "tiles"
     summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, rank=0, world_size=1,
                            show_progress=False)
-    assert summary.finalized and summary.n_tiles_total == 11
+    assert summary.finalized and summary.n_tiles_total == 12
     return store
 
 
@@ -125,12 +127,14 @@ def test_tile_counts_and_timestamps_match_the_archive(archive, reference_store):
         assert (tiles["recorder"] == file["recorder"]).all()
         assert (tiles["habitat"] == "canopy").all()
     config = json.loads((reference_store / "config.json").read_text())
-    assert config["counts"]["n_tiles"] == 11
-    assert config["counts"]["skipped"] == {"too_short": {"records": 1, "tiles_lost": 0}}
+    assert config["counts"]["n_tiles"] == 12
+    assert config["counts"]["skipped"] == {}
     assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.4 and 4 s files
     assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.4 + 1.0)
-    assert (TileStore(reference_store).index["valid_s"] == 3.0).all()
-    assert not TileStore(reference_store).index["padded"].any()
+    index = TileStore(reference_store).index
+    short = index["relpath"] == "R1/R1_20190524_060000.wav"       # its one, padded, first tile
+    assert index.loc[short, "valid_s"].tolist() == pytest.approx([1.5 - 1 / 44100])
+    assert index["padded"].tolist() == short.tolist() and (index.loc[~short, "valid_s"] == 3.0).all()
     assert SpectrogramConfig.from_dict(config["config"]) == CONFIG
 
 
@@ -212,7 +216,7 @@ def test_readers_give_random_access_streaming_and_normalised_tensors(reference_s
     assert sum(len(batch) for batch in loader) == len(dataset)
 
     batches = list(TileStream(reference_store, batch_size=3, normalize=False))
-    assert [len(b.tile_ids) for b in batches] == [3, 3, 3, 2]
+    assert [len(b.tile_ids) for b in batches] == [3, 3, 3, 3]
     assert np.concatenate([b.tile_ids for b in batches]).tolist() == list(range(len(store)))
     assert torch.equal(batches[1].tiles[0, 0], torch.from_numpy(store[3].astype(np.float32)))
     halves = [np.concatenate([b.tile_ids for b in TileStream(reference_store, batch_size=4,
@@ -297,7 +301,7 @@ def test_rank_comes_from_the_torchrun_environment(monkeypatch):
 
 def test_work_units_do_not_depend_on_world_size(archive):
     plan = plan_tiling(archive[1], CONFIG, SMALL_UNITS)
-    assert [unit.n_tiles for unit in plan.units] == [2, 2, 2, 2, 2, 1]
+    assert [unit.n_tiles for unit in plan.units] == [2, 2, 2, 2, 2, 2]
     for world_size in (1, 2, 3, 7):
         shares = [plan.units_for_rank(r, world_size) for r in range(world_size)]
         assert sorted(u.unit_id for share in shares for u in share) == list(range(6))
@@ -368,7 +372,7 @@ def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, t
 
     assert reasons("zero") == ["unreadable"]
     assert reasons("header_only") == ["no_frames"]
-    assert reasons("short") == ["too_short"]
+    assert reasons("short") == [] and offsets("short") == [0.0]   # 1 s: its padded first tile
     assert reasons("4k") == ["unsupported_sample_rate"]
     assert reasons("changed") == ["header_mismatch"] and offsets("changed") == []
     assert offsets("truncated") == [0.0, 3.0] and reasons("truncated") == ["truncated"]
@@ -404,7 +408,7 @@ def test_command_line_tiles_an_inventory_and_finalises(archive, reference_store,
     assert main(["--inventory", str(inventory_dir), "--out", str(store), "--no-progress",
                  "--unit-max-tiles", "2", "--decode-block-s", "1.3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n_tiles_total"] == 11
+    assert summary["n_tiles_total"] == 12
     assert main(["--out", str(store), "--finalize-only"]) == 0
     assert store_files(store) == store_files(reference_store)
 

@@ -516,7 +516,7 @@ def _file_windows(path: str, rows: Sequence[int], offsets_s: np.ndarray,
     at most `decode_block_s`, resampled to 48 kHz by the one resampler (with BirdNET's kernel
     width, see `BirdNetConfig`), and windows past the end of the audio are zero-padded exactly. A decoder error or non-finite
     samples cost only the windows they touch. A window must start inside the audio and hold at
-    least half a window of it. `samples` of a yielded window are valid until the next one is
+    least half a window of it, unless it is the file's first. `samples` of a yielded window are valid until the next one is
     requested.
     """
     recording = probe_recording(path)
@@ -926,7 +926,8 @@ def load_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
 def file_windows_index(paths: Iterable[str | os.PathLike], config: BirdNetConfig | None = None) -> pd.DataFrame:
     """A tile index of every window of each file (tile_id, path, offset_s, duration_s, valid_s,
     padded), by the one window rule (`window_rule`): spans at 0, 3, 6 ... s, a last partial span
-    kept, zero-padded at scoring time, when it holds at least half a window. A file cut short
+    kept, zero-padded at scoring time, when it holds at least half a window (a file's first
+    window always is). A file cut short
     counts up to its break; files nothing can be read from are logged and left out.
     """
     config = config or BirdNetConfig()

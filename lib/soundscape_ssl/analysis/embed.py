@@ -98,6 +98,7 @@ from .. import __version__
 from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
+from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
@@ -1109,8 +1110,6 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
     parser = argparse.ArgumentParser(
         prog="soundscape-ssl embed",
         description="Embed audio files (every tile-length span; --audio, --out EMB.npy) or every "
@@ -1130,19 +1129,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_dataclass_options(parser.add_argument_group("embedding"), EmbedConfig)
+    add_config_options(parser, EmbedConfig, title="embedding")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary."""
-    from ..pipeline.cli import dataclass_from_args
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = dataclass_from_args(EmbedConfig, args)
+        config = config_from_options(EmbedConfig, args)
     except ValueError as error:
         parser.error(str(error))
     if args.threads is not None:

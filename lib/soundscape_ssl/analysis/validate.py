@@ -83,6 +83,7 @@ from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
 from .metrics import KnnConfig, KnnResult, clustering_agreement, knn_cross_validate
+from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
 from ..tiles.spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
 
@@ -905,8 +906,6 @@ def scores_table(scores: pd.DataFrame, metrics: Sequence[str] = ("knn_accuracy",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
     parser = argparse.ArgumentParser(
         prog="soundscape-ssl validate",
         description="Score output spaces (SSL checkpoints with each pooling, BirdNET V2.4, the "
@@ -919,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pretraining checkpoint.pth (repeatable); NAME= names its space")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    add_dataclass_options(parser.add_argument_group("validation"), ValidateConfig)
+    add_config_options(parser, ValidateConfig, title="validation")
     return parser
 
 
@@ -934,13 +933,11 @@ def _parse_checkpoints(values: Sequence[str]) -> dict[str, Path] | list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores table."""
-    from ..pipeline.cli import dataclass_from_args
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = dataclass_from_args(ValidateConfig, args)
+        config = config_from_options(ValidateConfig, args)
         checkpoints = _parse_checkpoints(args.checkpoint)
     except ValueError as error:
         parser.error(str(error))

@@ -7,60 +7,20 @@ load only when a stage that needs them runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+from ..core.config import add_config_options, config_from_options
 
 log = logging.getLogger("soundscape_ssl")
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One `--field-name` option per dataclass field, typed from the annotation.
-
-    Booleans take an explicit value (`--flag true|false`): `type=bool` would read "false" as True.
-    """
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        hint = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        option = "--" + field.name.replace("_", "-")
-        origin = typing.get_origin(hint)
-        if hint is bool:
-            parser.add_argument(option, type=_parse_bool, default=default, metavar="{true,false}",
-                                help=f"(default: {default})")
-        elif origin is tuple:
-            item_type = typing.get_args(hint)[0]
-            parser.add_argument(option, type=item_type, nargs="+", default=default,
-                                help=f"(default: {' '.join(map(str, default))})")
-        else:
-            parser.add_argument(option, type=hint if hint in (int, float, str) else str, default=default,
-                                help=f"(default: {default})")
-
-
-def dataclass_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-    values = {}
-    for field in dataclasses.fields(config_cls):
-        value = getattr(args, field.name)
-        values[field.name] = tuple(value) if isinstance(value, list) else value
-    return config_cls(**values)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _cmd_synth_archive(args: argparse.Namespace) -> int:
     from ..recordings.synth import SynthConfig, generate_archive
 
-    out_dir = generate_archive(Path(args.out), dataclass_from_args(SynthConfig, args))
+    out_dir = generate_archive(Path(args.out), config_from_options(SynthConfig, args))
     print(out_dir)
     return 0
 
@@ -80,12 +40,16 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ..core.config import ConfigError
     from .runner import NotebookFailed, run_pipeline
 
     try:
         run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only,
                                start_from=args.start_from,
                                repo_root=Path(args.repo_root) if args.repo_root else None)
+    except ConfigError as error:  # the profile is checked before any notebook runs
+        print(f"soundscape-ssl run: error: {error}", file=sys.stderr)
+        return 2
     except NotebookFailed as error:
         print(f"soundscape-ssl run: {error}", file=sys.stderr)
         return 1
@@ -125,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder")
     from ..recordings.synth import SynthConfig
 
-    add_dataclass_options(synth, SynthConfig)
+    add_config_options(synth, SynthConfig)
     synth.set_defaults(handler=_cmd_synth_archive)
 
     inventory = commands.add_parser("inventory", help="inventory a folder tree of recordings (headers only)")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..core.config import config_from_mapping
 from ..core.provenance import git_state, to_jsonable
 from .models import BackboneConfig, SpectrogramViT, build_backbone
 
@@ -97,7 +98,8 @@ def load_backbone(checkpoint_path: str | os.PathLike,
     For DINO this is the EMA teacher's backbone, for MAE the encoder, for VICReg the backbone.
     """
     checkpoint = load_checkpoint(checkpoint_path, map_location)
-    model = build_backbone(BackboneConfig(**checkpoint["backbone_config"]))
+    model = build_backbone(config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
+                                               f"{checkpoint_path}: backbone_config"))
     model.load_state_dict(checkpoint["backbone"])
     model.to(map_location)
     return model.eval(), checkpoint_metadata(checkpoint)
@@ -118,7 +120,8 @@ def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.P
         if existing["train_config"] == origin and existing["backbone_config"] == checkpoint["backbone_config"] \
                 and existing["normalization"] == checkpoint["normalization"]:
             return Path(out_path)  # the same control: keep the file, so embeddings made from it stay valid
-    backbone_config = BackboneConfig(**checkpoint["backbone_config"])
+    backbone_config = config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
+                                          f"{checkpoint_path}: backbone_config")
     torch.manual_seed(seed)
     model = build_backbone(backbone_config)
     untrained = build_checkpoint(

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from ..core.provenance import reject_unknown_fields
+from ..core.config import config_from_mapping
 
 # Slaney mel filters at the defaults leave no filter empty; HTK ones with 128 bands from 50 Hz do
 # on coarse FFTs, which torchaudio warns about. Both are allowed; the choice is recorded.
@@ -145,8 +145,7 @@ class SpectrogramConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SpectrogramConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 class SincResampler:

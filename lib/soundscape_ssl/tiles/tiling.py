@@ -52,7 +52,6 @@ import os
 import signal
 import sys
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
+from ..core.config import add_config_options, config_from_options, config_to_options
 from ..core.provenance import write_config_json
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
 from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
@@ -1061,25 +1061,15 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
 # Command line
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, group_title: str) -> None:
-    group = parser.add_argument_group(group_title)
-    hints = typing.get_type_hints(config_type)
-    for field in dataclasses.fields(config_type):
-        hint = hints[field.name]
-        kind = {int: int, float: float, str: str}.get(hint, str)
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
-                           default=None, help=f"default: {field.default}"
-                           + (" ('none' for None)" if hint not in (int, float, str) else ""))
-
-
-def _config_from_args(args: argparse.Namespace, config_type: type) -> Any:
-    values = {}
-    for field in dataclasses.fields(config_type):
-        value = getattr(args, field.name)
-        if value is not None:
-            is_none = isinstance(value, str) and value.lower() == "none"
-            values[field.name] = None if is_none else value
-    return config_type(**values)
+def command_arguments(inventory: str | os.PathLike, out_dir: str | os.PathLike,
+                      config: SpectrogramConfig | None = None, tiling: TilingConfig | None = None,
+                      device: str = "cpu", show_progress: bool = False) -> list[str]:
+    """The arguments of `python -m soundscape_ssl.tiles.tiling` (e.g. under torchrun) that tile
+    `inventory` into `out_dir` with exactly these configs (every field given explicitly)."""
+    arguments = ["--inventory", str(inventory), "--out", str(out_dir), "--device", device,
+                 *config_to_options(config or SpectrogramConfig()),
+                 *config_to_options(tiling or TilingConfig())]
+    return arguments if show_progress else [*arguments, "--no-progress"]
 
 
 def _read_inventory(path: Path) -> pd.DataFrame:
@@ -1089,12 +1079,11 @@ def _read_inventory(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m soundscape_ssl.tiles.tiling`: tile an inventory (this rank's share) into a store."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m soundscape_ssl.tiles.tiling",
+        prog="soundscape-ssl tile",
         description="Tile an inventory into a log-mel tile store (resumable; run under torchrun "
-                    "to shard across processes and nodes).")
+                    "as python -m soundscape_ssl.tiles.tiling to shard across processes and nodes).")
     parser.add_argument("--inventory", type=Path,
                         help="files.parquet of soundscape_ssl.recordings.archive (or its folder, or a CSV)")
     parser.add_argument("--out", type=Path, required=True, help="tile store folder")
@@ -1107,8 +1096,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--finalize-only", action="store_true",
                         help="only build index/config from finished units")
-    _add_config_flags(parser, SpectrogramConfig, "spectrogram")
-    _add_config_flags(parser, TilingConfig, "tiling")
+    add_config_options(parser, SpectrogramConfig, title="spectrogram")
+    add_config_options(parser, TilingConfig, title="tiling")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`soundscape-ssl tile` / `python -m soundscape_ssl.tiles.tiling`: tile an inventory (this
+    rank's share) into a store; prints a JSON summary."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1118,8 +1114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.inventory is None:
         parser.error("--inventory is required unless --finalize-only")
     summary = tile_archive(_read_inventory(args.inventory), args.out,
-                           config=_config_from_args(args, SpectrogramConfig),
-                           tiling=_config_from_args(args, TilingConfig), rank=args.rank,
+                           config=config_from_options(SpectrogramConfig, args),
+                           tiling=config_from_options(TilingConfig, args), rank=args.rank,
                            world_size=args.world_size, device=args.device,
                            show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps(summary.as_dict(), sort_keys=True))

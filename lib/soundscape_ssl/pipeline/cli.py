@@ -1,7 +1,10 @@
 """The `soundscape-ssl` command: one subcommand per stage; each delegates to its module.
 
 Stage modules are imported inside their handlers, so torch and the other heavy dependencies
-load only when a stage that needs them runs.
+load only when a stage that needs them runs. Every subcommand fails the same way, through
+`core.cli.run_command`: one line `soundscape-ssl COMMAND: error: ...` on stderr, exit 2 for a bad
+command line or config and 1 for a failure, the traceback only with `--verbose` (accepted before
+or after the subcommand's name).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..core.cli import VERBOSE_FLAGS, CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 
 log = logging.getLogger("soundscape_ssl")
@@ -40,42 +44,25 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ..core.config import ConfigError
-    from .runner import NotebookFailed, run_pipeline
+    from .runner import run_pipeline
 
-    try:
-        run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only,
-                               start_from=args.start_from,
-                               repo_root=Path(args.repo_root) if args.repo_root else None)
-    except ConfigError as error:  # the profile is checked before any notebook runs
-        print(f"soundscape-ssl run: error: {error}", file=sys.stderr)
-        return 2
-    except NotebookFailed as error:
-        print(f"soundscape-ssl run: {error}", file=sys.stderr)
-        return 1
+    run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only, start_from=args.start_from,
+                           repo_root=Path(args.repo_root) if args.repo_root else None)
     print(run_dir)
     return 0
 
 
-def _run_module_main(module: str, argv: list[str]) -> int:
-    """Subcommands whose module has its own argparse `main` (also run as `python -m`, e.g. under torchrun)."""
-    import importlib
-
-    from .runner import configure_logging
-
-    configure_logging()
-    return int(importlib.import_module(module).main(argv) or 0)
-
-
-# subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
+# subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
+# as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
                         "validate": "soundscape_ssl.analysis.validate"}
+# subcommands whose parser is built here
+OWN_COMMANDS = ("run", "synth-archive", "inventory")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soundscape-ssl", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(prog="soundscape-ssl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)  # subparsers are CommandParsers too
 
     run = commands.add_parser("run", help="execute the numbered notebooks with papermill into runs/<run_id>/")
     run.add_argument("--profile", default="demo", help="a name in configs/ or a path to a YAML profile")
@@ -109,13 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`soundscape-ssl [-v] COMMAND ...`: the exit code; any error is one line on stderr,
+    `soundscape-ssl COMMAND: error: ...` (exit 2 for a bad command line, 1 for a failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH_COMMANDS:
-        return _run_module_main(PASSTHROUGH_COMMANDS[argv[0]], argv[1:])
-    args = build_parser().parse_args(argv)
-    from .runner import configure_logging
+    position = next((i for i, token in enumerate(argv) if token not in VERBOSE_FLAGS), None)
+    command = argv[position] if position is not None else None
+    if command in PASSTHROUGH_COMMANDS:
+        import importlib
 
-    configure_logging(args.verbose)
+        module = importlib.import_module(PASSTHROUGH_COMMANDS[command])
+        return module.main(argv[:position] + argv[position + 1:])
+    prog = "soundscape-ssl" + (f" {command}" if command in OWN_COMMANDS else "")
+    return run_command(prog, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 

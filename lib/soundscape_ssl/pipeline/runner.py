@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from ..core.cli import UsageError
 from ..core.config import ConfigError, config_from_mapping, unknown_key_message
 from ..core.provenance import environment_report, to_jsonable
 
@@ -305,12 +306,12 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None = None,
     if start_from:
         starts = [i for i, p in enumerate(notebooks) if matches(p, start_from)]
         if not starts:
-            raise ValueError(f"--from {start_from!r} names no notebook; have {[p.stem for p in notebooks]}")
+            raise UsageError(f"--from {start_from!r} names no notebook; have {[p.stem for p in notebooks]}")
         selected = notebooks[starts[0]:]
     if only:
         missing = [key for key in only if not any(matches(p, key) for p in notebooks)]
         if missing:
-            raise ValueError(f"--only {missing} names no notebook; have {[p.stem for p in notebooks]}")
+            raise UsageError(f"--only {missing} names no notebook; have {[p.stem for p in notebooks]}")
         selected = [p for p in selected if any(matches(p, key) for key in only)]
     return selected
 
@@ -502,8 +503,3 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
     if failure:
         raise failure
     return run_dir
-
-
-def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -56,6 +56,7 @@ from .dino import DinoConfig, DinoMethod
 from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
+from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options, read_mapping_file
 from ..core.provenance import environment_report, to_jsonable, write_config_json
 from .schedules import CosineSchedule, scaled_learning_rate
@@ -154,7 +155,7 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """`--config FILE` plus one flag per TrainConfig field (`--epochs`, `--dino.out-dim` ...)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m soundscape_ssl.pretrain.train", description=__doc__.split("\n")[0],
         epilog="Flags override the --config file's values, which override TrainConfig's defaults.")
     parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields (nested sections as mappings)")
@@ -692,29 +693,22 @@ def _exit_rank(code: int) -> typing.NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Command-line entry point; returns the process exit code (see the module docstring).
+    Errors are one line on stderr (`core.cli.run_command`), with training's own exit codes."""
+    return run_command("python -m soundscape_ssl.pretrain.train", _main, argv, exit_codes={
+        NonFiniteLossError: EXIT_NON_FINITE_LOSS, CollapseDetectedError: EXIT_COLLAPSE,
+        # a bad config, a missing tile store, a checkpoint of another model or not ours at all
+        ValueError: EXIT_CONFIG_ERROR, FileNotFoundError: EXIT_CONFIG_ERROR})
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        config.validate()
-    except (ValueError, OSError) as error:
-        logger.error("bad configuration: %s", error)
-        return EXIT_CONFIG_ERROR
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone reports progress
+    config = config_from_args(args)
+    config.validate()
     try:
         run(config, argv=argv)
-    except (ValueError, FileNotFoundError) as error:  # e.g. a missing tile store, a checkpoint of another model
-        logger.error("cannot train: %s", error)
-        return EXIT_CONFIG_ERROR
-    except NonFiniteLossError as error:
-        logger.error("%s", error)
-        return EXIT_NON_FINITE_LOSS
-    except CollapseDetectedError as error:
-        logger.error("%s", error)
-        return EXIT_COLLAPSE
     except StopRequested as stop:
         logger.warning("%s; checkpoint written, rerun the same command to resume", stop)
         return 128 + stop.signum

@@ -70,6 +70,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
+from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options, config_to_options
 from ..core.provenance import write_config_json
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
@@ -1073,14 +1074,24 @@ def command_arguments(inventory: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _read_inventory(path: Path) -> pd.DataFrame:
-    path = path / "files.parquet" if path.is_dir() else path
-    if path.suffix == ".csv":
-        return pd.read_csv(path)   # start_time is parsed by plan_tiling
-    return pd.read_parquet(path)
+    """files.parquet (or its folder, or a CSV); a path that is none of these is a one-line error."""
+    if path.is_dir():
+        if not (path / "files.parquet").is_file():
+            raise FileNotFoundError(f"inventory folder {path} holds no files.parquet")
+        path = path / "files.parquet"
+    elif not path.is_file():
+        raise FileNotFoundError(f"inventory {path}: no such file or folder")
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)   # start_time is parsed by plan_tiling
+        return pd.read_parquet(path)
+    except (ValueError, OSError, pa.ArrowException) as error:
+        raise ValueError(f"inventory {path} is not a readable {'CSV' if path.suffix == '.csv' else 'Parquet'} "
+                         f"table: {' '.join(str(error).split())[:200]}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="soundscape-ssl tile",
         description="Tile an inventory into a log-mel tile store (resumable; run under torchrun "
                     "as python -m soundscape_ssl.tiles.tiling to shard across processes and nodes).")
@@ -1103,20 +1114,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`soundscape-ssl tile` / `python -m soundscape_ssl.tiles.tiling`: tile an inventory (this
-    rank's share) into a store; prints a JSON summary."""
+    rank's share) into a store; prints a JSON summary. Returns the exit code; errors are one
+    line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl tile", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(SpectrogramConfig, args)  # the command is checked before any work
+    tiling = config_from_options(TilingConfig, args)
     if args.finalize_only:
         print(json.dumps(finalize_store(args.out), sort_keys=True))
         return 0
     if args.inventory is None:
         parser.error("--inventory is required unless --finalize-only")
-    summary = tile_archive(_read_inventory(args.inventory), args.out,
-                           config=config_from_options(SpectrogramConfig, args),
-                           tiling=config_from_options(TilingConfig, args), rank=args.rank,
-                           world_size=args.world_size, device=args.device,
+    summary = tile_archive(_read_inventory(args.inventory), args.out, config=config, tiling=tiling,
+                           rank=args.rank, world_size=args.world_size, device=args.device,
                            show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps(summary.as_dict(), sort_keys=True))
     return 0

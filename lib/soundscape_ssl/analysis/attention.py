@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 
 from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from ..pretrain.models import SpectrogramViT
-from ..core.provenance import reject_unknown_fields, write_config_json
+from ..core.config import config_from_mapping
+from ..core.provenance import write_config_json
 from ..core.stats import GroupBootstrap, Interval
 from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, mel_bin_centres_hz
 from ..tiles.store import band_median, normalize_tiles
@@ -120,8 +121,7 @@ class AttentionConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AttentionConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 # --- Attention maps and masks ----------------------------------------------------------------

@@ -72,6 +72,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
+from ..core.config import config_from_mapping
 from ..core.provenance import write_config_json
 from ..recordings.archive import probe_recording
 from ..tiles.tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
@@ -275,8 +276,8 @@ class BirdNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BirdNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Inverse of `to_dict`; unknown keys are an error, never dropped silently."""
+        return config_from_mapping(cls, values)
 
 
 # Settings that change no output value (batching and threads only change speed); everything

@@ -37,7 +37,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from ..core.provenance import reject_unknown_fields, write_config_json
+from ..core.config import config_from_mapping
+from ..core.provenance import write_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClusterConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from matplotlib.figure import Figure
 from . import metrics
 from .cluster import ClusterConfig, fit_clusters
 from .metrics import KnnConfig
-from ..core.provenance import reject_unknown_fields
+from ..core.config import config_from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +103,9 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CompareConfig:
-        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        values = dict(values)
-        reject_unknown_fields(cls, values)
-        if isinstance(values.get("cluster"), Mapping):
-            values["cluster"] = ClusterConfig.from_dict(values["cluster"])
-        if isinstance(values.get("knn"), Mapping):
-            values["knn"] = KnnConfig(**values["knn"])
-        return cls(**values)
+        """Inverse of `to_dict`; unknown keys (nested sections too) are an error so a typo never
+        passes silently."""
+        return config_from_mapping(cls, values)
 
 
 # --------------------------------------------------------------------------- labels per tile

@@ -103,6 +103,8 @@ from ..core.audio import (DEFAULT_BLOCK_S, AudioFile, AudioOpenError, WindowLoss
 from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files, probe_recording
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options
 from ..pretrain.pooling import parse_poolings
 from ..core.provenance import to_jsonable, write_config_json
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
@@ -254,9 +256,9 @@ class _LoadedCheckpoint(NamedTuple):
 
 
 def _load_checkpoint(checkpoint: str | os.PathLike) -> _LoadedCheckpoint:
+    """The backbone and identity of a checkpoint; `load_backbone` says what a path that is not
+    one is (missing, a folder, audio, text, a refused pickle ...)."""
     path = Path(checkpoint).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
     model, metadata = load_backbone(path, map_location="cpu")
     identity = {
         "path": str(path),
@@ -996,9 +998,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="soundscape-ssl embed",
         description="Embed audio files (every tile-length span; --audio, --out EMB.npy) or every "
                     "tile of a tile store (--store, --out FOLDER; resumable, shards across ranks "
@@ -1017,21 +1017,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_dataclass_options(parser.add_argument_group("embedding"), EmbedConfig)
+    add_config_options(parser, EmbedConfig, title="embedding")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary."""
-    from ..pipeline.cli import dataclass_from_args
+    """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary.
+    Returns the exit code; errors are one line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl embed", _main, argv)
 
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = dataclass_from_args(EmbedConfig, args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = config_from_options(EmbedConfig, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.audio is not None:

@@ -102,6 +102,8 @@ from .baselines import logmel_stats_features
 from . import metrics
 from .metrics import KnnConfig, SpaceScores
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, grid_windows, read_info
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
 from ..pretrain.pooling import POOLINGS
 from ..recordings.archive import probe_recording
@@ -584,6 +586,26 @@ def _checkpoint_names(checkpoints: Sequence[str | os.PathLike] | Mapping[str, st
     return names
 
 
+def check_checkpoints(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+                      config: ValidateConfig) -> dict[str, Path]:
+    """Named checkpoints (`_checkpoint_names`), each verified before any work: it exists, is a
+    soundscape-ssl checkpoint (see `checkpoint.load_checkpoint`) and cuts `config.window_s`
+    tiles. A requested space that cannot be scored is an error naming the path, never a skip."""
+    from ..pretrain.checkpoint import load_checkpoint
+
+    named = _checkpoint_names(checkpoints)
+    for path in named.values():
+        _check_window_length(load_checkpoint(path), path, config)
+    return named
+
+
+def _check_window_length(metadata: Mapping[str, Any], checkpoint: str | os.PathLike,
+                         config: ValidateConfig) -> None:
+    tile_s = (metadata.get("spectrogram_config") or {}).get("tile_s")
+    if tile_s is None or not math.isclose(float(tile_s), config.window_s):
+        raise ValueError(f"{checkpoint} embeds {tile_s} s tiles, the windows are {config.window_s} s")
+
+
 def _rows_for_windows(table: pd.DataFrame, windows: pd.DataFrame, what: str) -> np.ndarray:
     """Row of `table` (path, offset_s) for each window, by path and offset; KeyError names the
     first missing window."""
@@ -612,12 +634,7 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
     from ..pretrain.checkpoint import load_checkpoint
     from .embed import EmbedConfig, audio_output_paths, embed_audio_files
 
-    metadata = load_checkpoint(checkpoint)
-    spectrogram = metadata.get("spectrogram_config") or {}
-    tile_s = spectrogram.get("tile_s")
-    if tile_s is None or not math.isclose(float(tile_s), config.window_s):
-        raise ValueError(f"the checkpoint embeds {tile_s} s tiles, the windows are {config.window_s} s")
-    del metadata
+    _check_window_length(load_checkpoint(checkpoint), checkpoint, config)
     embed_config = EmbedConfig(pooling=",".join(config.poolings), batch_size=config.batch_size,
                                device=config.device)
     out_path = work_dir / "embeddings.npy"
@@ -866,6 +883,7 @@ def validate_labelled(labels: str | os.PathLike | pd.DataFrame, audio_dir: str |
                       ) -> ValidationResult:
     """`validate`, returning the whole `ValidationResult`."""
     config = config or ValidateConfig()
+    check_checkpoints(checkpoints, config)
     recordings, skipped = read_labelled_recordings(labels, audio_dir, config)
     windows, logmel, unreadable = window_table(recordings, config)
     windows["selected"] = select_windows(windows, config)
@@ -891,6 +909,7 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     grouping by file would let one bird sit on both sides of a split) or "file".
     """
     config = config or ValidateConfig()
+    check_checkpoints(checkpoints, config)
     calls = synthetic_call_windows(archive_dir, config.window_s, min_snr_db, group_by)
     if calls.empty:
         raise ValueError(f"no planted bird call with snr_db >= {min_snr_db} in {archive_dir}")
@@ -927,9 +946,7 @@ def scores_table(scores: pd.DataFrame, metrics: Sequence[str] = ("knn_accuracy",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="soundscape-ssl validate",
         description="Score output spaces (SSL checkpoints with each pooling, BirdNET V2.4, the "
                     "log-mel baseline) on labelled recordings: KMeans NMI/ARI/V-measure with "
@@ -941,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pretraining checkpoint.pth (repeatable); NAME= names its space")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    add_dataclass_options(parser.add_argument_group("validation"), ValidateConfig)
+    add_config_options(parser, ValidateConfig, title="validation")
     return parser
 
 
@@ -955,14 +972,16 @@ def _parse_checkpoints(values: Sequence[str]) -> dict[str, Path] | list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores table."""
-    from ..pipeline.cli import dataclass_from_args
+    """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores
+    table. Returns the exit code; errors are one line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl validate", _main, argv)
 
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(ValidateConfig, args)
     try:
-        config = dataclass_from_args(ValidateConfig, args)
         checkpoints = _parse_checkpoints(args.checkpoint)
     except ValueError as error:
         parser.error(str(error))

@@ -42,14 +42,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def reject_unknown_fields(config_cls: type, values: Any) -> None:
-    """Raise ValueError naming any key that is not a field of the dataclass: a typo in a config
-    file must fail loudly, never fall back to a default silently."""
-    unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
-    if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} fields: {sorted(unknown)}")
-
-
 def write_config_json(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> Path:
     """Write `config.json` beside a stage's products: the stage, its config and the package version."""
     out_dir = Path(out_dir)

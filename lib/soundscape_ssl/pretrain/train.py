@@ -1,11 +1,13 @@
 """Pretraining entry point: wires data, method, optimizer, DDP, logging and checkpoints.
 
     torchrun --standalone --nproc_per_node=8 -m soundscape_ssl.pretrain.train --config pretrain.yaml \\
-        --epochs 50 --dino.out_dim 65536
-    python -m soundscape_ssl.pretrain.train --config demo.json --max_steps 20      # one process, CPU or GPU
+        --epochs 50 --dino.out-dim 65536
+    python -m soundscape_ssl.pretrain.train --config demo.json --max-steps 20      # one process, CPU or GPU
 
 `--config` is a JSON or YAML file with `TrainConfig` fields (nested sections as mappings);
-each `--key value` (or `--section.key value`) after it overrides one field, parsed as YAML.
+each flag `--field-name value` (or `--section.field-name value`) overrides one field
+(`--help` lists them; booleans take true/false, tuples several values, None-able fields `none`).
+Both go through the one config path (`core.config`): an unknown key or a wrong type is an error.
 The engine (`engine.train_one_epoch`) trains; the methods (`dino`, `mae`, `vicreg`) define
 losses; this module only connects them.
 
@@ -37,7 +39,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -56,6 +56,8 @@ from .dino import DinoConfig, DinoMethod
 from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options, read_mapping_file
 from ..core.provenance import environment_report, to_jsonable, write_config_json
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
@@ -148,119 +150,30 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration files and command-line overrides
+# Configuration files and command-line flags (through the one config path, core/config.py)
 
 
-def _coerce(annotation: Any, value: Any, where: str) -> Any:
-    """`value` (from JSON, YAML or the command line) as the annotated field type, or a clear error."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping of {annotation.__name__} fields, got {value!r}")
-        return config_from_dict(annotation, value, prefix=f"{where}.")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ValueError(f"{where} must be a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{where} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads "1e-4" (no dot) as a string
-            except ValueError:
-                pass
-        raise ValueError(f"{where} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where} must be a string, got {value!r}")
-    raise TypeError(f"unsupported config field type {annotation!r} at {where}")
+def build_parser() -> argparse.ArgumentParser:
+    """`--config FILE` plus one flag per TrainConfig field (`--epochs`, `--dino.out-dim` ...)."""
+    parser = CommandParser(
+        prog="python -m soundscape_ssl.pretrain.train", description=__doc__.split("\n")[0],
+        epilog="Flags override the --config file's values, which override TrainConfig's defaults.")
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields (nested sections as mappings)")
+    add_config_options(parser, TrainConfig, title="TrainConfig fields")
+    return parser
 
 
-def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build the config dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"valid keys: {', '.join(prefix + n for n in names)}")
-    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `build_parser` arguments: flags over the --config file over defaults."""
+    base = read_mapping_file(args.config) if args.config else {}
+    section = f"TrainConfig ({args.config} and flags)" if args.config else "TrainConfig flags"
+    return config_from_options(TrainConfig, args, base=base, section=section)
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """["--a.b", "3", "--c=x"] -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars."""
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or len(token) == 2:
-            raise ValueError(f"expected --key value, got {token!r}")
-        key, has_value, raw = token[2:].partition("=")
-        if not has_value:
-            if index + 1 >= len(tokens):
-                raise ValueError(f"--{key} needs a value")
-            index += 1
-            raw = tokens[index]
-        node = overrides
-        *parents, leaf = key.replace("-", "_").split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-        index += 1
-    return overrides
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from a JSON/YAML file (optional) plus `--key value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = json.loads(text) if str(path).endswith(".json") else (yaml.safe_load(text) or {})
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(TrainConfig, data)
+def load_config(path: str | os.PathLike | None = None, flags: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from a JSON/YAML file (optional) plus command-line flags (`["--epochs", "5"]`)."""
+    args = build_parser().parse_args([*(["--config", str(path)] if path is not None else []), *(flags or [])])
+    return config_from_args(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,34 +693,22 @@ def _exit_rank(code: int) -> typing.NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog="Any TrainConfig field may follow as --key value or --section.key value (e.g. --epochs 50 "
-               "--dino.out_dim 4096 --model.arch vit_tiny); values are parsed as YAML.")
-    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields")
-    args, override_tokens = parser.parse_known_args(argv)
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, override_tokens)
-        config.validate()
-    except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
-        logger.error("bad configuration: %s", error)
-        return EXIT_CONFIG_ERROR
+    """Command-line entry point; returns the process exit code (see the module docstring).
+    Errors are one line on stderr (`core.cli.run_command`), with training's own exit codes."""
+    return run_command("python -m soundscape_ssl.pretrain.train", _main, argv, exit_codes={
+        NonFiniteLossError: EXIT_NON_FINITE_LOSS, CollapseDetectedError: EXIT_COLLAPSE,
+        # a bad config, a missing tile store, a checkpoint of another model or not ours at all
+        ValueError: EXIT_CONFIG_ERROR, FileNotFoundError: EXIT_CONFIG_ERROR})
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone reports progress
+    config = config_from_args(args)
+    config.validate()
     try:
         run(config, argv=argv)
-    except (ValueError, FileNotFoundError) as error:  # e.g. a missing tile store, a checkpoint of another model
-        logger.error("cannot train: %s", error)
-        return EXIT_CONFIG_ERROR
-    except NonFiniteLossError as error:
-        logger.error("%s", error)
-        return EXIT_NON_FINITE_LOSS
-    except CollapseDetectedError as error:
-        logger.error("%s", error)
-        return EXIT_COLLAPSE
     except StopRequested as stop:
         logger.warning("%s; checkpoint written, rerun the same command to resume", stop)
         return 128 + stop.signum

@@ -83,6 +83,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.audio import AudioOpenError, count_decodable_frames, read_info
+from ..core.config import config_from_mapping
 from ..core.provenance import write_config_json
 
 logger = logging.getLogger(__name__)
@@ -142,11 +143,8 @@ class InventoryConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "InventoryConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in known}
-        if "extensions" in kwargs:
-            kwargs["extensions"] = tuple(kwargs["extensions"])
-        return cls(**kwargs)
+        """Inverse of `dataclasses.asdict`; unknown keys are an error, never dropped silently."""
+        return config_from_mapping(cls, values)
 
 
 # --------------------------------------------------------------------------- result tables

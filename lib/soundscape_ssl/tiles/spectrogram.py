@@ -31,7 +31,7 @@ import torch
 import torchaudio
 
 from ..core.audio import WindowRule, whole_samples
-from ..core.provenance import reject_unknown_fields
+from ..core.config import config_from_mapping
 
 # Slaney mel filters at the defaults leave no filter empty; HTK ones with 128 bands from 50 Hz do
 # on coarse FFTs, which torchaudio warns about. Both are allowed; the choice is recorded.
@@ -119,8 +119,7 @@ class SpectrogramConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SpectrogramConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 class TileFeatures(NamedTuple):

@@ -54,7 +54,6 @@ import os
 import signal
 import sys
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
@@ -75,6 +73,8 @@ except ImportError:  # pragma: no cover - Windows
 
 from ..core.audio import (LOSS_REASONS, AudioFile, AudioOpenError, DecodeBuffers, WindowBatch,
                           WindowLoss, grid_windows)
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options, config_to_options
 from ..core.provenance import write_config_json
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig
 from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
@@ -873,40 +873,39 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
 # Command line
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, group_title: str) -> None:
-    group = parser.add_argument_group(group_title)
-    hints = typing.get_type_hints(config_type)
-    for field in dataclasses.fields(config_type):
-        hint = hints[field.name]
-        kind = {int: int, float: float, str: str}.get(hint, str)
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
-                           default=None, help=f"default: {field.default}"
-                           + (" ('none' for None)" if hint not in (int, float, str) else ""))
-
-
-def _config_from_args(args: argparse.Namespace, config_type: type) -> Any:
-    values = {}
-    for field in dataclasses.fields(config_type):
-        value = getattr(args, field.name)
-        if value is not None:
-            is_none = isinstance(value, str) and value.lower() == "none"
-            values[field.name] = None if is_none else value
-    return config_type(**values)
+def command_arguments(inventory: str | os.PathLike, out_dir: str | os.PathLike,
+                      config: SpectrogramConfig | None = None, tiling: TilingConfig | None = None,
+                      device: str = "cpu", show_progress: bool = False) -> list[str]:
+    """The arguments of `python -m soundscape_ssl.tiles.tiling` (e.g. under torchrun) that tile
+    `inventory` into `out_dir` with exactly these configs (every field given explicitly)."""
+    arguments = ["--inventory", str(inventory), "--out", str(out_dir), "--device", device,
+                 *config_to_options(config or SpectrogramConfig()),
+                 *config_to_options(tiling or TilingConfig())]
+    return arguments if show_progress else [*arguments, "--no-progress"]
 
 
 def _read_inventory(path: Path) -> pd.DataFrame:
-    path = path / "files.parquet" if path.is_dir() else path
-    if path.suffix == ".csv":
-        return pd.read_csv(path)   # start_time is parsed by plan_tiling
-    return pd.read_parquet(path)
+    """files.parquet (or its folder, or a CSV); a path that is none of these is a one-line error."""
+    if path.is_dir():
+        if not (path / "files.parquet").is_file():
+            raise FileNotFoundError(f"inventory folder {path} holds no files.parquet")
+        path = path / "files.parquet"
+    elif not path.is_file():
+        raise FileNotFoundError(f"inventory {path}: no such file or folder")
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)   # start_time is parsed by plan_tiling
+        return pd.read_parquet(path)
+    except (ValueError, OSError, pa.ArrowException) as error:
+        raise ValueError(f"inventory {path} is not a readable {'CSV' if path.suffix == '.csv' else 'Parquet'} "
+                         f"table: {' '.join(str(error).split())[:200]}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m soundscape_ssl.tiles.tiling`: tile an inventory (this rank's share) into a store."""
-    parser = argparse.ArgumentParser(
-        prog="python -m soundscape_ssl.tiles.tiling",
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog="soundscape-ssl tile",
         description="Tile an inventory into a log-mel tile store (resumable; run under torchrun "
-                    "to shard across processes and nodes).")
+                    "as python -m soundscape_ssl.tiles.tiling to shard across processes and nodes).")
     parser.add_argument("--inventory", type=Path,
                         help="files.parquet of soundscape_ssl.recordings.archive (or its folder, or a CSV)")
     parser.add_argument("--out", type=Path, required=True, help="tile store folder")
@@ -919,20 +918,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--finalize-only", action="store_true",
                         help="only build index/config from finished units")
-    _add_config_flags(parser, SpectrogramConfig, "spectrogram")
-    _add_config_flags(parser, TilingConfig, "tiling")
+    add_config_options(parser, SpectrogramConfig, title="spectrogram")
+    add_config_options(parser, TilingConfig, title="tiling")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`soundscape-ssl tile` / `python -m soundscape_ssl.tiles.tiling`: tile an inventory (this
+    rank's share) into a store; prints a JSON summary. Returns the exit code; errors are one
+    line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl tile", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(SpectrogramConfig, args)  # the command is checked before any work
+    tiling = config_from_options(TilingConfig, args)
     if args.finalize_only:
         print(json.dumps(finalize_store(args.out), sort_keys=True))
         return 0
     if args.inventory is None:
         parser.error("--inventory is required unless --finalize-only")
-    summary = tile_archive(_read_inventory(args.inventory), args.out,
-                           config=_config_from_args(args, SpectrogramConfig),
-                           tiling=_config_from_args(args, TilingConfig), rank=args.rank,
-                           world_size=args.world_size, device=args.device,
+    summary = tile_archive(_read_inventory(args.inventory), args.out, config=config, tiling=tiling,
+                           rank=args.rank, world_size=args.world_size, device=args.device,
                            show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps(summary.as_dict(), sort_keys=True))
     return 0

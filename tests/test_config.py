@@ -40,7 +40,7 @@ STAGE_CONFIGS = {
     "synth": SynthConfig(days=1, recording_start_hours=(5.0, 12.0), rainy_days=(), file_s=15.0,
                          start_date="2024-06-01"),
     "embed": EmbedConfig(pooling="mean,band", compile=True, num_workers=0, output_dtype="float16"),
-    "validate": ValidateConfig(group_columns=("recordist", "date"), poolings=("mean",),
+    "validate": ValidateConfig(group_by="recordist+date", metadata_csv="meta.csv", poolings=("mean",),
                                include_birdnet=False, energy_f_low_hz=500.0),
     "birdnet": BirdNetConfig(latitude=48.5, longitude=-11.25, week_48=-1, location_filter=True),
     "cluster": ClusterConfig(fit_subsample=None, umap_min_dist=0.25, standardize=False),
@@ -215,8 +215,8 @@ def test_flag_values_read_explicitly() -> None:
     # A str field keeps "none" as text: only None-able fields read it as None.
     assert config_from_options(TrainConfig, parser.parse_args(["--background-removal", "none"])
                                ).background_removal == "none"
-    empty = config_from_options(ValidateConfig, _parser(ValidateConfig).parse_args(["--group-columns"]))
-    assert empty.group_columns == ()
+    empty = config_from_options(SynthConfig, _parser(SynthConfig).parse_args(["--rainy-days"]))
+    assert empty.rainy_days == ()
 
 
 def test_flags_become_the_same_config_errors() -> None:

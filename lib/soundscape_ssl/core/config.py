@@ -304,6 +304,8 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             item = _item_type(base)
         if item is bool:
             metavar = "{true,false}"
+        else:   # the field's name, not argparse's default (the namespaced dest)
+            metavar = option.dotted.rsplit(".", 1)[-1].upper()
         required = option.default is dataclasses.MISSING
         shown = "required" if required else f"default: {_flag_text(option.default)}"
         target.add_argument(option.flag, dest=_dest(cls, option), default=argparse.SUPPRESS,

@@ -251,6 +251,20 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     assert [p.name for p in (folder / ".claims").iterdir()] == ["registry.lock"]
 
 
+def test_a_registry_locked_for_long_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import fcntl
+
+    folder = tmp_path / "toy"
+    (folder / ".claims").mkdir(parents=True)
+    monkeypatch.setattr(stage, "REGISTRY_TIMEOUT_S", 0.2)
+    with open(folder / ".claims" / "registry.lock", "a") as frozen:    # a claimant frozen midway
+        fcntl.flock(frozen, fcntl.LOCK_EX)
+        with pytest.raises(FolderClaimedError, match="registry.lock has been locked by another "
+                                                     "process for 0 s"):
+            with StageRun(folder, toy_plan()):
+                pass
+
+
 @pytest.mark.parametrize("mine, theirs, overlap", [
     ((0, 1), (0, 1), True), ((0, 2), (1, 2), False), ((0, 2), (0, 3), True),
     ((1, 2), (2, 4), False), ((3, 4), (1, 2), True), ((0, 1), None, False)])

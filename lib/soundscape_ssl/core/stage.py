@@ -69,6 +69,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -88,6 +89,7 @@ _REGISTRY_LOCK = "registry.lock"
 DONE_SUFFIX = ".done"
 
 KILL_AT_WRITE_ENV = "SOUNDSCAPE_SSL_KILL_AT_WRITE"
+REGISTRY_TIMEOUT_S = 30.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,14 +324,29 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[bool]:
-    """A blocking exclusive flock on `path` (created if needed); yields False where the file
-    system has no locks (the caller goes on unlocked, with a warning)."""
+def _flocked(path: Path, timeout_s: float | None = None) -> Iterator[bool]:
+    """An exclusive flock on `path` (created if needed), waiting at most `timeout_s` (None: as
+    long as it takes; then FolderClaimedError). Yields False where the file system has no locks
+    (the caller goes on unlocked, with a warning)."""
     with open(path, "a") as handle:
         try:
             if fcntl is None:
                 raise OSError(errno.ENOSYS, "fcntl is not available")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            if timeout_s is None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise FolderClaimedError(
+                                f"{path} has been locked by another process for {timeout_s:.0f} s "
+                                "(one frozen while it claimed the folder?); find it with "
+                                f"`fuser {path}` and end it, then rerun") from None
+                        time.sleep(0.01)
         except OSError as error:
             logger.warning("no file lock on %s (%s): concurrent writers cannot be excluded", path,
                            error)
@@ -365,7 +382,8 @@ class _Claim:
         record = {"pid": os.getpid(), "host": _HOST, "share": self.share,
                   "since": dt.datetime.now().isoformat(timespec="seconds"),
                   "command": " ".join(sys.argv[:4])}
-        with _flocked(claims / _REGISTRY_LOCK) as locked:
+        # Claiming takes milliseconds; a registry lock held for long means a frozen process.
+        with _flocked(claims / _REGISTRY_LOCK, timeout_s=REGISTRY_TIMEOUT_S) as locked:
             if not locked:
                 self._remove_stale_temps(live_owners=None)
                 return self

@@ -110,3 +110,24 @@ def test_a_zeroed_or_truncated_unit_marked_done_is_detected_and_redone(stage_inp
     assert "unit 2 of" in caplog.text and "units/unit-000002.npy has" in caplog.text
     assert (summary.units_already_done, summary.units_written, summary.finalized) == (1, 5, True)
     assert store_bytes(store) == store_bytes(Path(stage_inputs["store"]))
+
+
+def test_a_second_training_on_one_out_dir_is_refused_and_dead_temporary_files_go(tmp_path):
+    from test_log_resume import NORMALIZATION, _Tiles, tiny_config
+
+    from soundscape_ssl.pretrain.train import TrainData, run
+
+    config = tiny_config(tmp_path)
+    data = lambda _: TrainData(_Tiles(), NORMALIZATION, None)    # noqa: E731
+    holder = stage.claim_folder(tmp_path)               # another run holds the folder
+    try:
+        with pytest.raises(stage.FolderClaimedError, match=f"{tmp_path} is being written by "
+                                                           f"another process: PID {os.getpid()}"):
+            run(config, data_factory=data)
+    finally:
+        holder.release()
+    # A checkpoint write killed before its rename, by a process that is gone.
+    stale = tmp_path / ".checkpoint.pth.0123abcd.999999999@elsewhere.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert run(config, data_factory=data).step == 12
+    assert not stale.exists() and not list(tmp_path.rglob(".*.tmp"))

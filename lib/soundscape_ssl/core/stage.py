@@ -467,6 +467,15 @@ class _Claim:
             self.handle = None
 
 
+def claim_folder(folder: str | os.PathLike) -> _Claim:
+    """Claim a whole output folder for this process (for a writer that is not a `StageRun`, such
+    as pretraining's rank 0): a second claimant is refused while this one lives, and temporary
+    files of writers that died are removed. Call `.release()` when done."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _Claim(folder, (0, 1)).acquire()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -59,7 +59,7 @@ from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
 from ..core.provenance import environment_report, to_jsonable, write_config_json
-from ..core.stage import atomic_write_text
+from ..core.stage import atomic_write_text, claim_folder
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
 
@@ -746,6 +746,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
     config.validate()
     context = setup_distributed(config.device)
     previous_threads = torch.get_num_threads()
+    claim = None
     try:
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
@@ -754,6 +755,8 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
             torch.backends.cudnn.allow_tf32 = True
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes out_dir: a second run on it is refused; a killed run's temporary files go.
+        claim = claim_folder(out_dir) if context.is_main else None
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
         data = with_background_removal(data, config.background_removal)
         _check_tile_shape(data, config.model)
@@ -797,6 +800,8 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
                     summary.checkpoint_path)
         return summary
     finally:
+        if claim is not None:
+            claim.release()
         torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
         if context.distributed and dist.is_initialized():
             dist.destroy_process_group()

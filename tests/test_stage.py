@@ -298,6 +298,14 @@ def test_claims_and_temporary_files_of_dead_writers_are_cleared(tmp_path, caplog
             kept.unlink()
     assert f"removed 1 temporary file(s) (4 B) left in {folder} by writers that died" in caplog.text
     assert [p.name for p in (folder / ".claims").iterdir()] == ["registry.lock"]
+    # A stage folder inside this one is judged by its own claims, not by this folder's.
+    with StageRun(folder / "nested", plan) as nested:    # its writer: some other live process
+        in_flight = nested.unit_path(1, f".npy.0123abcd.1@{stage._HOST}.tmp")
+        in_flight = in_flight.with_name("." + in_flight.name)
+        in_flight.write_bytes(b"in flight")
+        with StageRun(folder, plan):
+            assert in_flight.exists()
+        in_flight.unlink()
 
 
 # -- fault injection, distributed helpers ------------------------------------------------------

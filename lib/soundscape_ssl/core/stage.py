@@ -437,9 +437,13 @@ class _Claim:
 
     def _remove_stale_temps(self, live_owners: set[tuple[Any, Any]] | None) -> None:
         """Remove the temporary files of writers that are no longer alive. Without locks only
-        this host's temporary files of dead PIDs can be judged."""
+        this host's temporary files of dead PIDs can be judged. A subfolder with claims of its
+        own is another stage's folder: its writers are judged by its own claims, not here."""
         removed, freed = 0, 0
         for root, folders, files in os.walk(self.folder):
+            if CLAIMS_DIR in folders and Path(root) != self.folder:
+                folders[:] = []
+                continue
             folders[:] = [name for name in folders if name != CLAIMS_DIR]
             for name in files:
                 owner = _temp_owner(name)

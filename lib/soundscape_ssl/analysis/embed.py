@@ -99,8 +99,8 @@ from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
 from ..core.provenance import to_jsonable
-from ..core.stage import (StagePlan, StageRun, atomic_write, reserve_space, resolve_device,
-                          resolve_rank)
+from ..core.stage import (StagePlan, StageRun, atomic_save_npy, atomic_write, atomic_write_text,
+                          reserve_space, resolve_device, resolve_rank)
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
 
@@ -304,22 +304,6 @@ def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {int(overflow.sum())} embedding values exceed the float16 range "
                          "(max 65504); use output_dtype='float32'")
     return converted
-
-
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save through tmp + fsync + rename: a reader or a rerun never sees half an array."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1055,14 +1039,14 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     targets = audio_output_paths(out_path, config.poolings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name, part in split_poolings(values, dims).items():
-        _write_npy_atomic(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
-                                                    f"{targets[name].name}"))
+        atomic_save_npy(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
+                                                  f"{targets[name].name}"))
     table = pd.DataFrame({"row": np.arange(n_rows, dtype=np.int64), **rows},
                          columns=list(ROW_COLUMNS))
     table["padded"] = table["padded"].astype(bool)
-    _write_text_atomic(targets["csv"], table.to_csv(index=False))
-    _write_text_atomic(targets["skipped"],
-                       pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    atomic_write_text(targets["csv"], table.to_csv(index=False))
+    atomic_write_text(targets["skipped"],
+                      pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
     n_padded = int(table["padded"].sum())
     record = {
         "stage": AUDIO_STAGE,
@@ -1081,8 +1065,8 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                    "padded_rows": n_padded, "skip_records": len(skipped)},
         "package_version": __version__,
     }
-    _write_text_atomic(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
-                       + "\n")
+    atomic_write_text(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
+                      + "\n")
     logger.info("wrote %d rows (%d padded) from %d of %d files to %s; %d skip record(s)", n_rows,
                 n_padded, files_with_rows, len(inputs), out_path, len(skipped))
     return AudioEmbedSummary(str(out_path), str(targets["csv"]), str(targets["skipped"]),

@@ -256,6 +256,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """`np.save` of `array` into `path` through `atomic_write` (via an open file: given a path
+    without .npy, as the temporary one is, np.save would add the suffix)."""
+    import numpy as np
+
+    with atomic_write(path, expected_bytes=getattr(array, "nbytes", None)) as tmp, \
+            open(tmp, "wb") as handle:
+        np.save(handle, array)
+    return Path(path)
+
+
 def reserve_space(path: str | os.PathLike, n_bytes: int) -> None:
     """Allocate `n_bytes` of `path` on disk now. Memory-mapped writes to a file the disk cannot
     hold end in SIGBUS, not an error; reserving first turns a full disk into an OSError here."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.provenance import to_jsonable
+from ..core.stage import atomic_write_text
 
 # Exit codes of `python -m soundscape_ssl.pretrain.train` (see its module docstring).
 TRAIN_EXIT_MEANINGS = {
@@ -39,7 +40,7 @@ def write_train_config(out_dir: str | os.PathLike, settings: dict[str, Any]) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "train_config.json"
-    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
     return path
 
 

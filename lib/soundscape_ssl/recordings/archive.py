@@ -74,6 +74,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.provenance import write_config_json
+from ..core.stage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +151,8 @@ class ArchiveInventory:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, table in (("files", self.files), ("quarantine", self.quarantine)):
-            tmp = out_dir / f"{name}.parquet.tmp"
-            table.to_parquet(tmp, index=False)
-            tmp.replace(out_dir / f"{name}.parquet")  # a reader never sees half a table
+            with atomic_write(out_dir / f"{name}.parquet") as tmp:  # never half a table
+                table.to_parquet(tmp, index=False)
         reason_counts = self.quarantine["reason"].value_counts().to_dict()
         write_config_json(
             out_dir, STAGE_NAME, self.config,

@@ -239,7 +239,7 @@ def test_resume_sharding_and_bad_files(runner: BirdNetRunner, tmp_path: Path, mo
     pd.testing.assert_frame_equal(resumed, table)
 
     # Other settings or tiles for the same folder are refused, not mixed in.
-    with pytest.raises(ValueError, match="different tile index or config"):
+    with pytest.raises(ValueError, match="BirdNET results of a different plan .*config.top_k: 5 -> 2"):
         run_on_tiles(tiles, out, BirdNetConfig(shard_max_windows=3, top_k=2), runner=runner, progress=False)
 
 

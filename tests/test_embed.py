@@ -198,11 +198,13 @@ def test_an_interrupted_run_resumes_to_the_same_arrays(store, checkpoint, refere
     assert sorted(p.name for p in (out / "chunks").glob("*.npy")) == [
         "chunk-000000.npy", "chunk-000001.npy"]
     assert not (out / "config.json").exists()
-    (out / "chunks" / "chunk-000002.npy.12345.tmp").write_bytes(b"half a chunk")  # a killed write
+    stale = out / "chunks" / ".chunk-000002.npy.0123abcd.999999999@elsewhere.tmp"
+    stale.write_bytes(b"half a chunk")           # the temporary file of a killed writer
 
     resumed = embed_store(store[1], checkpoint, out, CPU_CONFIG, show_progress=False)
     assert (resumed.chunks_already_done, resumed.chunks_written, resumed.tiles_embedded) == (2, 3, 12)
     assert resumed.finished and array_bytes(out) == array_bytes(reference)
+    assert not stale.exists() and not (out / "chunks").exists()
 
     finished = embed_store(store[1], checkpoint, out, CPU_CONFIG, show_progress=False)
     assert (finished.chunks_written, finished.tiles_embedded, finished.finished) == (0, 0, True)

@@ -17,8 +17,8 @@ import torch
 
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 from soundscape_ssl.tiles.store import TileDataset, TileStore, TileStream
-from soundscape_ssl.tiles.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
-                                   plan_tiling, resolve_rank, tile_archive)
+from soundscape_ssl.core.stage import KILL_AT_WRITE_ENV, resolve_rank
+from soundscape_ssl.tiles.tiling import TilingConfig, finalize_store, main, plan_tiling, tile_archive
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SOUNDSCAPES = REPO.parent / "shared" / "data" / "soundscapes"
@@ -243,13 +243,15 @@ def test_killed_run_resumes_to_a_byte_identical_store(archive, reference_store, 
     files_parquet = tmp_path / "files.parquet"
     archive[1].to_parquet(files_parquet)
     store = tmp_path / "tiles"
-    killed = _run_tiling_process(files_parquet, store, {KILL_AFTER_UNITS_ENV: "2"})
+    # Writes: plan.json, then per unit its shard, skip table, tile index and done marker. After
+    # 1 + 2 * 4 writes the process dies renaming unit 2's shard: mid-unit.
+    killed = _run_tiling_process(files_parquet, store, {KILL_AT_WRITE_ENV: "9"})
     _, stderr = killed.communicate(timeout=120)
     assert killed.returncode == -9, stderr
     assert not (store / "config.json").exists()
-    done = sorted(p.name for p in (store / "units").glob("unit-*[0-9].parquet"))
-    assert done == ["unit-000000.parquet", "unit-000001.parquet"]
-    assert (store / "units" / "unit-000002.npy.tmp").exists()       # died mid-unit
+    done = sorted(p.name for p in (store / "units").glob("unit-*.done"))
+    assert done == ["unit-000000.done", "unit-000001.done"]
+    assert len(list((store / "units").glob(".unit-000002.npy.*.tmp"))) == 1   # died mid-unit
 
     summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False,
                            rank=0, world_size=1)
@@ -310,7 +312,7 @@ def test_work_units_do_not_depend_on_world_size(archive):
 def test_a_store_refuses_a_different_plan(archive, reference_store, tmp_path):
     store = tmp_path / "tiles"
     tile_archive(archive[1].iloc[:2], store, tiling=SMALL_UNITS, show_progress=False)
-    with pytest.raises(ValueError, match="different inventory or config"):
+    with pytest.raises(ValueError, match=r"a tile store of a different plan .*n_files: 2 -> 6"):
         tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False)
 
 

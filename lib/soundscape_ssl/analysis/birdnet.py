@@ -35,7 +35,8 @@ Products of `run_on_tiles` / `run_on_files` in `out_dir` (same conventions as th
     plan.json                    what is being computed: config, input fingerprint, shard count
     shards/shard-000000.emb.npy  (n, 1024) embeddings of that shard's windows
     shards/shard-000000.conf.npy (n, 6522) float16 confidences (only with save_confidences)
-    shards/shard-000000.parquet  that shard's rows; written last, so it marks the shard done
+    shards/shard-000000.parquet  that shard's rows
+    shards/shard-000000.done     the shard's done marker (sizes and sha256 of its files)
     detections.parquet           one row per tile, sorted by tile_id (finalise)
     embeddings.npy               (N, 1024), row i <-> detections row i; np.load(mmap_mode="r")
     confidences.npy              (N, 6522) float16, unfiltered (only with save_confidences)
@@ -45,7 +46,8 @@ Products of `run_on_tiles` / `run_on_files` in `out_dir` (same conventions as th
 
 Shards are consecutive runs of `shard_max_windows` windows in (path, offset) order, so the plan
 does not depend on the world size; shard k belongs to rank k % world_size (RANK / WORLD_SIZE as
-torchrun sets them). A kill loses at most the shard in flight; a rerun skips finished shards.
+torchrun sets them). The stage runs on `core.stage`: a kill loses at most the shard in flight, a
+rerun skips finished shards (once their markers match their files), a second writer is refused.
 """
 
 from __future__ import annotations
@@ -73,9 +75,8 @@ from tqdm.auto import tqdm
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.config import config_from_mapping
-from ..core.provenance import write_config_json
+from ..core.stage import StagePlan, StageRun, UnitOutput, atomic_write, read_plan, reserve_space
 from ..recordings.archive import probe_recording
-from ..tiles.tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ MODEL_SAMPLE_RATE_HZ = 48000
 LOGIT_CLIP = 15.0  # BirdNET clips logits to +-15 before its sigmoid
 DEFAULT_LOCATION_FILTER_THRESHOLD = 0.03  # BirdNET-Analyzer's default
 
-PLAN_FILE = "plan.json"
 SHARDS_DIR = "shards"
 DETECTIONS_FILE = "detections.parquet"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -568,29 +568,6 @@ def _shard_windows(shard: pd.DataFrame, config: BirdNetConfig) -> Iterator[_Wind
 # Sharded, resumable runs
 # --------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a process-unique tmp file and rename: readers never see half a file, and
-    two ranks finalising at once do not clobber each other's tmp file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    _write_atomic(path, write)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
-
-
 def _prepare_index(tile_index: pd.DataFrame) -> pd.DataFrame:
     """Validate the tile index and sort it into shard order: (path, offset_s, tile_id)."""
     missing = [c for c in ("tile_id", "path", "offset_s") if c not in tile_index.columns]
@@ -624,32 +601,29 @@ def _fingerprint(index: pd.DataFrame, config: BirdNetConfig) -> str:
     return digest.hexdigest()
 
 
-def _ensure_plan(out_dir: Path, index: pd.DataFrame, config: BirdNetConfig) -> int:
-    """Write plan.json, or check that an existing one describes the same work. Returns the shard count."""
+def _plan_description(index: pd.DataFrame, config: BirdNetConfig) -> dict[str, Any]:
+    """plan.json: the work (tile index and output settings) and its fingerprint."""
     n_shards = max(1, math.ceil(len(index) / config.shard_max_windows))
-    plan = {"stage": STAGE, "fingerprint": _fingerprint(index, config), "n_tiles": len(index),
+    return {"stage": STAGE, "fingerprint": _fingerprint(index, config), "n_tiles": len(index),
             "n_shards": n_shards, "config": config.to_dict()}
-    path = out_dir / PLAN_FILE
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != plan["fingerprint"]:
-            raise ValueError(f"{out_dir} holds BirdNET results for a different tile index or config "
-                             f"(plan.json differs); use a new out_dir or delete the old one")
-        return int(existing["n_shards"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, plan)
-    return n_shards
+
+
+def _stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of plan.json: shards `shards/shard-NNNNNN.*`, kept after finalising."""
+    return StagePlan(STAGE, description, int(description["n_shards"]), unit_noun="shard",
+                     units_dir=SHARDS_DIR, title="BirdNET results",
+                     unpinned=tuple(f"config.{name}" for name in _SPEED_ONLY_FIELDS))
 
 
 def _shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
     base = out_dir / SHARDS_DIR / f"shard-{shard_id:06d}"
     return {"table": base.with_suffix(".parquet"), "embeddings": Path(f"{base}.emb.npy"),
-            "confidences": Path(f"{base}.conf.npy")}
+            "confidences": Path(f"{base}.conf.npy"), "done": Path(f"{base}.done")}
 
 
 def shard_is_done(out_dir: str | os.PathLike, shard_id: int) -> bool:
-    """A shard is done when its table exists (written after its arrays)."""
-    return _shard_paths(Path(out_dir), shard_id)["table"].exists()
+    """A shard is done when its done marker exists (written after its files)."""
+    return _shard_paths(Path(out_dir), shard_id)["done"].exists()
 
 
 def _float_column(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -762,10 +736,11 @@ class _ShardResult:
         }, schema=DETECTIONS_SCHEMA)
 
 
-def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, runner: BirdNetRunner,
-                   config: BirdNetConfig, location_filter: LocationFilter | None,
-                   progress: tqdm) -> int:
-    """Score one shard and write its arrays, then its table (the done marker). Returns windows scored."""
+def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, out: UnitOutput,
+                   runner: BirdNetRunner, config: BirdNetConfig,
+                   location_filter: LocationFilter | None, progress: tqdm) -> int:
+    """Score one shard and write its arrays and table through `out` (the runner commits them
+    and the shard's done marker). Returns the number of windows scored."""
     filter_keys, weeks = _filter_plan(shard, config)
     result = _ShardResult(shard, config, runner.labels, filter_keys, weeks, location_filter)
     batch = np.zeros((runner.batch_size, config.window_samples), np.float32)
@@ -800,11 +775,12 @@ def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, runner: Bi
     flush()
 
     paths = _shard_paths(out_dir, shard_id)
-    paths["table"].parent.mkdir(parents=True, exist_ok=True)
-    _save_npy(paths["embeddings"], result.embeddings)
-    if result.confidences is not None:
-        _save_npy(paths["confidences"], result.confidences)
-    _write_atomic(paths["table"], lambda tmp: pq.write_table(result.table(), tmp))
+    arrays = {"embeddings": result.embeddings, "confidences": result.confidences}
+    for kind, array in arrays.items():
+        if array is not None:
+            with open(out.output(paths[kind], expected_bytes=array.nbytes + 128), "wb") as handle:
+                np.save(handle, array)
+    pq.write_table(result.table(), out.output(paths["table"]))
     return scored
 
 
@@ -824,35 +800,35 @@ def run_on_tiles(tile_index: pd.DataFrame, out_dir: str | os.PathLike,
     """
     config = config or (runner.config if runner else BirdNetConfig())
     out_dir = Path(out_dir)
-    rank, world_size = resolve_rank(rank, world_size)
     index = _prepare_index(tile_index)
-    n_shards = _ensure_plan(out_dir, index, config)
-    if (out_dir / CONFIG_FILE).exists():
-        logger.info("BirdNET results in %s are complete; reading them back", out_dir)
-        return load_results(out_dir)[0]
-
-    mine = [k for k in range(n_shards) if k % world_size == rank and not shard_is_done(out_dir, k)]
-    if mine:
-        bounds = [(k * config.shard_max_windows, min(len(index), (k + 1) * config.shard_max_windows))
-                  for k in mine]
-        hours = sum(stop - start for start, stop in bounds) * config.window_s / 3600.0
-        runner = runner or BirdNetRunner(config)
-        location_filter = _default_location_filter() if config.location_filter else None
-        started = time.perf_counter()
-        scored = 0
-        # Progress in hours of audio; the postfix gives the speed as a multiple of real time.
-        with tqdm(total=hours, unit="h", desc=f"BirdNET rank {rank}", disable=not progress,
-                  bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio "
-                             "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]") as bar:
-            for shard_id, (start, stop) in zip(mine, bounds):
-                scored += _process_shard(index.iloc[start:stop], shard_id, out_dir, runner, config,
-                                         location_filter, bar)
-        wall_s = time.perf_counter() - started
-        logger.info("rank %d: %d shards, %d windows (%.2f h of audio) in %.1f s: %.0fx real time",
-                    rank, len(mine), scored, scored * config.window_s / 3600, wall_s,
-                    scored * config.window_s / max(wall_s, 1e-9))
-    if all(shard_is_done(out_dir, k) for k in range(n_shards)):
-        return finalize_results(out_dir)
+    with StageRun(out_dir, _stage_plan(_plan_description(index, config)), rank, world_size) as run:
+        rank = run.rank
+        if run.finished:
+            logger.info("BirdNET results in %s are complete; reading them back", out_dir)
+            return load_results(out_dir)[0]
+        if run.todo:
+            bounds = [(k * config.shard_max_windows,
+                       min(len(index), (k + 1) * config.shard_max_windows)) for k in run.todo]
+            hours = sum(stop - start for start, stop in bounds) * config.window_s / 3600.0
+            runner = runner or BirdNetRunner(config)
+            location_filter = _default_location_filter() if config.location_filter else None
+            started = time.perf_counter()
+            scored = 0
+            # Progress in hours of audio; the postfix gives the speed as a multiple of real time.
+            with tqdm(total=hours, unit="h", desc=f"BirdNET rank {rank}", disable=not progress,
+                      bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio "
+                                 "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]") as bar:
+                for shard_id, (start, stop) in zip(run.todo, bounds):
+                    with run.unit(shard_id) as out:
+                        scored += _process_shard(index.iloc[start:stop], shard_id, out_dir, out,
+                                                 runner, config, location_filter, bar)
+            wall_s = time.perf_counter() - started
+            logger.info("rank %d: %d shards, %d windows (%.2f h of audio) in %.1f s: %.0fx real "
+                        "time", rank, len(run.todo), scored, scored * config.window_s / 3600,
+                        wall_s, scored * config.window_s / max(wall_s, 1e-9))
+        if run.all_units_done():
+            run.finalize(lambda: _merge_shards(out_dir))
+            return load_results(out_dir)[0]
     logger.info("rank %d done; other ranks' shards are unfinished (finish with finalize_results(%s))",
                 rank, out_dir)
     return None
@@ -860,15 +836,19 @@ def run_on_tiles(tile_index: pd.DataFrame, out_dir: str | os.PathLike,
 
 def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Join the finished shards into detections.parquet, embeddings.npy (and confidences.npy),
-    sorted by tile_id, then labels.txt and config.json. Deterministic: safe to run twice."""
+    sorted by tile_id, then labels.txt and config.json, and return the table. A finished folder
+    is read back. Raises StageError (a RuntimeError) while shards are unfinished."""
     out_dir = Path(out_dir)
-    plan = json.loads((out_dir / PLAN_FILE).read_text())
+    with StageRun(out_dir, _stage_plan(read_plan(out_dir)), work=False) as run:
+        run.finalize(lambda: _merge_shards(out_dir))
+    return load_results(out_dir)[0]
+
+
+def _merge_shards(out_dir: Path) -> dict[str, Any]:
+    """Write the merged products from the finished shards; returns config.json's fields."""
+    plan = read_plan(out_dir)
     config = BirdNetConfig.from_dict(plan["config"])
     n_shards = int(plan["n_shards"])
-    unfinished = [k for k in range(n_shards) if not shard_is_done(out_dir, k)]
-    if unfinished:
-        raise RuntimeError(f"{len(unfinished)} of {n_shards} shards in {out_dir} are unfinished, e.g. {unfinished[:5]}")
-
     tables = [pq.read_table(_shard_paths(out_dir, k)["table"]) for k in range(n_shards)]
     table = pa.concat_tables(tables) if tables else DETECTIONS_SCHEMA.empty_table()
     tile_ids = table.column("tile_id").to_numpy()
@@ -877,8 +857,10 @@ def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     destination[order] = np.arange(len(order))  # row of each shard-order row in tile_id order
 
     def gather(kind: str, filename: str, width: int, dtype: str) -> None:
-        def write(tmp: Path) -> None:
+        n_bytes = len(order) * width * np.dtype(dtype).itemsize
+        with atomic_write(out_dir / filename, expected_bytes=n_bytes) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(order), width))
+            reserve_space(tmp, tmp.stat().st_size)
             row = 0
             for k in range(n_shards):  # one shard in memory at a time
                 part = np.load(_shard_paths(out_dir, k)[kind], mmap_mode="r")
@@ -886,30 +868,31 @@ def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
                 row += len(part)
             out.flush()
             del out
-        _write_atomic(out_dir / filename, write)
 
     gather("embeddings", EMBEDDINGS_FILE, EMBEDDING_DIM, config.embedding_dtype)
     if config.save_confidences:
         gather("confidences", CONFIDENCES_FILE, N_CLASSES, "float16")
     final = table.take(pa.array(order))
-    _write_atomic(out_dir / DETECTIONS_FILE, lambda tmp: pq.write_table(final, tmp))
+    with atomic_write(out_dir / DETECTIONS_FILE) as tmp:
+        pq.write_table(final, tmp)
     labels = load_labels()
-    _write_atomic(out_dir / LABELS_OUT_FILE, lambda tmp: tmp.write_text("\n".join(labels) + "\n", encoding="utf-8"))
+    with atomic_write(out_dir / LABELS_OUT_FILE) as tmp:
+        tmp.write_text("\n".join(labels) + "\n", encoding="utf-8")
 
-    frame = final.to_pandas()
-    skipped = frame["skip_reason"].notna()
-    write_config_json(
-        out_dir, STAGE, config,
-        n_tiles=len(frame), n_scored=int((~skipped).sum()), n_skipped=int(skipped.sum()),
-        skip_reasons=frame.loc[skipped, "skip_reason"].value_counts().to_dict(),
+    skip_reasons = final.column("skip_reason").to_pandas()
+    skipped = skip_reasons.notna()
+    logger.info("BirdNET results finalised in %s: %d tiles (%d skipped)", out_dir, len(final),
+                int(skipped.sum()))
+    return dict(
+        config=config,
+        n_tiles=len(final), n_scored=int((~skipped).sum()), n_skipped=int(skipped.sum()),
+        skip_reasons=skip_reasons[skipped].value_counts().to_dict(),
         n_shards=n_shards, fingerprint=plan["fingerprint"],
         products={"detections": DETECTIONS_FILE, "embeddings": EMBEDDINGS_FILE,
                   "confidences": CONFIDENCES_FILE if config.save_confidences else None,
                   "labels": LABELS_OUT_FILE},
         model=model_provenance(),
     )
-    logger.info("BirdNET results finalised in %s: %d tiles (%d skipped)", out_dir, len(frame), int(skipped.sum()))
-    return frame
 
 
 def load_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:

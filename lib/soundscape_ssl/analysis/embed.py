@@ -4,15 +4,16 @@ Two entry points share one forward path (normalise, backbone, pool):
 
 * `embed_store(store_dir, checkpoint, out_dir)`: every tile of a finished tile store, row i =
   tile_id i of the store's index. Resumable and shardable like the tiling stage, and for the
-  same reasons: the work is a fixed plan of chunks of `chunk_tiles` consecutive tiles (it
-  depends on the store and the config, never on the world size); chunk k belongs to rank
-  k % world_size (RANK / WORLD_SIZE from torchrun; no process group is needed); a chunk is
-  written to `chunks/chunk-K.npy` through tmp + fsync + rename, so its presence means "done" and
-  a rerun skips it; whoever finds every chunk done assembles the final arrays and writes
-  `config.json` last. Output folder::
+  same reasons, on the same runner (`core.stage`): the work is a fixed plan of chunks of
+  `chunk_tiles` consecutive tiles (it depends on the store and the config, never on the world
+  size); chunk k belongs to rank k % world_size (RANK / WORLD_SIZE from torchrun; no process
+  group is needed); a chunk is written to `chunks/chunk-K.npy` atomically, then its done marker
+  `chunks/chunk-K.done`, and a rerun skips it once the marker matches the file; whoever finds
+  every chunk done assembles the final arrays and writes `config.json` last. Output folder::
 
       plan.json                 what is being computed: store, checkpoint sha256, poolings ...
       chunks/chunk-000000.npy   (rows, sum of the poolings' widths) per chunk (removed at the end)
+      chunks/chunk-000000.done  its done marker (size and sha256 of the chunk)
       embeddings_mean.npy       (n_tiles, embed_dim): the mean of the final patch tokens
       embeddings_cls.npy        (n_tiles, embed_dim): the final class token
       embeddings_band.npy       (n_tiles, rows * embed_dim): per-frequency-band means (if asked)
@@ -84,7 +85,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -105,12 +105,12 @@ from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
 from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
+from ..core.provenance import to_jsonable
+from ..core.stage import (StagePlan, StageRun, atomic_save_npy, atomic_write, atomic_write_text,
+                          reserve_space, resolve_device, resolve_rank)
 from ..pretrain.pooling import parse_poolings
-from ..core.provenance import to_jsonable, write_config_json
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
-# The tiling stage's rank, device and finalise-lock conventions, shared rather than re-implemented.
-from ..tiles.tiling import finalize_lock, resolve_device, resolve_rank
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,6 @@ AUDIO_STAGE = "embed_audio"
 PRECISIONS = ("auto", "bf16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
 NORMALIZATIONS = ("checkpoint", "store")
-PLAN_FILE = "plan.json"
 CHUNKS_DIR = "chunks"
 CONFIG_FILE = "config.json"
 # Audio formats looked for in folders given to the audio command (any file named explicitly is tried).
@@ -293,22 +292,6 @@ def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
     return converted
 
 
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save through tmp + fsync + rename: a reader or a rerun never sees half an array."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Store mode
 
@@ -384,21 +367,11 @@ def _store_plan(store: TileStore, loaded: _LoadedCheckpoint, config: EmbedConfig
     return description
 
 
-def _ensure_plan(out_dir: Path, plan: dict[str, Any]) -> None:
-    """Write plan.json, or check that the folder was started with the same plan."""
-    path = out_dir / PLAN_FILE
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != plan["fingerprint"]:
-            changed = sorted(key for key in plan if key not in ("fingerprint", "store")
-                             and existing.get(key) != plan[key])
-            if (existing.get("store") or {}).get("fingerprint") != plan["store"]["fingerprint"]:
-                changed.insert(0, "store")
-            raise ValueError(f"{out_dir} holds embeddings of a different plan (differs in: "
-                             f"{', '.join(changed) or 'fingerprint'}); use a new folder or delete it")
-        return
-    (out_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+def _stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of plan.json: chunks `chunks/chunk-NNNNNN.*`, removed once assembled."""
+    return StagePlan(STAGE, description, int(description["n_chunks"]), unit_noun="chunk",
+                     units_dir=CHUNKS_DIR, title="embeddings", unpinned=("store.path",),
+                     keep_units=False)
 
 
 def _resolve_normalization(config: EmbedConfig, store: TileStore,
@@ -493,10 +466,13 @@ def _prefetched(store: TileStore, batches: Sequence[_Batch], num_workers: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit_chunk(out_dir: Path, chunk_id: int, values: np.ndarray, output_dtype: str) -> None:
-    """Write one finished chunk (rows, P, D) atomically: its file's presence marks it done."""
-    _write_npy_atomic(chunk_path(out_dir, chunk_id),
-                      _to_output(values, output_dtype, f"chunk {chunk_id}"))
+def _commit_chunk(run: StageRun, chunk_id: int, values: np.ndarray, output_dtype: str) -> None:
+    """Write one finished chunk (rows, sum of the poolings' widths) and its done marker."""
+    values = _to_output(values, output_dtype, f"chunk {chunk_id}")
+    with run.unit(chunk_id) as unit, \
+            open(unit.output(chunk_path(run.folder, chunk_id), expected_bytes=values.nbytes + 128),
+                 "wb") as handle:
+        np.save(handle, values)
 
 
 class _ChunkWriter:
@@ -507,8 +483,8 @@ class _ChunkWriter:
     bounded and an error (e.g. a full disk) surfaces at the next chunk.
     """
 
-    def __init__(self, out_dir: Path, output_dtype: str) -> None:
-        self.out_dir, self.output_dtype = out_dir, output_dtype
+    def __init__(self, run: StageRun, output_dtype: str) -> None:
+        self.run, self.output_dtype = run, output_dtype
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                            thread_name_prefix="embed-writer")
         self._pending: concurrent.futures.Future | None = None
@@ -528,7 +504,7 @@ class _ChunkWriter:
     def _write(self, chunk_id: int, host: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()
-        _commit_chunk(self.out_dir, chunk_id, host.numpy(), self.output_dtype)
+        _commit_chunk(self.run, chunk_id, host.numpy(), self.output_dtype)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -565,36 +541,35 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
     normalization = _resolve_normalization(config, store, loaded.metadata)
     chunks = plan_chunks(len(store), config.chunk_tiles)
     plan = _store_plan(store, loaded, config, precision, normalization, len(chunks))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_plan(out_dir, plan)
+    with StageRun(out_dir, _stage_plan(plan), rank, world_size) as run:
+        assigned = [chunks[k] for k in run.assigned]
+        todo = [chunks[k] for k in run.todo]
+        logger.info("rank %d/%d: %d of %d chunks to embed (%d already done) on %s, %s", rank,
+                    world_size, len(todo), len(assigned), len(assigned) - len(todo), device,
+                    precision)
+        setup_s = time.perf_counter() - started
 
-    assigned = [chunk for chunk in chunks if chunk.chunk_id % world_size == rank]
-    finished_before = (out_dir / CONFIG_FILE).exists()
-    todo = [] if finished_before else [chunk for chunk in assigned
-                                       if not chunk_path(out_dir, chunk.chunk_id).exists()]
-    logger.info("rank %d/%d: %d of %d chunks to embed (%d already done) on %s, %s", rank,
-                world_size, len(todo), len(assigned), len(assigned) - len(todo), device, precision)
-    setup_s = time.perf_counter() - started
+        loop_started = time.perf_counter()
+        tiles_embedded, first_batch_s, first_batch_tiles = 0, 0.0, 0
+        if todo:
+            embedder = TileEmbedder(loaded.model, device, precision, config.poolings,
+                                    normalization, config.compile)
+            tiles_embedded, first_batch_s, first_batch_tiles = _embed_chunks(
+                store, todo, embedder, run, config, device, show_progress and rank == 0,
+                f"embed rank {rank}/{world_size}")
+        embed_s = time.perf_counter() - loop_started
 
-    loop_started = time.perf_counter()
-    tiles_embedded, first_batch_s, first_batch_tiles = 0, 0.0, 0
-    if todo:
-        embedder = TileEmbedder(loaded.model, device, precision, config.poolings, normalization,
-                                config.compile)
-        tiles_embedded, first_batch_s, first_batch_tiles = _embed_chunks(
-            store, todo, embedder, out_dir, config, device, show_progress and rank == 0,
-            f"embed rank {rank}/{world_size}")
-    embed_s = time.perf_counter() - loop_started
-
-    assemble_s = 0.0
-    finished = finished_before
-    if not finished and all(chunk_path(out_dir, c.chunk_id).exists() for c in chunks):
-        assemble_started = time.perf_counter()
-        finished = _assemble(out_dir, plan, chunks, loaded.identity,
-                             pooling_dims(loaded.model, plan["poolings"]), config, device, precision)
-        assemble_s = time.perf_counter() - assemble_started
-    elif not finished:
-        logger.info("rank %d: my chunks are done; another rank assembles the arrays", rank)
+        assemble_s = 0.0
+        finished = run.finished
+        if not finished and run.all_units_done():
+            assemble_started = time.perf_counter()
+            dims = pooling_dims(loaded.model, plan["poolings"])
+            run.finalize(lambda: _assemble(out_dir, plan, chunks, loaded.identity, dims, config,
+                                           device, precision))
+            finished = True
+            assemble_s = time.perf_counter() - assemble_started
+        elif not finished:
+            logger.info("rank %d: my chunks are done; another rank assembles the arrays", rank)
     return EmbedSummary(str(out_dir), rank, world_size, len(store), len(chunks), len(assigned),
                         len(assigned) - len(todo), len(todo), tiles_embedded, finished,
                         str(device), precision, setup_s, first_batch_s, first_batch_tiles, embed_s,
@@ -602,7 +577,7 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
                         time.perf_counter() - started)
 
 
-def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedder, out_dir: Path,
+def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedder, run: StageRun,
                   config: EmbedConfig, device: torch.device, show_progress: bool,
                   description: str) -> tuple[int, float, int]:
     """Stream the tiles of `todo` through the backbone, committing each chunk when complete.
@@ -612,10 +587,9 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
     started = time.perf_counter()
     first_batch_s, first_batch_tiles = 0.0, 0
     by_id = {chunk.chunk_id: chunk for chunk in todo}
-    (out_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
     batches = _prefetched(store, _batches(todo, config.batch_size), config.num_workers,
                           pin_memory=device.type == "cuda")
-    writer = _ChunkWriter(out_dir, config.output_dtype)
+    writer = _ChunkWriter(run, config.output_dtype)
     progress = tqdm(total=sum(c.stop - c.start for c in todo), unit="tile", desc=description,
                     dynamic_ncols=True, disable=not show_progress)
     rows: torch.Tensor | None = None
@@ -647,55 +621,51 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
 
 def _assemble(out_dir: Path, plan: dict[str, Any], chunks: Sequence[Chunk],
               checkpoint_identity: dict[str, Any], dims: dict[str, int], config: EmbedConfig,
-              device: torch.device, precision: str) -> bool:
-    """Concatenate the chunks into one array per pooling, write config.json last, drop the chunks.
+              device: torch.device, precision: str) -> dict[str, Any]:
+    """Concatenate the chunks into one array per pooling; returns config.json's fields.
 
-    Under the tiling stage's finalise lock: two ranks finishing together assemble once.
+    The runner calls it once, under its finalise lock, and writes config.json after it.
     """
-    with finalize_lock(out_dir):
-        if (out_dir / CONFIG_FILE).exists():
-            return True
-        n_tiles = plan["store"]["n_tiles"]
-        poolings = plan["poolings"]
-        dtype = np.dtype(plan["output_dtype"])
-        temporaries = {name: out_dir / f"{embeddings_file_name(name)}.{os.getpid()}.tmp"
+    n_tiles = plan["store"]["n_tiles"]
+    poolings = plan["poolings"]
+    dtype = np.dtype(plan["output_dtype"])
+    with contextlib.ExitStack() as writes:
+        temporaries = {name: writes.enter_context(atomic_write(
+                           out_dir / embeddings_file_name(name),
+                           expected_bytes=n_tiles * dims[name] * dtype.itemsize))
                        for name in poolings}
-        if n_tiles == 0:
-            arrays = {name: np.zeros((0, dims[name]), dtype) for name in poolings}
+        if n_tiles == 0:   # a memory map cannot be empty
+            for name in poolings:
+                with open(temporaries[name], "wb") as handle:
+                    np.save(handle, np.zeros((0, dims[name]), dtype))
         else:
-            arrays = {name: np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=dtype,
-                                                      shape=(n_tiles, dims[name]))
-                      for name in poolings}
-        for chunk in chunks:
-            values = np.load(chunk_path(out_dir, chunk.chunk_id), mmap_mode="r")
-            expected = (chunk.stop - chunk.start, sum(dims.values()))
-            if values.shape != expected or values.dtype != dtype:
-                raise RuntimeError(f"chunk {chunk.chunk_id} holds {values.dtype} {values.shape}, "
-                                   f"expected {dtype} {expected}; delete it and rerun")
-            for name, part in split_poolings(values, dims).items():
-                arrays[name][chunk.start:chunk.stop] = part
-        for name, array in arrays.items():
-            target = out_dir / embeddings_file_name(name)
-            if n_tiles == 0:
-                _write_npy_atomic(target, array)
-                continue
-            array.flush()
-            with open(temporaries[name], "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporaries[name], target)
-        arrays.clear()
-        write_config_json(
-            out_dir, STAGE, config,
-            store=plan["store"], checkpoint=checkpoint_identity, plan_fingerprint=plan["fingerprint"],
-            normalization=plan["normalization"], precision=precision, device_type=device.type,
-            arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dims[name]],
-                           "dtype": dtype.name} for name in poolings},
-            rows="row i = tile_id i of the store's index.parquet",
-            default_pooling="mean" if "mean" in poolings else poolings[0])
-        shutil.rmtree(out_dir / CHUNKS_DIR, ignore_errors=True)
+            arrays = {}
+            for name in poolings:
+                arrays[name] = np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=dtype,
+                                                         shape=(n_tiles, dims[name]))
+                reserve_space(temporaries[name], temporaries[name].stat().st_size)
+            for chunk in chunks:
+                values = np.load(chunk_path(out_dir, chunk.chunk_id), mmap_mode="r")
+                expected = (chunk.stop - chunk.start, sum(dims.values()))
+                if values.shape != expected or values.dtype != dtype:
+                    raise RuntimeError(f"chunk {chunk.chunk_id} holds {values.dtype} "
+                                       f"{values.shape}, expected {dtype} {expected}; delete it "
+                                       "and rerun")
+                for name, part in split_poolings(values, dims).items():
+                    arrays[name][chunk.start:chunk.stop] = part
+            for array in arrays.values():
+                array.flush()
+            arrays.clear()
     logger.info("assembled %s: %d tiles, poolings %s", out_dir, n_tiles,
                 ", ".join(f"{name} ({dims[name]} dims)" for name in poolings))
-    return True
+    return dict(
+        config=config, store=plan["store"], checkpoint=checkpoint_identity,
+        plan_fingerprint=plan["fingerprint"], normalization=plan["normalization"],
+        precision=precision, device_type=device.type,
+        arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dims[name]],
+                       "dtype": dtype.name} for name in poolings},
+        rows="row i = tile_id i of the store's index.parquet",
+        default_pooling="mean" if "mean" in poolings else poolings[0])
 
 
 def read_embeddings_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -951,14 +921,14 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     targets = audio_output_paths(out_path, config.poolings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name, part in split_poolings(values, dims).items():
-        _write_npy_atomic(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
-                                                    f"{targets[name].name}"))
+        atomic_save_npy(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
+                                                  f"{targets[name].name}"))
     table = pd.DataFrame({"row": np.arange(n_rows, dtype=np.int64), **rows},
                          columns=list(ROW_COLUMNS))
     table["padded"] = table["padded"].astype(bool)
-    _write_text_atomic(targets["csv"], table.to_csv(index=False))
-    _write_text_atomic(targets["skipped"],
-                       pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    atomic_write_text(targets["csv"], table.to_csv(index=False))
+    atomic_write_text(targets["skipped"],
+                      pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
     n_padded = int(table["padded"].sum())
     record = {
         "stage": AUDIO_STAGE,
@@ -977,8 +947,8 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                    "padded_rows": n_padded, "skip_records": len(skipped)},
         "package_version": __version__,
     }
-    _write_text_atomic(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
-                       + "\n")
+    atomic_write_text(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
+                      + "\n")
     logger.info("wrote %d rows (%d padded) from %d of %d files to %s; %d skip record(s)", n_rows,
                 n_padded, files_with_rows, len(inputs), out_path, len(skipped))
     if n_rows == 0:

@@ -105,6 +105,7 @@ from ..core.audio import AudioFile, AudioOpenError, WindowLoss, grid_windows, re
 from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
+from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text
 from ..pretrain.pooling import POOLINGS
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, mel_bin_centres_hz
@@ -832,8 +833,12 @@ def _write_products(out_dir: Path, scores: pd.DataFrame, windows: pd.DataFrame,
                     skipped_spaces: dict[str, str], skipped_recordings: pd.DataFrame | None,
                     config: ValidateConfig, window_selection: str, inputs: dict[str, Any],
                     counts: dict[str, Any]) -> None:
-    scores.to_csv(out_dir / "scores.csv", index=False)
-    windows[list(WINDOW_COLUMNS)].to_csv(out_dir / "windows.csv", index=False)
+    def write_csv(frame: pd.DataFrame, name: str) -> None:
+        with atomic_write(out_dir / name) as tmp:
+            frame.to_csv(tmp, index=False)
+
+    write_csv(scores, "scores.csv")
+    write_csv(windows[list(WINDOW_COLUMNS)], "windows.csv")
     predictions, folds = [], []
     embeddings_dir = out_dir / "embeddings"
     embeddings_dir.mkdir(exist_ok=True)
@@ -843,19 +848,18 @@ def _write_products(out_dir: Path, scores: pd.DataFrame, windows: pd.DataFrame,
             "label": result.knn.true_labels, "knn_predicted": result.knn.predictions,
             "knn_fold": result.knn.fold_of_row, "kmeans_cluster": result.clusters}))
         folds.append(result.knn.fold_scores.assign(space=result.space, pooling=result.pooling))
-        np.save(embeddings_dir / f"{result.space}__{result.pooling}.npy",
-                np.asarray(result.embeddings, dtype=np.float32))
+        atomic_save_npy(embeddings_dir / f"{result.space}__{result.pooling}.npy",
+                        np.asarray(result.embeddings, dtype=np.float32))
     if predictions:
-        pd.concat(predictions, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
-        pd.concat(folds, ignore_index=True).to_csv(out_dir / "fold_scores.csv", index=False)
-    (skipped_recordings if skipped_recordings is not None
-     else pd.DataFrame(columns=["recording", "reason", "detail"])).to_csv(out_dir / "skipped.csv", index=False)
+        write_csv(pd.concat(predictions, ignore_index=True), "predictions.csv")
+        write_csv(pd.concat(folds, ignore_index=True), "fold_scores.csv")
+    write_csv(skipped_recordings if skipped_recordings is not None
+              else pd.DataFrame(columns=["recording", "reason", "detail"]), "skipped.csv")
     summary = {"stage": STAGE, "window_selection": window_selection, **counts,
                "skipped_spaces": skipped_spaces, "inputs": inputs,
                "scores": scores.to_dict(orient="records")}
-    tmp = out_dir / "scores.json.tmp"
-    tmp.write_text(json.dumps(to_jsonable(summary), indent=2, allow_nan=True) + "\n")
-    tmp.replace(out_dir / "scores.json")
+    atomic_write_text(out_dir / "scores.json",
+                      json.dumps(to_jsonable(summary), indent=2, allow_nan=True) + "\n")
     write_config_json(out_dir, STAGE, config, window_selection=window_selection, inputs=inputs,
                       counts=counts, skipped_spaces=skipped_spaces,
                       products=["scores.csv", "scores.json", "windows.csv", "predictions.csv",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .stage import atomic_write_text
 
 # Packages whose versions decide whether a result can be reproduced.
 TRACKED_PACKAGES = (
@@ -43,7 +44,8 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_config_json(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> Path:
-    """Write `config.json` beside a stage's products: the stage, its config and the package version."""
+    """Write `config.json` beside a stage's products (atomically): the stage, its config and the
+    package version."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -52,11 +54,8 @@ def write_config_json(out_dir: str | os.PathLike, stage: str, config: Any, **ext
         "config": to_jsonable(config),
         **{k: to_jsonable(v) for k, v in extra.items()},
     }
-    path = out_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a config
-    return path
+    return atomic_write_text(out_dir / "config.json",
+                             json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def git_state(repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import yaml
 from ..core.cli import UsageError
 from ..core.config import ConfigError, config_from_mapping, unknown_key_message
 from ..core.provenance import environment_report, to_jsonable
+from ..core.stage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def prepare_archive(profile: dict[str, Any], runs_root: Path, repo_root: Path) -
     log.info("generating the synthetic archive into %s", out_dir)
     generate_archive(tmp_dir, config_from_mapping(SynthConfig, fields, "synthetic_archive"))
     tmp_dir.rename(out_dir)
-    marker.write_text(dt.datetime.now().isoformat() + "\n")
+    atomic_write_text(marker, dt.datetime.now().isoformat() + "\n")
     return out_dir
 
 
@@ -370,9 +371,7 @@ def default_run_id(profile_path: Path) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(to_jsonable(payload), indent=2) + "\n")
 
 
 def export_html(notebook_path: Path) -> Path:
@@ -381,7 +380,7 @@ def export_html(notebook_path: Path) -> Path:
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
     html_path = notebook_path.with_suffix(".html")
-    html_path.write_text(body, encoding="utf-8")
+    atomic_write_text(html_path, body)
     return html_path
 
 
@@ -466,7 +465,7 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
         "synthetic_archive": profile_data.get("synthetic_archive") or {},
         "notebooks": {p.stem: notebook_parameters(checked, p, run_dir, archive_dir) for p in selected},
     }
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(run_dir / "params.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     failure: NotebookFailed | None = None
     for notebook in selected:

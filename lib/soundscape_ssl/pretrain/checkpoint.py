@@ -34,6 +34,7 @@ import torch
 from .. import __version__
 from ..core.config import config_from_mapping
 from ..core.provenance import git_state, to_jsonable
+from ..core.stage import atomic_write
 from .models import BackboneConfig, SpectrogramViT, build_backbone
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -71,12 +72,8 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path
     """Write `checkpoint` to `path` atomically: a reader (or a rerun after a kill) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
+    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
         torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
     return path
 
 

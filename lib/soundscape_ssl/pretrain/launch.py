@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..core.config import ConfigError, check_keys, config_from_mapping, merge_mappings, unknown_key_message
 from ..core.provenance import to_jsonable
+from ..core.stage import atomic_write_text
 
 # Exit codes of `python -m soundscape_ssl.pretrain.train` (see its module docstring).
 TRAIN_EXIT_MEANINGS = {
@@ -76,7 +77,7 @@ def _write_train_config(out_dir: str | os.PathLike, config: Any) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "train_config.json"
-    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
     return path
 
 

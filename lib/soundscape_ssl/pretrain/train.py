@@ -24,7 +24,9 @@ Behaviour worth knowing:
   good checkpoint is kept.
 * Rank 0 alone writes `log.jsonl` (its first record of every start holds the git sha, the
   command line, the full config and the derived values), TensorBoard events under
-  `tensorboard/` and the checkpoint.
+  `tensorboard/` and the checkpoint. A resumed run first drops the training records (and
+  TensorBoard events) of steps after its checkpoint's, which it trains again: each step is
+  logged once; the start and stop events of every attempt stay.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .models import BackboneConfig, SSLMethod
 from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options, read_mapping_file
 from ..core.provenance import environment_report, to_jsonable, write_config_json
+from ..core.stage import atomic_write_text, claim_folder
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
 
@@ -368,17 +371,28 @@ class _SignalFlag:
 
 
 class RunLog:
-    """Rank 0's JSON-lines log and TensorBoard writer; every method is a no-op on other ranks."""
+    """Rank 0's JSON-lines log and TensorBoard writer; every method is a no-op on other ranks.
 
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
+    `start_step` is the step training starts from (the checkpoint's, 0 for a new run): records
+    of later steps left by an earlier, interrupted attempt are dropped first, since those steps
+    are trained (and logged) again.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0) -> None:
         self.enabled = enabled
-        self._file = open(out_dir / "log.jsonl", "a") if enabled else None
+        self._file = None
         self._tensorboard = None
         if enabled:
+            path = out_dir / "log.jsonl"
+            if path.exists():
+                drop_records_after(path, start_step)
+            self._file = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+                # purge_step hides the events of steps >= it that an earlier attempt wrote.
+                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"),
+                                                  purge_step=start_step + 1)
             except ImportError:
                 logger.info("tensorboard is not installed: logging to log.jsonl only")
 
@@ -397,6 +411,28 @@ class RunLog:
             self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite a log.jsonl (atomically) without its "train" records of steps after `step`, and
+    without a torn last line (a kill mid-write); other events stay. Returns the records dropped."""
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if record.get("event") == "train" and int(record.get("step", 0)) > step:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    if dropped or not text.endswith("\n"):
+        atomic_write_text(path, "".join(kept))
+        logger.info("%s: dropped %d record(s) after step %d (those steps are trained again)",
+                    path, dropped, step)
+    return dropped
 
 
 @dataclasses.dataclass
@@ -623,6 +659,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
     config.validate()
     context = setup_distributed(config.device)
     previous_threads = torch.get_num_threads()
+    claim = None
     try:
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
@@ -631,12 +668,14 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
             torch.backends.cudnn.allow_tf32 = True
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes out_dir: a second run on it is refused; a killed run's temporary files go.
+        claim = claim_folder(out_dir) if context.is_main else None
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
         data = with_background_removal(data, config.background_removal)
         _check_tile_shape(data, config.model)
         trainer = _Trainer(config, context, data)
         trainer.resume_if_possible()
-        trainer.log = RunLog(out_dir, context.is_main)
+        trainer.log = RunLog(out_dir, context.is_main, start_step=trainer.step)
         if config.compile:
             compile_for_training(trainer.method)
         model = trainer.method
@@ -674,6 +713,8 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
                     summary.checkpoint_path)
         return summary
     finally:
+        if claim is not None:
+            claim.release()
         torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
         if context.distributed and dist.is_initialized():
             dist.destroy_process_group()

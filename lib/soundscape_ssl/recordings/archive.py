@@ -85,6 +85,7 @@ import pandas as pd
 from ..core.audio import AudioOpenError, count_decodable_frames, read_info
 from ..core.config import config_from_mapping
 from ..core.provenance import write_config_json
+from ..core.stage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,8 @@ class ArchiveInventory:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, table in (("files", self.files), ("quarantine", self.quarantine)):
-            tmp = out_dir / f"{name}.parquet.tmp"
-            table.to_parquet(tmp, index=False)
-            tmp.replace(out_dir / f"{name}.parquet")  # a reader never sees half a table
+            with atomic_write(out_dir / f"{name}.parquet") as tmp:  # never half a table
+                table.to_parquet(tmp, index=False)
         reason_counts = self.quarantine["reason"].value_counts().to_dict()
         write_config_json(
             out_dir, STAGE_NAME, self.config,

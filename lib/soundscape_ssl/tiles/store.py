@@ -5,16 +5,17 @@ Layout of a store folder (written by `soundscape_ssl.tiles.tiling.tile_archive`)
     plan.json                       what is being built: configs, input fingerprint, unit count
     units/unit-000000.npy           float16 (n, n_mels, n_frames) log-mel tiles in dB, per unit
     units/unit-000000.skipped.parquet   audio of that unit that gave no tile, with a reason
-    units/unit-000000.parquet       that unit's tile index; written last, so it marks the unit done
+    units/unit-000000.parquet       that unit's tile index
+    units/unit-000000.done          written last: the unit is done (sizes and sha256 of its files)
     index.parquet                   all tiles, row i = tile_id i (finalise)
     skipped.parquet                 all skips (finalise)
     config.json                     spectrogram config, normalisation statistics, counts (finalise,
                                     written last: a store without it is unfinished)
-    finalize.lock                   empty; serialises finalisation between processes
+    finalize.lock, .claims/         the stage runner's locks (`soundscape_ssl.core.stage`)
 
 Why plain `.npy` shards: `np.load(mmap_mode="r")` gives zero-copy random access to any tile with
-no extra dependency, one file per work unit keeps each write atomic (tmp + rename) and lets a
-rerun skip finished units, and float16 halves the size (a 3 s tile is 64 KiB; dB values from
+no extra dependency, one file per work unit keeps each write atomic (temporary file + rename)
+and lets a rerun skip finished units, and float16 halves the size (a 3 s tile is 64 KiB; dB values from
 -100 to ~+60 keep ~0.03 dB resolution). Global order: tile_id increases with (unit, row), which
 is file order (by relpath) then time.
 """

@@ -15,18 +15,21 @@ Design (why it is safe to kill, rerun and scale):
   consecutive tiles; a long file is split across units, short ones share one. The plan depends on the inventory and the configs only, never on the
   world size, so unit k is the same work, and gives the same bytes, whichever rank does it.
   Unit k belongs to rank k % world_size (RANK / WORLD_SIZE as set by torchrun).
-* Atomic units. A unit streams its tiles into `units/unit-K.npy.tmp` (flat memory: nothing is
-  held beyond one decode block), then the shard is renamed into place, then its skip table,
-  then its tile index `unit-K.parquet`, whose presence alone means "unit K is done". A rerun
-  skips done units and redoes any other one from scratch, so a kill anywhere loses at most the
-  unit in flight and never leaves a tile twice. `plan.json` pins the configs and an input
-  fingerprint; a rerun with a different inventory or config is refused.
+* The stage runs on `core.stage` (claim, plan, units, done markers, resume, finalise). A unit
+  streams its tiles into a temporary file of its shard (flat memory: nothing is held beyond one
+  decode block), then writes its skip table and its tile index `unit-K.parquet`; the runner
+  renames them into place and writes `unit-K.done` (sizes and sha256 of the three), which alone
+  means "unit K is done". A rerun verifies the markers, skips done units and redoes any other
+  one from scratch, so a kill anywhere loses at most the unit in flight and never leaves a tile
+  twice. `plan.json` pins the configs and an input fingerprint; a rerun with a different
+  inventory or config is refused, naming what differs. A second writer on the same folder is
+  refused while the first is alive.
 * Finalise. Whichever process finds every unit done (the last rank to finish, or
   `finalize_store` / `--finalize-only`) concatenates the unit indexes in unit order into
   `index.parquet` with a global tile_id, gathers the skips, combines the per-tile dB means and
   variances (float64) into the global normalisation statistics and writes `config.json` last.
-  It is deterministic and writes through tmp + rename, so two ranks finalising at once, or a
-  rerun, produce the same bytes.
+  It is deterministic and runs once under a lock, so two ranks finishing together, or a rerun,
+  leave the same bytes.
 * Decoding. Through the one reader, `soundscape_ssl.core.audio`: blocks of `decode_block_s`
   (never a whole long file), channels averaged, blocks resampled with context on both sides so
   block edges are seamless, and bad audio isolated, not fatal: a decoder error costs only the
@@ -44,14 +47,12 @@ Design (why it is safe to kill, rerun and scale):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -66,25 +67,17 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-try:
-    import fcntl   # POSIX; finalisation simply runs unlocked where it is missing
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 from ..core.audio import (LOSS_REASONS, AudioFile, AudioOpenError, DecodeBuffers, WindowBatch,
                           WindowLoss, grid_windows)
 from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options, config_to_options
-from ..core.provenance import write_config_json
+from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_write, read_plan,
+                          resolve_device, torch_threads)
 from .spectrogram import LogMelFrontEnd, SpectrogramConfig
-from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
+from .store import (INDEX_FILE, INDEX_SCHEMA, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
                     UNIT_INDEX_SCHEMA, UNITS_DIR, shard_path, unit_index_path, unit_skipped_path)
 
 logger = logging.getLogger(__name__)
-
-# Fault injection for the resume tests: a process that has committed this many units kills
-# itself (SIGKILL) in the middle of its next unit, after part of the shard is on disk.
-KILL_AFTER_UNITS_ENV = "SOUNDSCAPE_SSL_TILING_KILL_AFTER_UNITS"
 
 SKIP_REASONS = {
     **LOSS_REASONS,   # unreadable, decode_error, non_finite_samples, truncated, outside_audio
@@ -94,7 +87,6 @@ SKIP_REASONS = {
 }
 
 REQUIRED_COLUMNS = ("path", "relpath", "sample_rate_hz", "frames")
-FINALIZE_LOCK_FILE = "finalize.lock"
 _INDEX_ROW_GROUP_ROWS = 65536
 
 
@@ -248,23 +240,6 @@ class TilingSummary:
         return dataclasses.asdict(self)
 
 
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size) from the arguments, else RANK / WORLD_SIZE (torchrun), else (0, 1)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`cuda` means this process's GPU: cuda:LOCAL_RANK under torchrun."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning
 
@@ -345,30 +320,10 @@ def _text_or_none(value: Any) -> str | None:
     return str(value)
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _ensure_plan(store_dir: Path, plan: TilingPlan) -> None:
-    """Write plan.json, or check that the store was started with the same plan."""
-    path = store_dir / PLAN_FILE
-    description = plan.description()
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != description["fingerprint"]:
-            raise ValueError(
-                f"{store_dir} holds a tile store for a different inventory or config "
-                f"(plan fingerprint {existing.get('fingerprint', '?')[:12]} vs "
-                f"{description['fingerprint'][:12]}); use a new folder or delete it")
-        return
-    (store_dir / UNITS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, description)
-
-
-def unit_is_done(store_dir: str | os.PathLike, unit_id: int) -> bool:
-    return unit_index_path(store_dir, unit_id).exists()
+def stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of a store's plan.json: units `units/unit-NNNNNN.*`."""
+    return StagePlan(STAGE, description, int(description["n_units"]), unit_noun="unit",
+                     units_dir=UNITS_DIR, title="a tile store")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,18 +455,16 @@ class _SegmentTiler:
 
 
 class _ShardWriter:
-    """Streams float16 tiles into `<shard>.tmp` and renames it into place when complete.
+    """Streams float16 tiles into a shard's temporary file (the runner renames it into place).
 
     The .npy header is written first for zero tiles and rewritten with the final count: numpy
     pads headers so that the length of the first axis can grow in place (asserted).
     """
 
-    def __init__(self, path: Path, tile_shape: tuple[int, int]) -> None:
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, tmp: Path, tile_shape: tuple[int, int]) -> None:
         self.tile_shape = tile_shape
         self.n_tiles = 0
-        self._file = open(self.tmp, "wb")
+        self._file = open(tmp, "wb")
         self._header_bytes = self._write_header(0)
 
     def _write_header(self, n_tiles: int) -> int:
@@ -528,17 +481,13 @@ class _ShardWriter:
         self._file.write(np.ascontiguousarray(tiles, dtype="<f2").tobytes())
         self.n_tiles += len(tiles)
 
-    def commit(self) -> None:
+    def finish(self) -> None:
         if self._write_header(self.n_tiles) != self._header_bytes:
             raise RuntimeError("npy header changed length; cannot finish the shard in place")
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
+    def close(self) -> None:
         self._file.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
@@ -550,22 +499,20 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def _timestamps(start_ns: np.ndarray, offset_s: np.ndarray) -> np.ndarray:
     offsets = np.round(offset_s * 1e9).astype("timedelta64[ns]")
     return start_ns + offsets        # NaT stays NaT
 
 
-def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, tiler: _SegmentTiler,
-                  die_midway: bool) -> int:
-    """Tile one unit and commit it atomically; returns the number of tiles written."""
+def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, out: UnitOutput,
+                  tiler: _SegmentTiler) -> int:
+    """Tile one unit into its three files (shard, skip table, tile index), written through
+    `out` (the runner commits them together); returns the number of tiles written."""
     config = plan.spectrogram
-    writer = _ShardWriter(shard_path(store_dir, unit.unit_id), (config.n_mels, config.n_frames))
+    tile_shape = (config.n_mels, config.n_frames)
+    shard_bytes = unit.n_tiles * math.prod(tile_shape) * 2 + 128     # float16 + the npy header
+    writer = _ShardWriter(out.output(shard_path(store_dir, unit.unit_id),
+                                     expected_bytes=shard_bytes), tile_shape)
     rows = _UnitRows(unit.n_tiles)
     skip_rows: list[tuple[int, _Skip]] = []
     try:
@@ -575,24 +522,17 @@ def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, tiler: _Seg
             for batch in tiler.run(info, segment, skips):
                 writer.append(batch.log_mel_f16)
                 rows.add(segment.file_row, batch)
-                if die_midway:
-                    logger.error("fault injection (%s): killing this process mid-unit",
-                                 KILL_AFTER_UNITS_ENV)
-                    os.kill(os.getpid(), signal.SIGKILL)
             for skip in skips:
                 logger.warning("skip %s [%s] %s (%d tile(s))", info.relpath, skip.reason,
                                skip.detail, skip.n_tiles)
                 skip_rows.append((segment.file_row, skip))
-        if die_midway:
-            os.kill(os.getpid(), signal.SIGKILL)
-        index = _unit_index_table(plan, unit.unit_id, rows)
-        skipped = _unit_skipped_table(plan, unit.unit_id, skip_rows)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    _write_parquet_atomic(skipped, unit_skipped_path(store_dir, unit.unit_id))
-    _write_parquet_atomic(index, unit_index_path(store_dir, unit.unit_id))  # the "done" marker
+        writer.finish()
+    finally:
+        writer.close()
+    skipped = _unit_skipped_table(plan, unit.unit_id, skip_rows)
+    pq.write_table(skipped, out.output(unit_skipped_path(store_dir, unit.unit_id)))
+    pq.write_table(_unit_index_table(plan, unit.unit_id, rows),
+                   out.output(unit_index_path(store_dir, unit.unit_id)))
     return writer.n_tiles
 
 
@@ -701,80 +641,52 @@ def tile_archive(files_df: pd.DataFrame, store_dir: str | os.PathLike,
     small to split, and extra threads only spin (measured: 0.14 s with 1 thread, 0.4-2.3 s with
     2 on a busy 2-core machine, for the same 11 tiles). The bytes written do not depend on it.
     """
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _tile_archive(files_df, Path(store_dir), config or SpectrogramConfig(),
                              tiling or TilingConfig(), rank, world_size, device, show_progress)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous)
 
 
 def _tile_archive(files_df: pd.DataFrame, store_dir: Path, config: SpectrogramConfig,
                   tiling: TilingConfig, rank: int | None, world_size: int | None,
                   device: str | torch.device, show_progress: bool) -> TilingSummary:
     started = time.perf_counter()
-    rank, world_size = resolve_rank(rank, world_size)
     device = resolve_device(device)
     plan = plan_tiling(files_df, config, tiling)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_plan(store_dir, plan)
+    with StageRun(store_dir, stage_plan(plan.description()), rank, world_size) as run:
+        rank, world_size = run.rank, run.world_size
+        todo = [plan.units[k] for k in run.todo]
+        todo_samples = sum(plan.segment_samples(s) for unit in todo for s in unit.segments)
+        todo_hours = todo_samples / config.sample_rate_hz / 3600.0
+        logger.info("rank %d/%d: %d of %d units to do (%d already done), %.2f h of audio", rank,
+                    world_size, len(todo), len(run.assigned), len(run.assigned) - len(todo),
+                    todo_hours)
+        front_end = LogMelFrontEnd(config, device)
+        progress = tqdm(total=todo_samples, unit="h",
+                        unit_scale=1.0 / (3600 * config.sample_rate_hz),
+                        desc=f"tiling rank {rank}/{world_size}", dynamic_ncols=True,
+                        disable=not show_progress or rank != 0,
+                        bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} h audio "
+                                   "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        tiler = _SegmentTiler(plan, front_end, device, progress)
+        tiles_written = 0
+        try:
+            for unit in todo:
+                with run.unit(unit.unit_id) as out:
+                    tiles_written += _process_unit(unit, plan, store_dir, out, tiler)
+                progress.set_postfix(tiles=tiles_written, refresh=False)
+        finally:
+            progress.close()
 
-    assigned = plan.units_for_rank(rank, world_size)
-    todo = [unit for unit in assigned if not unit_is_done(store_dir, unit.unit_id)]
-    todo_samples = sum(plan.segment_samples(s) for unit in todo for s in unit.segments)
-    todo_hours = todo_samples / config.sample_rate_hz / 3600.0
-    logger.info("rank %d/%d: %d of %d units to do (%d already done), %.2f h of audio", rank,
-                world_size, len(todo), len(assigned), len(assigned) - len(todo), todo_hours)
-    kill_after = os.environ.get(KILL_AFTER_UNITS_ENV)
-    kill_after_units = int(kill_after) if kill_after else None
-
-    front_end = LogMelFrontEnd(config, device)
-    progress = tqdm(total=todo_samples, unit="h", unit_scale=1.0 / (3600 * config.sample_rate_hz),
-                    desc=f"tiling rank {rank}/{world_size}", dynamic_ncols=True,
-                    disable=not show_progress or rank != 0,
-                    bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} h audio "
-                               "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
-    tiler = _SegmentTiler(plan, front_end, device, progress)
-    tiles_written = 0
-    try:
-        for done, unit in enumerate(todo):
-            die_midway = kill_after_units is not None and done >= kill_after_units
-            tiles_written += _process_unit(unit, plan, store_dir, tiler, die_midway)
-            progress.set_postfix(tiles=tiles_written, refresh=False)
-    finally:
-        progress.close()
-
-    finalized = all(unit_is_done(store_dir, unit.unit_id) for unit in plan.units)
-    n_tiles_total = finalize_store(store_dir)["n_tiles"] if finalized else None
-    if not finalized:
-        logger.info("rank %d: my units are done; another rank finalises the store", rank)
-    return TilingSummary(str(store_dir), rank, world_size, len(plan.units), len(assigned),
-                         len(assigned) - len(todo), len(todo), tiles_written,
+        finalized = run.all_units_done()
+        n_tiles_total = None
+        if finalized:
+            n_tiles_total = run.finalize(lambda: _merge_units(store_dir))["counts"]["n_tiles"]
+        else:
+            logger.info("rank %d: my units are done; another rank finalises the store", rank)
+    return TilingSummary(str(store_dir), rank, world_size, len(plan.units), len(run.assigned),
+                         len(run.assigned) - len(todo), len(todo), tiles_written,
                          todo_hours * 3600.0, time.perf_counter() - started, finalized,
                          n_tiles_total)
-
-
-@contextlib.contextmanager
-def finalize_lock(store_dir: Path) -> Iterator[None]:
-    """Serialise finalisation between processes (two ranks may finish together). An flock is
-    released by the kernel when its holder dies, so a killed finalise never blocks a rerun;
-    where the file system has no flock we go on without (the outputs are identical anyway)."""
-    with open(store_dir / FINALIZE_LOCK_FILE, "a") as lock:
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as error:
-            logger.warning("no file lock on %s (%s); finalising unlocked", store_dir, error)
-        yield
 
 
 def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:
@@ -782,28 +694,25 @@ def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:
 
     Streams the unit tables (flat memory), assigns tile_id in unit order, combines per-tile
     float64 dB means and variances into the global normalisation, and writes config.json last.
-    Raises RuntimeError while units are missing.
+    A finished store is left as it is. Raises StageError (a RuntimeError) while units are missing.
     """
     store_dir = Path(store_dir)
-    with finalize_lock(store_dir):
-        return _finalize_locked(store_dir)
+    with StageRun(store_dir, stage_plan(read_plan(store_dir)), work=False) as run:
+        return run.finalize(lambda: _merge_units(store_dir))["counts"]
 
 
-def _finalize_locked(store_dir: Path) -> dict[str, Any]:
-    plan = json.loads((store_dir / PLAN_FILE).read_text())
+def _merge_units(store_dir: Path) -> dict[str, Any]:
+    """Write index.parquet and skipped.parquet from the done units; returns config.json's fields."""
+    plan = read_plan(store_dir)
     n_units = int(plan["n_units"])
-    missing = [unit_id for unit_id in range(n_units) if not unit_is_done(store_dir, unit_id)]
-    if missing:
-        raise RuntimeError(f"{len(missing)} of {n_units} units are not done yet (first: "
-                           f"{missing[:5]}); run the remaining ranks before finalising")
     spectrogram = SpectrogramConfig.from_dict(plan["spectrogram"])
     tile_shape = (spectrogram.n_mels, spectrogram.n_frames)
 
-    index_tmp = store_dir / f"{INDEX_FILE}.{os.getpid()}.tmp"
     sum_means, sum_second_moments, n_tiles = 0.0, 0.0, 0
     pending: list[pa.Table] = []
     skipped_tables: list[pa.Table] = []
-    with pq.ParquetWriter(index_tmp, INDEX_SCHEMA) as writer:
+    with atomic_write(store_dir / INDEX_FILE) as index_tmp, \
+            pq.ParquetWriter(index_tmp, INDEX_SCHEMA) as writer:
         for unit_id in range(n_units):
             table = pq.read_table(unit_index_path(store_dir, unit_id), schema=UNIT_INDEX_SCHEMA)
             shape = _npy_shape(shard_path(store_dir, unit_id))
@@ -824,10 +733,10 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
                                                 schema=SKIPPED_SCHEMA))
         if pending or n_tiles == 0:
             writer.write_table(pa.concat_tables(pending) if pending else INDEX_SCHEMA.empty_table())
-    os.replace(index_tmp, store_dir / INDEX_FILE)
 
     skipped = pa.concat_tables(skipped_tables) if skipped_tables else SKIPPED_SCHEMA.empty_table()
-    _write_parquet_atomic(skipped, store_dir / SKIPPED_FILE)
+    with atomic_write(store_dir / SKIPPED_FILE) as skipped_tmp:
+        pq.write_table(skipped, skipped_tmp)
     reasons = skipped.column("reason").to_pylist()
     lost = skipped.column("n_tiles_lost").to_pylist()
     records_by_reason, lost_by_reason = Counter(reasons), Counter()
@@ -858,15 +767,14 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
         "skipped_records": len(reasons),
         "tiles_lost": int(sum(lost)),
     }
-    write_config_json(store_dir, STAGE, spectrogram, tiling=plan["tiling"],
-                      normalization={"mean": mean, "std": std, "unit": "dB",
-                                     "over": "all values of all tiles (float16 as stored)"},
-                      counts=summary, skip_reasons=SKIP_REASONS, fingerprint=plan["fingerprint"],
-                      layout={"shards": f"{UNITS_DIR}/unit-NNNNNN.npy", "index": INDEX_FILE,
-                              "skipped": SKIPPED_FILE})
     logger.info("finalised %s: %d tiles in %d units, %d skip records", store_dir, n_tiles,
                 n_units, len(reasons))
-    return summary
+    return dict(config=spectrogram, tiling=plan["tiling"],
+                normalization={"mean": mean, "std": std, "unit": "dB",
+                               "over": "all values of all tiles (float16 as stored)"},
+                counts=summary, skip_reasons=SKIP_REASONS, fingerprint=plan["fingerprint"],
+                layout={"shards": f"{UNITS_DIR}/unit-NNNNNN.npy", "index": INDEX_FILE,
+                        "skipped": SKIPPED_FILE})
 
 
 # ----------------------------------------------------------------------------------------------

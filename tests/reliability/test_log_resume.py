@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from soundscape_ssl.pretrain.train import TrainConfig, TrainData, config_from_dict, run
+from soundscape_ssl.core.config import config_from_mapping
+from soundscape_ssl.pretrain.train import TrainConfig, TrainData, run
 
 NORMALIZATION = {"mean": -60.0, "std": 12.0}
 
@@ -36,7 +37,7 @@ class _Tiles(Dataset):
 
 
 def tiny_config(out_dir: Path) -> TrainConfig:
-    return config_from_dict(TrainConfig, {
+    return config_from_mapping(TrainConfig, {
         "method": "mae", "store_dir": "in-memory", "out_dir": str(out_dir), "device": "cpu",
         "epochs": 2, "batch_size_per_gpu": 8, "num_workers": 0, "warmup_epochs": 1.0,
         "log_every": 2, "checkpoint_every_steps": 3, "base_lr": 1e-3, "cpu_threads": 1,

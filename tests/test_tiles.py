@@ -128,6 +128,8 @@ def test_tile_counts_and_timestamps_match_the_archive(archive, reference_store):
         assert (tiles["habitat"] == "canopy").all()
     config = json.loads((reference_store / "config.json").read_text())
     assert config["counts"]["n_tiles"] == 12
+    assert config["counts"]["padded_tiles"] == 1
+    assert config["counts"]["valid_audio_s"] == pytest.approx(11 * 3.0 + 1.5 - 1 / 44100)
     assert config["counts"]["skipped"] == {}
     assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.4 and 4 s files
     assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.4 + 1.0)

@@ -709,6 +709,7 @@ def _merge_units(store_dir: Path) -> dict[str, Any]:
     tile_shape = (spectrogram.n_mels, spectrogram.n_frames)
 
     sum_means, sum_second_moments, n_tiles = 0.0, 0.0, 0
+    valid_audio_s, n_padded = 0.0, 0
     pending: list[pa.Table] = []
     skipped_tables: list[pa.Table] = []
     with atomic_write(store_dir / INDEX_FILE) as index_tmp, \
@@ -723,6 +724,8 @@ def _merge_units(store_dir: Path) -> dict[str, Any]:
             stds = table.column("mel_std_db").to_numpy()
             sum_means += float(np.sum(means))
             sum_second_moments += float(np.sum(stds * stds + means * means))
+            valid_audio_s += float(np.sum(table.column("valid_s").to_numpy()))
+            n_padded += int(np.sum(table.column("padded").to_numpy()))
             tile_ids = pa.array(np.arange(n_tiles, n_tiles + table.num_rows, dtype=np.int64))
             pending.append(table.add_column(0, "tile_id", tile_ids))
             n_tiles += table.num_rows
@@ -759,7 +762,9 @@ def _merge_units(store_dir: Path) -> dict[str, Any]:
         "n_files": plan["n_files"],
         "n_tiles_planned": plan["n_tiles_planned"],
         "audio_s": plan["audio_s"],
-        "tiled_audio_s": n_tiles * spectrogram.tile_s,
+        "tiled_audio_s": n_tiles * spectrogram.tile_s,   # tile spans, padding and overlaps included
+        "valid_audio_s": valid_audio_s,                  # real audio in the tiles (overlaps counted twice)
+        "padded_tiles": n_padded,
         "files_without_tiles": plan["files_without_tiles"],
         "tail_remainders_dropped": plan["tail_remainders_dropped"],
         "tail_audio_dropped_s": plan["tail_audio_dropped_s"],

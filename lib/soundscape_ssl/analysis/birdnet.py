@@ -75,7 +75,8 @@ from tqdm.auto import tqdm
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.config import config_from_mapping
-from ..core.stage import StagePlan, StageRun, UnitOutput, atomic_write, read_plan, reserve_space
+from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_write, file_sha256, read_plan,
+                          reserve_space)
 from ..recordings.archive import probe_recording
 
 logger = logging.getLogger(__name__)
@@ -171,14 +172,6 @@ def load_labels(model_dir: str | None = None) -> tuple[str, ...]:
     if len(labels) != N_CLASSES:
         raise BirdNetUnavailable(f"expected {N_CLASSES} labels in {path / LABELS_FILE}, found {len(labels)}")
     return labels
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_provenance(model_dir: str | os.PathLike | None = None) -> dict[str, Any]:

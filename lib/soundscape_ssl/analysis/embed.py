@@ -107,7 +107,7 @@ from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable
 from ..core.stage import (StagePlan, StageRun, atomic_save_npy, atomic_write, atomic_write_text,
-                          reserve_space, resolve_device, resolve_rank)
+                          file_sha256, reserve_space, resolve_device, resolve_rank)
 from ..pretrain.pooling import parse_poolings
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
@@ -196,15 +196,6 @@ def resolve_compute(config: EmbedConfig) -> tuple[torch.device, str]:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return device, precision
-
-
-def file_sha256(path: str | os.PathLike, block_bytes: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,7 +86,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -100,6 +99,7 @@ from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
 from . import metrics
+from .spaces import checkpoint_names
 from .metrics import KnnConfig, SpaceScores
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, grid_windows, read_info
 from ..core.cli import CommandParser, run_command
@@ -570,23 +570,6 @@ def synthetic_call_windows(archive_dir: str | os.PathLike, window_s: float = 3.0
 # Output spaces
 
 
-def _checkpoint_names(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
-                      ) -> dict[str, Path]:
-    """Names for checkpoints: given, or the folder name (runs/X/pretrain/mae/checkpoint.pth ->
-    mae), made unique with a suffix."""
-    if isinstance(checkpoints, Mapping):
-        return {str(name): Path(path) for name, path in checkpoints.items()}
-    names: dict[str, Path] = {}
-    for path in map(Path, checkpoints):
-        base = path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "checkpoint"
-        name, n = base, 2
-        while name in names:
-            name, n = f"{base}_{n}", n + 1
-        names[name] = path
-    return names
-
-
 def check_checkpoints(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
                       config: ValidateConfig) -> dict[str, Path]:
     """Named checkpoints (`_checkpoint_names`), each verified before any work: it exists, is a
@@ -594,7 +577,7 @@ def check_checkpoints(checkpoints: Sequence[str | os.PathLike] | Mapping[str, st
     tiles. A requested space that cannot be scored is an error naming the path, never a skip."""
     from ..pretrain.checkpoint import load_checkpoint
 
-    named = _checkpoint_names(checkpoints)
+    named = checkpoint_names(checkpoints)
     for path in named.values():
         _check_window_length(load_checkpoint(path), path, config)
     return named
@@ -781,7 +764,7 @@ def run_validation(windows: pd.DataFrame, logmel_features: np.ndarray | None,
 
     candidates: dict[str, np.ndarray] = {}
     skipped_spaces: dict[str, str] = {}
-    for name, checkpoint in _checkpoint_names(checkpoints).items():
+    for name, checkpoint in checkpoint_names(checkpoints).items():
         try:
             for pooling, values in ssl_spaces(selected, checkpoint, out_dir / "ssl" / name, config).items():
                 candidates[space_key(f"ssl_{name}", pooling)] = values
@@ -892,7 +875,7 @@ def validate_labelled(labels: str | os.PathLike | pd.DataFrame, audio_dir: str |
     windows, logmel, unreadable = window_table(recordings, config)
     windows["selected"] = select_windows(windows, config)
     inputs = {"labels": labels if not isinstance(labels, pd.DataFrame) else "DataFrame",
-              "audio_dir": str(audio_dir), "checkpoints": _checkpoint_names(checkpoints)}
+              "audio_dir": str(audio_dir), "checkpoints": checkpoint_names(checkpoints)}
     inputs["group_by"] = config.group_by
     if config.metadata_csv:
         inputs["metadata_csv"] = config.metadata_csv
@@ -925,7 +908,7 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     windows["label"] = np.where(positions >= 0, calls["label"].to_numpy()[positions], None)
     windows["selected"] = positions >= 0
     selection = f"planted_calls_snr>={min_snr_db:g}dB"
-    inputs = {"archive_dir": str(archive_dir), "checkpoints": _checkpoint_names(checkpoints),
+    inputs = {"archive_dir": str(archive_dir), "checkpoints": checkpoint_names(checkpoints),
               "min_snr_db": min_snr_db, "group_by": group_by}
     return run_validation(windows, logmel, checkpoints, out_dir, config, selection, skipped, inputs,
                           grouping=group_by)

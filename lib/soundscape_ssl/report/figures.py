@@ -64,9 +64,16 @@ def run_label_of(figures_dir: str | os.PathLike) -> str:
     return figures_dir.parent.name if figures_dir.name == "figures" else figures_dir.name
 
 
-def _wrapped(text: str, width_in: float) -> str:
+def _titled(title: str, stamp: str, width_in: float) -> str:
+    """`title · stamp` on one line when it fits the width, else the stamp on a line of its own;
+    a title longer than the width is wrapped."""
     width_chars = max(30, int(width_in * TITLE_CHARS_PER_INCH))
-    return "\n".join(textwrap.fill(line, width_chars) for line in text.splitlines())
+    lines = [wrapped for line in title.splitlines() for wrapped in textwrap.wrap(line, width_chars) or [""]]
+    if lines and len(lines[-1]) + len(stamp) + 5 <= width_chars:
+        lines[-1] = f"{lines[-1]}  ·  {stamp}"
+    else:
+        lines.append(stamp)
+    return "\n".join(line for line in lines if line)
 
 
 def stamp_run(figure: Figure, run_label: str) -> str:
@@ -82,9 +89,9 @@ def stamp_run(figure: Figure, run_label: str) -> str:
         axes = titled[0]
         if stamp not in axes.get_title():
             width_in = figure.get_size_inches()[0] * axes.get_position().width
-            axes.set_title(_wrapped(f"{axes.get_title()}  ·  {stamp}", width_in))
+            axes.set_title(_titled(axes.get_title(), stamp, width_in))
         return axes.get_title()
-    text = _wrapped(f"{title}  ·  {stamp}" if title else stamp, figure.get_size_inches()[0])
+    text = _titled(title, stamp, figure.get_size_inches()[0])
     # The suptitle is one of the figure's texts: change its words, keep its size and place.
     existing = [t for t in figure.texts if title and t.get_text() == title]
     if existing:

@@ -8,6 +8,7 @@ Each function returns a `matplotlib.figure.Figure` (no pyplot state), saved with
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,8 +49,8 @@ def plot_knn_accuracy(scores: pd.DataFrame, chance: float | None = None,
         axes.legend(loc="lower right", fontsize=8)
     axes.set_yticks(positions, knn["space"] + " · " + knn["pooling"])
     first = knn.iloc[0]
-    axes.set_xlabel(f"kNN accuracy, folds grouped by {first['grouping']}\n"
-                    f"{first['interval_level']:.0%} {first['interval_method']}", fontsize=8)
+    interval = textwrap.fill(f"{first['interval_level']:.0%} {first['interval_method']}", 80)
+    axes.set_xlabel(f"kNN accuracy, folds grouped by {first['grouping']}\n{interval}", fontsize=8)
     axes.set_xlim(0, 1)
     figure.suptitle(title, fontsize=10)
     return figure

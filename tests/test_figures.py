@@ -28,6 +28,10 @@ def test_saving_twice_gives_the_same_bytes_without_version_or_date(tmp_path) -> 
         assert one.read_bytes() == other.read_bytes(), one.name
     png, pdf = first
     assert b"Software" not in png.read_bytes() and b"Matplotlib" not in png.read_bytes()
+    from PIL import Image
+
+    with Image.open(png) as image:                            # 256-colour palette, 150 dpi
+        assert (image.mode, image.size) == ("P", (750, 450)) and len(image.getcolors()) <= 256
     assert b"CreationDate" not in pdf.read_bytes()
     assert json.loads((png.with_suffix(".json")).read_text()) == {"name": "map", "title": "a map  ·  run r1",
                                                                  "run": "r1"}

@@ -27,12 +27,15 @@ differs in a few bytes; FLAC clips and the thumbnails are the same bytes on ever
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,7 +46,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
-from ..core.stage import StagePlan, StageRun, atomic_write_text
+from ..core.stage import StagePlan, StageRun, atomic_write_text, torch_threads
 from ..tiles.spectrogram import SpectrogramConfig
 from ..tiles.store import TileStore
 from .tile_plots import TileThumbnails
@@ -228,9 +231,36 @@ def _merge(out_dir: Path, n_units: int, config: ClipConfig, run: StageRun) -> di
     return {"config": config, "n_tiles": len(table), "n_clips": len(table) - n_lost, "n_lost": n_lost}
 
 
+def _write_units(run: StageRun, units: list[pd.DataFrame], store: TileStore, config: ClipConfig, threads: int,
+                 show_progress: bool) -> None:
+    """This run's units on `threads` threads, each with its own store reader and thumbnail figure
+    (neither is shared between threads). Decoding, resampling, encoding and the PNG and disk work
+    release the GIL, so two threads use two cores for most of a unit; torch gets one thread each."""
+    local = threading.local()
+    failed = threading.Event()     # after a failure no further unit starts; the ones in flight finish
+
+    def write(unit_id: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            if not hasattr(local, "thumbnails"):
+                local.store = copy.copy(store)      # a fresh shard cache (TileStore.__getstate__)
+                local.thumbnails = TileThumbnails(store.config, dpi=config.thumbnail_dpi)
+            _write_unit(run, unit_id, units[unit_id], local.store, config, local.thumbnails)
+        except BaseException:
+            failed.set()
+            raise
+
+    with torch_threads(1), ThreadPoolExecutor(max_workers=threads) as pool, \
+            tqdm(total=len(run.todo), desc="report clips", unit="recording", disable=not show_progress) as bar:
+        for _ in pool.map(write, run.todo):
+            bar.update()
+
+
 def cut_clips(store_dir: str | os.PathLike, tile_ids: Sequence[int], out_dir: str | os.PathLike,
-              config: ClipConfig | None = None, show_progress: bool = True) -> pd.DataFrame:
-    """Clips and thumbnails of `tile_ids` into `out_dir` (module docstring); returns clips.csv.
+              config: ClipConfig | None = None, show_progress: bool = True, threads: int = 2) -> pd.DataFrame:
+    """Clips and thumbnails of `tile_ids` into `out_dir` (module docstring) on `threads` threads;
+    returns clips.csv. The files do not depend on `threads`.
 
     Resumable: finished units are kept and verified, the rest redone. A folder started for other
     tiles, another store or other settings is refused (`core.stage.PlanMismatchError`)."""
@@ -250,9 +280,7 @@ def cut_clips(store_dir: str | os.PathLike, tile_ids: Sequence[int], out_dir: st
     with StageRun(out_dir, plan, rank=0, world_size=1) as run:
         if not run.finished:
             (out_dir / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
-            thumbnails = TileThumbnails(store.config, dpi=config.thumbnail_dpi)
-            for unit_id in tqdm(run.todo, desc="report clips", unit="recording", disable=not show_progress):
-                _write_unit(run, unit_id, units[unit_id], store, config, thumbnails)
+            _write_units(run, units, store, config, max(1, threads), show_progress)
             run.finalize(lambda: _merge(out_dir, len(units), config, run))
     table = pd.read_csv(out_dir / TABLE_FILE, keep_default_na=False, na_values={"peak_dbfs": [""], "gain_db": [""]})
     n_lost = int((table["clip"] == "").sum())

@@ -62,14 +62,15 @@ class ReportConfig:
     central_tiles: int = 6     # tiles per cluster shown and heard, nearest the centroid first
     overview_tiles: int = 3    # of them, shown per cluster on the overview page
     top_shares: int = 6        # species / planted labels listed per cluster
+    threads: int = 2           # threads cutting clips and drawing thumbnails (the files do not depend on it)
     clips: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
         if self.central_tiles < 1 or not 1 <= self.overview_tiles <= self.central_tiles:
             raise ValueError("need central_tiles >= 1 and 1 <= overview_tiles <= central_tiles, got "
                              f"{self.central_tiles} and {self.overview_tiles}")
-        if self.top_shares < 1:
-            raise ValueError(f"top_shares must be >= 1, got {self.top_shares}")
+        if self.top_shares < 1 or self.threads < 1:
+            raise ValueError(f"top_shares and threads must be >= 1, got {self.top_shares} and {self.threads}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,11 +430,11 @@ def cluster_infos(run_dir: Path, space: str, manifest: dict[str, Any], config: R
     wanted = sorted({int(t) for rows in central.values() for t in rows})
     clips_dir = report_dir / CLIPS_DIR
     try:
-        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress=show_progress)
+        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress, config.threads)
     except PlanMismatchError as error:   # clips of an earlier clustering or other settings: derived, redone
         logger.warning("redoing the report's clips: %s", error)
         shutil.rmtree(clips_dir)
-        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress=show_progress)
+        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress, config.threads)
     clips = clips.set_index("tile_id")
 
     verdicts = pd.DataFrame()

@@ -234,18 +234,29 @@ def test_trains_on_a_real_tile_store(tmp_path: Path) -> None:
     assert checkpoint["normalization"] == pytest.approx(TileStore(store_dir).normalization)
 
 
-def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Path) -> None:
+def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Path, monkeypatch) -> None:
     from soundscape_ssl.tiles.store import remove_band_background
 
     data = train.with_background_removal(tiny_tile_data("in-memory"), "band_median")
     assert data.normalization == {**NORMALIZATION, "background": "band_median"}
     plain = _RandomTiles()
-    for index in (0, 5):
-        assert torch.equal(data.dataset[index], remove_band_background(plain[index]))
+    for index in (0, 5):   # the data stay as stored; each augmented view gets the removal
+        assert torch.equal(data.dataset[index], plain[index])
     assert train.with_background_removal(tiny_tile_data("in-memory"), "none").normalization == NORMALIZATION
 
+    seen = []
+    original = train.build_method
+
+    def recording_build_method(config, normalization, *args):
+        seen.append(normalization)
+        return original(config, normalization, *args)
+
+    monkeypatch.setattr(train, "build_method", recording_build_method)
     run(_tiny_config(tmp_path, "vicreg", max_steps=2, background_removal="band_median"),
         data_factory=tiny_tile_data)
+    assert seen[0].background == "band_median"
+    tile = plain[0][None]
+    torch.testing.assert_close(seen[0].model_input(tile), remove_band_background(tile))
     assert _load(tmp_path / "checkpoint.pth")["normalization"] == {**NORMALIZATION, "background": "band_median"}
     with pytest.raises(ValueError, match="background_removal must be one of"):
         _tiny_config(tmp_path, background_removal="median").validate()

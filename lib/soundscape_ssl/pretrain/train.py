@@ -108,7 +108,8 @@ class TrainConfig:
     collapse_patience: int = 3  # consecutive log records showing collapse before stopping
     cpu_threads: int | None = None  # torch intra-op threads per process; None = torch's default
     # "band_median": the model sees each tile minus its mel bands' medians, floored at 0 (see
-    # tiles.remove_band_background); recorded in the checkpoint so every inference path does the same.
+    # tiles.store.remove_background), applied to each view after mixing and gain, on the whole tile;
+    # recorded in the checkpoint so every inference path does the same.
     background_removal: str = "none"
 
     def method_config(self) -> DinoConfig | MaeConfig | VicregConfig:
@@ -276,29 +277,16 @@ class TrainData:
     spectrogram_config: dict[str, Any] | None  # the tile store's SpectrogramConfig as a dict
 
 
-class BackgroundRemoved(Dataset):
-    """Items of a dataset of normalised tiles with `tiles.remove_band_background` applied."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from ..tiles.store import remove_band_background
-
-        return remove_band_background(self.dataset[index])
-
-
 def with_background_removal(data: TrainData, background: str) -> TrainData:
-    """`data` as the model sees it under `background` removal; the checkpoint records it."""
+    """`data` with `background` recorded in its normalisation: the methods apply it to each
+    augmented view (`augment.Normalization.model_input`), and the checkpoint carries it so that
+    every inference path (`tiles.store.normalize_tiles`) makes the same input."""
     from ..tiles.store import input_normalization
 
     if background == "none":
         return data
     normalization = input_normalization(data.normalization or {"mean": 0.0, "std": 1.0}, background)
-    return TrainData(BackgroundRemoved(data.dataset), normalization, data.spectrogram_config)
+    return TrainData(data.dataset, normalization, data.spectrogram_config)
 
 
 def tile_store_data(store_dir: str) -> TrainData:
@@ -393,7 +381,7 @@ def build_method(config: TrainConfig, normalization: Normalization, total_steps:
     if config.method == "dino":
         return DinoMethod(config.model, config.dino, config.augment, normalization, total_steps, steps_per_epoch)
     if config.method == "mae":
-        return MaeMethod(config.model, config.mae)
+        return MaeMethod(config.model, config.mae, normalization)
     return VicregMethod(config.model, config.vicreg, config.augment, normalization)
 
 
@@ -542,7 +530,8 @@ class _Trainer:
         if data.normalization is None:
             logger.warning("the dataset states no normalisation: augmentations treat tile values as dB")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.method = build_method(config, Normalization(normalization["mean"], normalization["std"]),
+        self.method = build_method(config, Normalization(normalization["mean"], normalization["std"],
+                                                         normalization.get("background") or "none"),
                                    self.total_steps, self.steps_per_epoch).to(device)
         if context.distributed and device.type == "cuda":
             # VICReg's expander normalises over the global batch, as in its reference code (no-op for DINO/MAE).

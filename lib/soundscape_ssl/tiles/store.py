@@ -255,19 +255,27 @@ def normalize_tiles(tiles: np.ndarray | torch.Tensor,
     else:
         tensor = tiles.to(torch.float32)
     tensor = (tensor - normalization["mean"]) / normalization["std"]
-    background = normalization.get("background") or "none"
+    return remove_background(tensor, normalization.get("background") or "none")
+
+
+def remove_background(tiles: torch.Tensor, background: str) -> torch.Tensor:
+    """Normalised whole tiles (..., n_mels, n_frames) -> the model's input under `background`.
+
+    The one place a background removal is applied: `normalize_tiles` (every inference path) and
+    training's views (`pretrain.augment.Normalization.model_input`) both call it, on whole tiles.
+    """
     if background == "band_median":
-        return remove_band_background(tensor)
+        return remove_band_background(tiles)
     if background != "none":
         raise ValueError(f"background removal must be one of {BACKGROUND_REMOVALS}, got {background!r}")
-    return tensor
+    return tiles
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Training view of a store: item i is a float32 tensor (1, n_mels, n_frames).
 
-    Normalised with the store's global mean/std (dB) when `normalize` is true (training adds a
-    background removal on top when configured: `train.with_background_removal`).
+    Normalised with the store's global mean/std (dB) when `normalize` is true. Training applies the
+    configured background removal to each augmented view (`pretrain.augment.augmented_views`).
     """
 
     def __init__(self, store_dir: str | os.PathLike, normalize: bool = True) -> None:

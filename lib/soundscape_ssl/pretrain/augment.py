@@ -80,7 +80,8 @@ class Normalization:
         every inference path makes it (`tiles.store.normalize_tiles`)."""
         from ..tiles.store import remove_background
 
-        return remove_background(tiles, self.background)
+        return remove_background(tiles, {"mean": self.mean_db, "std": self.std_db,
+                                         "background": self.background})
 
 
 def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ is file order (by relpath) then time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -199,7 +200,15 @@ class TileStore:
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 # What `normalize_tiles` does after (x - mean) / std; recorded in every checkpoint's normalisation.
-BACKGROUND_REMOVALS = ("none", "band_median")
+BACKGROUND_REMOVALS = ("none", "band_median", "pcen")
+# PCEN (per-channel energy normalisation, Wang et al. 2017; Lostanlen et al. 2019) on the stored
+# log-mel power: a smoother with a 0.4 s time constant (34 frames of a 3 s, 256-frame tile, the
+# librosa default), gain exponent 0.98, bias 2 and root 0.5 (librosa's defaults).
+PCEN_TIME_CONSTANT_FRAMES = 34.0
+PCEN_GAIN = 0.98
+PCEN_BIAS = 2.0
+PCEN_POWER = 0.5
+PCEN_EPS = 1e-12
 
 
 def band_median(tiles: ArrayOrTensor) -> ArrayOrTensor:
@@ -255,20 +264,52 @@ def normalize_tiles(tiles: np.ndarray | torch.Tensor,
     else:
         tensor = tiles.to(torch.float32)
     tensor = (tensor - normalization["mean"]) / normalization["std"]
-    return remove_background(tensor, normalization.get("background") or "none")
+    return remove_background(tensor, normalization)
 
 
-def remove_background(tiles: torch.Tensor, background: str) -> torch.Tensor:
-    """Normalised whole tiles (..., n_mels, n_frames) -> the model's input under `background`.
+def remove_background(tiles: torch.Tensor, normalization: Mapping[str, Any]) -> torch.Tensor:
+    """Normalised whole tiles (..., n_mels, n_frames) -> the model's input under
+    `normalization["background"]` (absent = "none"); `mean`/`std` give the dB scale PCEN needs.
 
     The one place a background removal is applied: `normalize_tiles` (every inference path) and
     training's views (`pretrain.augment.Normalization.model_input`) both call it, on whole tiles.
     """
+    background = normalization.get("background") or "none"
     if background == "band_median":
         return remove_band_background(tiles)
+    if background == "pcen":
+        return pcen(tiles * normalization["std"])   # dB relative to the archive's mean level
     if background != "none":
         raise ValueError(f"background removal must be one of {BACKGROUND_REMOVALS}, got {background!r}")
     return tiles
+
+
+def pcen(tiles_db: torch.Tensor) -> torch.Tensor:
+    """PCEN of log-mel tiles (..., n_mels, n_frames) in dB relative to a reference level (the
+    model input uses the archive's mean level), shifted so a steady band at the reference gives 0.
+
+    E = 10^(dB/10); M is E smoothed along time by a one-pole filter whose state starts at the
+    band's median power (so the tile's first frames need no warm-up); the output is
+    (E / (eps + M)^0.98 + 2)^0.5 - 2^0.5 - ((1 + 2)^0.5 - 2^0.5): a sound's ratio to its band's
+    recent level, compressed. A steady band gives E / M^0.98 = E^0.02, i.e. 0 at the reference
+    level and within 0.1 of 0 for 25 dB either side, like `remove_band_background`'s floor.
+    Computed in float64 as a closed-form cumulative sum (no per-frame loop); float32 out.
+    """
+    power = torch.pow(10.0, tiles_db.to(torch.float64) / 10.0)
+    n_frames = power.shape[-1]
+    t = PCEN_TIME_CONSTANT_FRAMES
+    smoothing = (math.sqrt(1.0 + 4.0 * t * t) - 1.0) / (2.0 * t * t)   # librosa's b for hop 1
+    keep = 1.0 - smoothing
+    steps = torch.arange(n_frames, dtype=torch.float64, device=power.device)
+    # M[k] = keep^(k+1) M0 + smoothing * sum_{j<=k} keep^(k-j) E[j]
+    decay = keep ** steps
+    start = band_median(power)
+    smoothed = (keep * decay * start
+                + smoothing * decay * torch.cumsum(power / decay, dim=-1))
+    ratio = power / (PCEN_EPS + smoothed) ** PCEN_GAIN
+    compressed = (ratio + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
+    steady = (1.0 + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
+    return (compressed - steady).to(torch.float32)
 
 
 class TileDataset(torch.utils.data.Dataset):

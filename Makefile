@@ -6,7 +6,7 @@ PROFILE ?= demo
 RUN_ID ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab clean-runs
+.PHONY: setup demo test lab bench clean-runs
 
 # The stamp is rebuilt whenever pyproject.toml changes, so a `git pull` that adds a
 # dependency reinstalls on the next make.
@@ -26,6 +26,34 @@ test: setup
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The `bench` extra (librosa, scikit-maad: the baselines the benchmarks measure against).
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --disable-pip-version-check -e ".[test,bench]"
+	touch $@
+
+# `make bench` runs every script in benchmarks/ at a small size (about two minutes on 2 CPU
+# cores; each prints its JSON line). `make bench BENCH_QUICK=` runs them at their own default
+# sizes (what their docstrings report); BENCH_DEVICE=cuda measures on the GPU.
+BENCH_QUICK ?= 1
+BENCH_DEVICE ?= cpu
+BENCHMARKS := $(sort $(basename $(notdir $(wildcard benchmarks/*.py))))
+BENCH_ARGS_birdnet := --windows 8 --batch-size 4 --repeats 1 --baseline-windows 4 --archive-windows 8 --file-s 12
+BENCH_ARGS_cluster := --n-rows 5000 --dims 64 --components 10 --n-clusters 10 --fit-subsample 2000 \
+	--repeats 1 --umap-rows 2000 --umap-subsample 500 --umap-repeats 1
+BENCH_ARGS_embed := --base-tiles 40 --copies 2 --repeats 1 --model-batches 2 --batch-size 16 \
+	--chunk-tiles 32 --num-workers 1
+BENCH_ARGS_inventory := --n-files 500 --n-recorders 5 --baseline-files 100 --threads 1,2 --repeats 1 --modes warm
+BENCH_ARGS_pretrain := --model vit_tiny --depth 2 --batch-size 4 --dino-out-dim 1024 --local-crops 2 \
+	--steps 2 --repeats 1 --loader-batches 2 --matmul-size 256
+BENCH_ARGS_tiling := --minutes 1 --file-s 30 --repeats 1 --png-repeats 1 --png-minutes 0.25 --skip-memory
+BENCH_DEVICE_ARGS_embed := --device $(BENCH_DEVICE)
+BENCH_DEVICE_ARGS_pretrain := --device $(BENCH_DEVICE)
+BENCH_DEVICE_ARGS_tiling := --device $(BENCH_DEVICE)
+
+bench: $(VENV)/.bench-installed
+	$(foreach name,$(BENCHMARKS),$(PY) benchmarks/$(name).py $(BENCH_DEVICE_ARGS_$(name)) \
+		$(if $(BENCH_QUICK),$(BENCH_ARGS_$(name))) && ) true
 
 clean-runs:
 	rm -rf runs/

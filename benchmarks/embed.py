@@ -58,7 +58,8 @@ from soundscape_ssl.core.provenance import package_versions  # noqa: E402
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig  # noqa: E402
 from soundscape_ssl.tiles.store import (PLAN_FILE, TileStore, shard_path, unit_index_path,  # noqa: E402
                                   unit_skipped_path)
-from soundscape_ssl.tiles.tiling import TilingConfig, finalize_store, tile_archive  # noqa: E402
+from soundscape_ssl.tiles.tiling import TilingConfig, finalize_store, stage_plan, tile_archive  # noqa: E402
+from soundscape_ssl.core.stage import StageRun  # noqa: E402
 
 logging.getLogger("soundscape_ssl").setLevel(logging.WARNING)
 
@@ -100,27 +101,29 @@ def build_base_store(work: Path, n_tiles: int, config: SpectrogramConfig, device
 
 
 def replicate_store(base: Path, target: Path, copies: int) -> Path:
-    """`copies` x the base store's units (shards hard-linked, unit tables renumbered), finalised."""
+    """`copies` x the base store's units (shards hard-linked, unit tables renumbered), finalised.
+
+    The units are committed through the stage runner, so the copy has its done markers."""
     plan = json.loads((base / PLAN_FILE).read_text())
     n_units = int(plan["n_units"])
-    (target / "units").mkdir(parents=True, exist_ok=True)
-    for copy in range(copies):
-        for unit in range(n_units):
-            new_unit = copy * n_units + unit
-            os.link(shard_path(base, unit), shard_path(target, new_unit))
-            index = pq.read_table(unit_index_path(base, unit))
-            shard = index.schema.get_field_index("shard")
-            index = index.set_column(shard, "shard", pa.array(np.full(index.num_rows, new_unit, np.int32)))
-            pq.write_table(index, unit_index_path(target, new_unit))
-            skipped = pq.read_table(unit_skipped_path(base, unit))
-            column = skipped.schema.get_field_index("unit")
-            skipped = skipped.set_column(column, "unit",
-                                         pa.array(np.full(skipped.num_rows, new_unit, np.int32)))
-            pq.write_table(skipped, unit_skipped_path(target, new_unit))
     plan.update(n_units=n_units * copies, n_files=plan["n_files"] * copies,
                 n_tiles_planned=plan["n_tiles_planned"] * copies, audio_s=plan["audio_s"] * copies,
                 fingerprint=f"{plan['fingerprint']}-x{copies}")
-    (target / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    with StageRun(target, stage_plan(plan), rank=0, world_size=1) as run:
+        for new_unit in run.todo:
+            unit = new_unit % n_units
+            with run.unit(new_unit) as out:
+                os.link(shard_path(base, unit), out.output(shard_path(target, new_unit)))
+                index = pq.read_table(unit_index_path(base, unit))
+                shard = index.schema.get_field_index("shard")
+                index = index.set_column(shard, "shard",
+                                         pa.array(np.full(index.num_rows, new_unit, np.int32)))
+                skipped = pq.read_table(unit_skipped_path(base, unit))
+                column = skipped.schema.get_field_index("unit")
+                skipped = skipped.set_column(column, "unit",
+                                             pa.array(np.full(skipped.num_rows, new_unit, np.int32)))
+                pq.write_table(skipped, out.output(unit_skipped_path(target, new_unit)))
+                pq.write_table(index, out.output(unit_index_path(target, new_unit)))
     finalize_store(target)
     return target
 

@@ -170,8 +170,14 @@ def test_mp3_read_from_its_header_and_checked_for_truncation(tmp_path, caplog):
     assert pd.isna(row["bit_depth"])
     assert row["frames"] == sf.info(str(path)).frames == 16000  # exact: LAME writes a Xing header
     assert row["recorder"] == "S4A00001"
-    cut = quarantined(inventory, "rec/cut.mp3")
-    assert cut["reason"] == "truncated" and "about 50% of the audio" in cut["detail"]
+    # Cut in half: listed with the frames that decode (what every stage reads) and a note.
+    cut = file_row(inventory, "rec/cut.mp3")
+    decoded = len(sf.read(rec / "cut.mp3", dtype="float32")[0])
+    assert 0.3 * 16000 < decoded < 0.6 * 16000           # about half (LAME pads its first frames)
+    assert (cut["frames"], cut["duration_s"]) == (decoded, decoded / 8000)
+    assert cut["damage"] == "truncated" and "about 50% of the audio" in cut["damage_detail"]
+    assert f"{decoded} frames ({decoded / 8000:.3f} s) are readable" in cut["damage_detail"]
+    assert pd.isna(row["damage"])
     assert file_row(inventory, "rec/no_xing.mp3")["frames"] > 0
     assert "1 MP3 files have no Xing/Info/VBRI header" in caplog.text
 
@@ -216,7 +222,7 @@ def bad_archive(tmp_path) -> Path:
     write(rec / "notes.flac", b"field notes, not audio\n" * 20)
     write(rec / "notes.mp3", b"field notes, not audio\n" * 20)
     write(rec / "movie.wav", b"RIFF" + struct.pack("<I", 100) + b"AVI " + bytes(100))
-    # data chunk claims 1600 B, the file holds 600 B of them: 300 frames usable
+    # data chunk claims 1600 B, the file holds 600 B of them: 300 frames readable (listed)
     write(rec / "cut.wav", wav_bytes(fmt_pcm(), riff_chunk(b"data", pcm[:600], size=1600)))
     # header only, data size 0
     write(rec / "header_only.wav", wav_bytes(fmt_pcm(), riff_chunk(b"data", b"")))
@@ -252,38 +258,55 @@ EXPECTED_REASONS = {
     "REC01/notes.flac": "not_audio",
     "REC01/notes.mp3": "not_audio",
     "REC01/movie.wav": "not_audio",
-    "REC01/cut.wav": "truncated",
     "REC01/header_only.wav": "no_frames",
     "REC01/claims_only.wav": "no_frames",
-    "REC01/unfinalised.wav": "truncated",
-    "REC01/unfinalised_zero.wav": "truncated",
+    "REC01/unfinalised_zero.wav": "truncated",   # libsndfile reads a data size of 0 as empty
     "REC01/no_fmt.wav": "bad_header",
     "REC01/zero_channels.wav": "bad_header",
     "REC01/unpadded.wav": "bad_header",
     "REC01/mpeg_in_wav.wav": "unsupported_format",
-    "REC01/cut.flac": "truncated",
     "REC01/dangling.wav": "unreadable",
 }
+# Cut short but readable up to the break: listed with their readable frames and a damage note.
+DAMAGED = ("REC01/cut.flac", "REC01/cut.wav", "REC01/unfinalised.wav")
 
 
 def test_every_bad_file_is_quarantined_with_its_reason(bad_archive):
     inventory = scan(bad_archive)
-    assert list(inventory.files["relpath"]) == ["REC01/good.wav"]
+    assert list(inventory.files["relpath"]) == sorted(("REC01/good.wav",) + DAMAGED)
     got = dict(zip(inventory.quarantine["relpath"], inventory.quarantine["reason"]))
     assert got == EXPECTED_REASONS
     assert set(got.values()) <= set(QUARANTINE_REASONS)
     assert list(inventory.quarantine["relpath"]) == sorted(EXPECTED_REASONS)
     details = dict(zip(inventory.quarantine["relpath"], inventory.quarantine["detail"]))
-    assert "only 300 frames (0.037 s) are present" in details["REC01/cut.wav"]
-    assert "claims 800 frames" in details["REC01/cut.wav"]
-    assert "0xFFFFFFFF" in details["REC01/unfinalised.wav"]
-    assert "only 800 frames" in details["REC01/unfinalised.wav"]
-    assert "only 800 frames" in details["REC01/unfinalised_zero.wav"]
+    assert "800 frames (0.100 s) are present" in details["REC01/unfinalised_zero.wav"]
+    assert "no frame of it can be decoded" in details["REC01/unfinalised_zero.wav"]
     assert "0x0055" in details["REC01/mpeg_in_wav.wav"]
     assert "broken symbolic link" in details["REC01/dangling.wav"]
     sizes = dict(zip(inventory.quarantine["relpath"], inventory.quarantine["bytes"]))
     assert sizes["REC01/empty.wav"] == 0
     assert sizes["REC01/random.wav"] == 4096
+
+
+def test_files_cut_short_are_listed_with_their_readable_frames(bad_archive):
+    """A truncated WAV, an unfinalised one and a FLAC missing its second half are read up to the
+    break by every stage: listed with the frames really there and a note, not quarantined."""
+    inventory = scan(bad_archive)
+    files = inventory.files.set_index("relpath")
+    assert pd.isna(files.loc["REC01/good.wav", "damage"])
+    assert (files.loc[list(DAMAGED), "damage"] == "truncated").all()
+    cut, unfinalised = files.loc["REC01/cut.wav"], files.loc["REC01/unfinalised.wav"]
+    assert (cut["frames"], cut["duration_s"]) == (300, 300 / 8000)
+    assert cut["damage_detail"] == ("data chunk claims 800 frames (0.100 s) but only 300 frames "
+                                    "(0.037 s) are present; read up to the break: 300 frames "
+                                    "(0.037 s) are readable")
+    assert unfinalised["frames"] == 800 and "0xFFFFFFFF" in unfinalised["damage_detail"]
+    assert sf.info(str(bad_archive / "REC01" / "cut.wav")).frames == 300    # libsndfile agrees
+    flac = files.loc["REC01/cut.flac"]
+    assert 30000 < flac["frames"] < 45000 and flac["format"] == "FLAC"    # of 80000
+    assert "last frame cannot be decoded" in flac["damage_detail"]
+    with sf.SoundFile(str(bad_archive / "REC01" / "cut.flac")) as handle:   # those frames decode
+        assert len(handle.read(int(flac["frames"]), dtype="float32")) == flac["frames"]
 
 
 def test_unreadable_file_is_quarantined_not_raised(bad_archive, monkeypatch):
@@ -296,7 +319,7 @@ def test_unreadable_file_is_quarantined_not_raised(bad_archive, monkeypatch):
 
     monkeypatch.setattr(archive, "_open_for_reading", refuse_good)
     inventory = scan(bad_archive)
-    assert inventory.files.empty
+    assert list(inventory.files["relpath"]) == list(DAMAGED)
     row = quarantined(inventory, "REC01/good.wav")
     assert row["reason"] == "unreadable"
     assert "Permission denied" in row["detail"]
@@ -390,8 +413,9 @@ def test_save_and_load_round_trip(bad_archive, tmp_path_factory):
     assert loaded.config == inventory.config
     payload = json.loads((out_dir / "config.json").read_text())
     assert payload["stage"] == "inventory"
-    assert payload["n_files"] == 1 and payload["n_quarantined"] == len(EXPECTED_REASONS)
-    assert payload["quarantine_reasons"]["truncated"] == 4
+    assert payload["n_files"] == 1 + len(DAMAGED) and payload["n_damaged"] == len(DAMAGED)
+    assert payload["n_quarantined"] == len(EXPECTED_REASONS)
+    assert payload["quarantine_reasons"]["truncated"] == 1
 
 
 # --------------------------------------------------------------------------- real recordings

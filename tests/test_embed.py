@@ -34,9 +34,10 @@ BACKBONE = BackboneConfig(arch="vit_tiny", depth=2, embed_dim=32, num_heads=2, n
 EMBED_DIM = 32
 # Chunks of 5 tiles cut across the store's shards of 7 tiles; batches of 2 across neither.
 CPU_CONFIG = EmbedConfig(batch_size=2, chunk_tiles=5, device="cpu", num_workers=0)
-# (relative path, sample rate, seconds, seed): whole tiles 9 + 7 + 6 = 22.
+# (relative path, sample rate, seconds, seed): whole tiles 9 + 7 + 6 = 22; the tails (0.4 s,
+# 0.2 s) are under half a tile, so the window rule adds no padded tile.
 ARCHIVE_FILES = (("R1/R1_20210524_050000.wav", 16000, 9.0, 1),
-                 ("R1/R1_20210524_050010.wav", 22050, 7.5, 2),
+                 ("R1/R1_20210524_050010.wav", 22050, 7.4, 2),
                  ("R2/R2_20210524_050000.wav", 44100, 6.2, 3))
 
 
@@ -197,11 +198,13 @@ def test_an_interrupted_run_resumes_to_the_same_arrays(store, checkpoint, refere
     assert sorted(p.name for p in (out / "chunks").glob("*.npy")) == [
         "chunk-000000.npy", "chunk-000001.npy"]
     assert not (out / "config.json").exists()
-    (out / "chunks" / "chunk-000002.npy.12345.tmp").write_bytes(b"half a chunk")  # a killed write
+    stale = out / "chunks" / ".chunk-000002.npy.0123abcd.999999999@elsewhere.tmp"
+    stale.write_bytes(b"half a chunk")           # the temporary file of a killed writer
 
     resumed = embed_store(store[1], checkpoint, out, CPU_CONFIG, show_progress=False)
     assert (resumed.chunks_already_done, resumed.chunks_written, resumed.tiles_embedded) == (2, 3, 12)
     assert resumed.finished and array_bytes(out) == array_bytes(reference)
+    assert not stale.exists() and not (out / "chunks").exists()
 
     finished = embed_store(store[1], checkpoint, out, CPU_CONFIG, show_progress=False)
     assert (finished.chunks_written, finished.tiles_embedded, finished.finished) == (0, 0, True)
@@ -235,9 +238,7 @@ def test_store_command_line(store, checkpoint, reference, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["finished"] and summary["n_tiles"] == 22 and summary["tiles_embedded"] == 22
     assert array_bytes(out) == array_bytes(reference)
-    with pytest.raises(SystemExit) as exit_info:
-        main(arguments + ["--pooling", "max"])
-    assert exit_info.value.code == 2
+    assert main(arguments + ["--pooling", "max"]) == 2  # a usage error: one line, exit 2
 
 
 def test_a_folder_refuses_a_different_plan(store, checkpoint, reference, tmp_path):
@@ -309,7 +310,8 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
     write_wav(clips / "a_short_16k.wav", short, 16000)
     by_hand = np.concatenate([short, np.zeros(6400, np.float32)])       # to 1.0 s
     write_wav(clips / "b_short_padded_by_hand_16k.wav", by_hand, 16000)
-    write_wav(clips / "c_stereo_48k.wav", np.stack([soundscape(0.4, 48000, 8)] * 2, axis=1), 48000)
+    write_wav(clips / "c_stereo_48k.wav", np.stack([soundscape(0.7, 48000, 8)] * 2, axis=1), 48000)
+    write_wav(clips / "c_shorter_than_half_16k.wav", soundscape(0.4, 16000, 13), 16000)   # < half a tile: kept, the first
     write_wav(clips / "sub" / "d_8k.wav", soundscape(2.2, 8000, 9), 8000)
     with_nan = soundscape(4.0, 16000, 10)
     with_nan[40000] = np.nan                                   # at 2.5 s: span [2, 3) is lost
@@ -329,16 +331,18 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
 
     assert list(rows.columns) == ["row", "path", "relpath", "offset_s", "valid_s", "padded"]
     per_file = {relpath: group for relpath, group in rows.groupby("relpath", sort=False)}
-    # Every span from 0 s until one reaches the end; the last is padded when the audio ends inside it.
+    # The window rule: every span from 0 s; one that runs past the end is padded and kept when
+    # at least half of it (0.5 s) is audio, or when it is the file's first.
     expected_spans = {
         "a_short_16k.wav": ([0.0], [0.6]),
+        "c_shorter_than_half_16k.wav": ([0.0], [0.4]),
         "b_short_padded_by_hand_16k.wav": ([0.0], [1.0]),
-        "c_stereo_48k.wav": ([0.0], [0.4]),
-        "sub/d_8k.wav": ([0.0, 1.0, 2.0], [1.0, 1.0, 0.2]),
+        "c_stereo_48k.wav": ([0.0], [0.7]),
+        "sub/d_8k.wav": ([0.0, 1.0], [1.0, 1.0]),
         "e_nan_float_16k.wav": ([0.0, 1.0, 3.0], [1.0, 1.0, 1.0]),
         "R1/R1_20210524_050000.wav": (list(np.arange(9.0)), [1.0] * 9),
-        "R1/R1_20210524_050010.wav": (list(np.arange(8.0)), [1.0] * 7 + [0.5]),
-        "R2/R2_20210524_050000.wav": (list(np.arange(7.0)), [1.0] * 6 + [0.2]),
+        "R1/R1_20210524_050010.wav": (list(np.arange(7.0)), [1.0] * 7),
+        "R2/R2_20210524_050000.wav": (list(np.arange(6.0)), [1.0] * 6),
     }
     assert set(per_file) == set(expected_spans)
     for relpath, (offsets, valid) in expected_spans.items():
@@ -346,14 +350,15 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
         np.testing.assert_allclose(group["offset_s"], offsets, err_msg=relpath)
         np.testing.assert_allclose(group["valid_s"], valid, atol=1e-9, err_msg=relpath)
         assert (group["padded"] == (np.asarray(valid) < 1.0)).all(), relpath
-    assert (rows["row"] == np.arange(len(rows))).all() and len(rows) == 33
+    assert (rows["row"] == np.arange(len(rows))).all() and len(rows) == 31
     assert rows["path"].is_monotonic_increasing                     # files in path order
-    assert embeddings.shape == cls.shape == (33, EMBED_DIM) and np.isfinite(embeddings).all()
-    assert summary["n_rows"] == 33 and summary["n_padded_rows"] == 5
+    assert embeddings.shape == cls.shape == (31, EMBED_DIM) and np.isfinite(embeddings).all()
+    assert summary["n_rows"] == 31 and summary["n_padded_rows"] == 3
 
+    # Bad files get the inventory's reasons (g_broken.wav: a RIFF header with a 14 B fmt chunk).
     reasons = dict(zip(skipped["relpath"], skipped["reason"]))
-    assert reasons == {"e_nan_float_16k.wav": "non_finite_samples", "f_7k.wav": "unsupported_sample_rate",
-                       "g_broken.wav": "unreadable"}
+    assert reasons == {"e_nan_float_16k.wav": "non_finite_samples",
+                       "f_7k.wav": "unsupported_sample_rate", "g_broken.wav": "bad_header"}
     nan_skip = skipped[skipped["reason"] == "non_finite_samples"].iloc[0]
     assert (nan_skip["offset_s"], nan_skip["n_spans_lost"]) == (2.0, 1)
 
@@ -378,7 +383,7 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
     record = json.loads((tmp_path / "out" / "EMB.json").read_text())
     assert record["arrays"]["mean"]["file"] == "EMB.npy" and record["arrays"]["cls"]["file"] == "EMB.cls.npy"
     assert record["checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert record["counts"]["files"] == 10
+    assert record["counts"]["files"] == 11
 
 
 class _FailingSoundFile(sf.SoundFile):
@@ -395,17 +400,18 @@ class _FailingSoundFile(sf.SoundFile):
 def test_a_decoder_error_keeps_the_spans_before_it(checkpoint, tmp_path, monkeypatch):
     path = write_wav(tmp_path / "long.wav", soundscape(130.0, 16000, 12), 16000)
     monkeypatch.setattr(_FailingSoundFile, "fail_after_frames", 16000 * 70)
-    monkeypatch.setattr(embed_module.sf, "SoundFile", _FailingSoundFile)
+    monkeypatch.setattr(sf, "SoundFile", _FailingSoundFile)
     summary = embed_audio_files([path], checkpoint, tmp_path / "EMB.npy",
                                 EmbedConfig(pooling="cls", device="cpu", batch_size=64),
                                 show_progress=False)
     rows = pd.read_csv(tmp_path / "EMB.csv")
     skipped = pd.read_csv(tmp_path / "EMB.skipped.csv")
-    # The first decode block (60 s of spans and the resampler context) decodes; the next fails.
-    assert summary.n_rows == 60 and np.load(tmp_path / "EMB.npy").shape == (60, EMBED_DIM)
-    np.testing.assert_allclose(rows["offset_s"], np.arange(60.0))
+    # The first decode block (60 s) decodes; the second fails and is retried in 1 s pieces
+    # (one tile hop), which keep everything before the fault at 70 s.
+    assert summary.n_rows == 70 and np.load(tmp_path / "EMB.npy").shape == (70, EMBED_DIM)
+    np.testing.assert_allclose(rows["offset_s"], np.arange(70.0))
     assert not (tmp_path / "EMB.cls.npy").exists()
-    assert skipped[["reason", "offset_s", "n_spans_lost"]].values.tolist() == [["decode_error", 60.0, 70]]
+    assert skipped[["reason", "offset_s", "n_spans_lost"]].values.tolist() == [["decode_error", 70.0, 60]]
 
 
 @pytest.mark.realdata
@@ -432,13 +438,15 @@ def test_audio_command_on_real_recorder_files_and_labelled_mp3s(tmp_path):
     assert pd.read_csv(tmp_path / "EMB.skipped.csv").empty
     embeddings = np.load(out)
     assert embeddings.shape == (len(rows), 32) and np.isfinite(embeddings).all()
-    for path in recordings:                      # WAVs: exact lengths, every 3 s span
-        duration_s = sf.info(path).duration
+    rule = SpectrogramConfig().window_rule
+    for path in recordings:                      # WAVs: exact lengths, the rule's 3 s spans
+        info = sf.info(path)
+        grid = rule.grid(info.frames, info.samplerate)
         ours = rows[rows["relpath"] == path.name]
-        assert len(ours) == int(np.ceil(duration_s / 3.0 - 1e-9))
-        np.testing.assert_allclose(ours["valid_s"].sum(), duration_s, atol=1e-4)
+        assert ours["offset_s"].tolist() == grid.offset_s.tolist()
+        np.testing.assert_allclose(ours["valid_s"], grid.valid_s, atol=1e-9)
     for path in clips:                           # MP3s: spans every 3 s up to the decoded end
         ours = rows[rows["relpath"] == path.name]
         assert len(ours) > 1
         np.testing.assert_allclose(ours["offset_s"], 3.0 * np.arange(len(ours)))
-        assert (ours["valid_s"].iloc[:-1] == 3.0).all() and 0 < ours["valid_s"].iloc[-1] <= 3.0
+        assert (ours["valid_s"].iloc[:-1] == 3.0).all() and 1.5 <= ours["valid_s"].iloc[-1] <= 3.0

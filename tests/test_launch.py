@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from soundscape_ssl.core.config import ConfigError
 from soundscape_ssl.pretrain import launch
 from soundscape_ssl.report import training_report
 
@@ -62,3 +63,55 @@ def test_training_log_keeps_the_latest_record_per_step_and_skips_cut_lines(tmp_p
     assert bool(summary.loc[0, "loss_fell"]) and summary.loc[0, "steps"] == 20
     figure = training_report.plot_training_curves({"dino": table})
     assert len(figure.axes) == 3
+
+
+SHARED_SETTINGS = {"store_dir": "/tiles", "epochs": 3, "model": {"arch": "vit_tiny", "depth": 2},
+                   "dino": {"out_dim": 512}}
+
+
+def test_write_train_configs_lays_each_methods_overrides_over_the_shared_settings(tmp_path) -> None:
+    paths = launch.write_train_configs(tmp_path, ["dino", "vicreg"], SHARED_SETTINGS, {
+        "vicreg": {"epochs": 5, "model": {"depth": 1}, "vicreg": {"pooling": "band"}},
+        "mae": {"epochs": 9}})
+    dino, vicreg = (json.loads(paths[m].read_text()) for m in ("dino", "vicreg"))
+    assert paths["dino"] == tmp_path / "dino" / "train_config.json"
+    assert (dino["method"], dino["out_dir"], dino["epochs"], dino["dino"]["out_dim"]) == \
+        ("dino", str(tmp_path / "dino"), 3, 512)
+    assert vicreg["epochs"] == 5 and vicreg["vicreg"]["pooling"] == "band"
+    assert vicreg["model"]["arch"] == "vit_tiny" and vicreg["model"]["depth"] == 1  # merged, not replaced
+    assert dino["model"]["depth"] == 2
+    assert not (tmp_path / "mae").exists()  # overrides of a method not run are checked, not written
+
+
+@pytest.mark.parametrize("methods, overrides, message", [
+    (["dinoo"], {}, "unknown key 'dinoo' in methods: did you mean 'dino'?"),
+    (["dino"], {"byol": {}}, "unknown key 'byol' in method_overrides; valid keys: dino, mae, vicreg"),
+    (["dino", "vicreg"], {"vicreg": {"vicreg": {"crop_frame": 96}}},
+     "unknown key 'crop_frame' in method_overrides.vicreg.vicreg: did you mean 'crop_frames'?"),
+    (["dino"], {"dino": {"epochs": "many"}}, "wrong type for key 'epochs' in method_overrides.dino"),
+])
+def test_write_train_configs_refuses_bad_settings_before_writing_any(tmp_path, methods, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("?", "\\?")):
+        launch.write_train_configs(tmp_path, methods, SHARED_SETTINGS, overrides)
+    assert not any(tmp_path.iterdir())
+
+
+def test_write_train_configs_validates_every_config_before_writing_any(tmp_path) -> None:
+    # dino is fine; vicreg's crop is longer than the tile: nothing may be written.
+    with pytest.raises(ValueError, match="crop_frames"):
+        launch.write_train_configs(tmp_path, ["dino", "vicreg"], SHARED_SETTINGS,
+                                   {"vicreg": {"vicreg": {"crop_frames": 999}}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_training_environment_fixes_threads_on_cpu_only(monkeypatch) -> None:
+    import torch
+
+    cpu = launch.cpu_training_environment(3)
+    assert cpu["OMP_NUM_THREADS"] == "3" and cpu["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert launch.training_environment("cpu", 3) == cpu
+    assert launch.training_environment("cuda", 3) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.training_environment("auto", 3) == cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launch.training_environment("auto", 3) == {}

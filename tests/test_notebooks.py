@@ -53,3 +53,25 @@ def test_smoke_run_of_every_notebook(tmp_path: Path) -> None:
     figures = {p.name for p in (run_dir / "figures").iterdir()}
     assert "01_coverage_recorder_by_day.png" in figures and "01_coverage_recorder_by_day.pdf" in figures
     assert (run_dir / "inventory" / "files.parquet").is_file()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_parses_cleanly_with_papermill(path: Path, caplog) -> None:
+    """papermill's own inspection (`papermill --help-notebook`) reads every parameter: the same
+    names, defaults (so types) and comments as the driver's parser; nothing is dropped or misread."""
+    import ast
+    import logging
+
+    import papermill
+
+    from soundscape_ssl.pipeline.runner import read_parameters
+
+    ours = read_parameters(path)
+    with caplog.at_level(logging.WARNING):
+        theirs = papermill.inspect_notebook(str(path))
+    assert not [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert list(theirs) == list(ours)
+    for name, parameter in ours.items():
+        default = ast.literal_eval(theirs[name]["default"])
+        assert default == parameter.default and type(default) is type(parameter.default), name
+        assert theirs[name]["help"] == parameter.comment, name

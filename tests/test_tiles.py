@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from soundscape_ssl.tiles.spectrogram import SpectrogramConfig, waveform_to_tiles
+from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 from soundscape_ssl.tiles.store import TileDataset, TileStore, TileStream
-from soundscape_ssl.tiles.tiling import (KILL_AFTER_UNITS_ENV, TilingConfig, finalize_store, main,
-                                   plan_tiling, resolve_rank, tile_archive)
+from soundscape_ssl.core.stage import KILL_AT_WRITE_ENV, resolve_rank
+from soundscape_ssl.tiles.tiling import TilingConfig, finalize_store, main, plan_tiling, tile_archive
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SOUNDSCAPES = REPO.parent / "shared" / "data" / "soundscapes"
@@ -61,10 +61,15 @@ def inventory(root: Path, paths: list[Path], habitat: str | None = "canopy") -> 
 
 
 def expected_tiles(frames: int, rate_hz: int, config: SpectrogramConfig = CONFIG) -> int:
-    """Whole tiles, from exact rational seconds (independent of the implementation's integers)."""
+    """Tiles by the window rule, from exact rational seconds (independent of the implementation's
+    integers): tile k starts before the end and holds at least half a tile of audio, or is the
+    file's first."""
     duration = Fraction(frames, rate_hz)
     tile, hop = Fraction(config.tile_s), Fraction(config.tile_hop_s)
-    return 0 if duration < tile else int((duration - tile) // hop) + 1
+    k = 0
+    while k * hop < duration and (k == 0 or duration - k * hop >= tile / 2):
+        k += 1
+    return k
 
 
 def store_files(store: Path) -> dict[str, bytes]:
@@ -74,13 +79,15 @@ def store_files(store: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
-    """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time."""
+    """Three recorders, 22.05-48 kHz, lengths on and off tile boundaries, a name without time.
+    Every tail is shorter than half a tile (padded tails: test_audio.py); the file shorter than
+    half a tile gives its one, padded, first tile."""
     root = tmp_path_factory.mktemp("archive")
     specs = [  # relpath stem, seconds, rate
         ("R2/R2_20190522_000000", 10.0, 22050),
         ("R1/R1_20190524_053000", 9.0, 44100),
-        ("R1/R1_20190524_060000", 3.0 - 1 / 44100, 44100),   # one frame short of a tile
-        ("R1/R1_20190524_063000", 7.7, 44100),
+        ("R1/R1_20190524_060000", 1.5 - 1 / 44100, 44100),   # one frame short of half a tile: one padded tile
+        ("R1/R1_20190524_063000", 7.4, 44100),
         ("R1/unnamed", 6.0, 32000),
         ("R3/R3_20190601_120000", 4.0, 48000),
     ]
@@ -97,7 +104,7 @@ def reference_store(archive, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("reference") / "tiles"
     summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, rank=0, world_size=1,
                            show_progress=False)
-    assert summary.finalized and summary.n_tiles_total == 11
+    assert summary.finalized and summary.n_tiles_total == 12
     return store
 
 
@@ -120,28 +127,55 @@ def test_tile_counts_and_timestamps_match_the_archive(archive, reference_store):
         assert (tiles["recorder"] == file["recorder"]).all()
         assert (tiles["habitat"] == "canopy").all()
     config = json.loads((reference_store / "config.json").read_text())
-    assert config["counts"]["n_tiles"] == 11
-    assert config["counts"]["skipped"] == {"shorter_than_tile": {"records": 1, "tiles_lost": 0}}
-    assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.7 and 4 s files
-    assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.7 + 1.0)
+    assert config["counts"]["n_tiles"] == 12
+    assert config["counts"]["padded_tiles"] == 1
+    assert config["counts"]["valid_audio_s"] == pytest.approx(11 * 3.0 + 1.5 - 1 / 44100)
+    assert config["counts"]["skipped"] == {}
+    assert config["counts"]["tail_remainders_dropped"] == 3       # 10, 7.4 and 4 s files
+    assert config["counts"]["tail_audio_dropped_s"] == pytest.approx(1.0 + 1.4 + 1.0)
+    index = TileStore(reference_store).index
+    short = index["relpath"] == "R1/R1_20190524_060000.wav"       # its one, padded, first tile
+    assert index.loc[short, "valid_s"].tolist() == pytest.approx([1.5 - 1 / 44100])
+    assert index["padded"].tolist() == short.tolist() and (index.loc[~short, "valid_s"] == 3.0).all()
     assert SpectrogramConfig.from_dict(config["config"]) == CONFIG
 
 
-def test_stored_tiles_equal_tiling_the_decoded_file(archive, reference_store):
-    """Streaming in 1.3 s decode blocks and 2-tile units gives the tiles of the whole signal."""
+def test_stored_tiles_equal_tiling_the_decoded_file(archive, reference_store, reference_tiles):
+    """Streaming in 1.3 s decode blocks and 2-tile units gives the tiles of the whole signal
+    resampled at once, to the bit (float16 as stored)."""
     _, files = archive
     store = TileStore(reference_store)
     for _, file in files.iterrows():
         samples, rate = sf.read(file["path"], dtype="float32")
-        expected, _ = waveform_to_tiles(samples, rate)
+        expected, _ = reference_tiles(samples, rate)
+        expected = expected.astype(np.float16)
         rows = np.flatnonzero(store.index["relpath"].to_numpy() == file["relpath"])
-        stored = np.stack([store[int(i)] for i in rows]) if len(rows) else \
-            expected[:0].astype(np.float16)
+        stored = np.stack([store[int(i)] for i in rows]) if len(rows) else expected[:0]
         assert stored.dtype == np.float16 and stored.shape == expected.shape
-        np.testing.assert_allclose(stored.astype(np.float32), expected, atol=0.05)
+        assert stored.tobytes() == expected.tobytes(), file["relpath"]
 
 
-def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path):
+def test_whole_tiles_of_a_whole_tile_file_are_the_known_answer(tmp_path, reference_tiles):
+    """The demo's case: a 60 s, 44.1 kHz file is exactly 20 tiles. However the work is cut
+    (decode blocks of 60 s, or 1.3 s across 7-tile units), every tile is the front end applied to
+    the whole file resampled at once, byte for byte: the window rule and the reader change no
+    whole tile (none is padded)."""
+    path = write_wav(tmp_path / "R1" / "R1_20240524_050000.wav", noise(60.0, 44100, 5), 44100)
+    files = inventory(tmp_path, [path])
+    samples, rate = sf.read(path, dtype="float32")
+    expected, grid = reference_tiles(samples, rate)
+    assert len(expected) == 20 and not grid.padded.any()
+    for name, tiling in (("default", TilingConfig()),
+                         ("small", TilingConfig(unit_max_tiles=7, decode_block_s=1.3))):
+        tile_archive(files, tmp_path / name, tiling=tiling, show_progress=False)
+        store = TileStore(tmp_path / name)
+        assert store.index["offset_s"].tolist() == [3.0 * k for k in range(20)]
+        assert (store.index["valid_s"] == 3.0).all() and not store.index["padded"].any()
+        stored = store.read_range(0, 20)
+        assert stored.tobytes() == expected.astype(np.float16).tobytes(), name
+
+
+def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path, reference_tiles):
     """Hop 1.5 s < tile 3 s: tiles straddle decode blocks and still equal in-memory tiling."""
     _, files = archive
     config = SpectrogramConfig(tile_hop_s=1.5)
@@ -153,12 +187,14 @@ def test_overlapping_tiles_carry_audio_across_decode_blocks(archive, tmp_path):
     assert tiles.config == config
     for _, file in files.iterrows():
         samples, rate = sf.read(file["path"], dtype="float32")
-        expected, offsets = waveform_to_tiles(samples, rate, config)
+        expected, grid = reference_tiles(samples, rate, config)
         rows = np.flatnonzero(tiles.index["relpath"].to_numpy() == file["relpath"])
         assert len(rows) == expected_tiles(file["frames"], rate, config)
-        assert tiles.index["offset_s"].to_numpy()[rows].tolist() == offsets.tolist()
+        assert tiles.index["offset_s"].to_numpy()[rows].tolist() == grid.offset_s.tolist()
+        np.testing.assert_array_equal(tiles.index["valid_s"].to_numpy()[rows],
+                                      grid.valid_s.astype(np.float32))
         for row, tile in zip(rows, expected):
-            np.testing.assert_allclose(tiles[int(row)].astype(np.float32), tile, atol=0.05)
+            assert tiles[int(row)].tobytes() == tile.astype(np.float16).tobytes()
 
 
 def test_readers_give_random_access_streaming_and_normalised_tensors(reference_store):
@@ -182,7 +218,7 @@ def test_readers_give_random_access_streaming_and_normalised_tensors(reference_s
     assert sum(len(batch) for batch in loader) == len(dataset)
 
     batches = list(TileStream(reference_store, batch_size=3, normalize=False))
-    assert [len(b.tile_ids) for b in batches] == [3, 3, 3, 2]
+    assert [len(b.tile_ids) for b in batches] == [3, 3, 3, 3]
     assert np.concatenate([b.tile_ids for b in batches]).tolist() == list(range(len(store)))
     assert torch.equal(batches[1].tiles[0, 0], torch.from_numpy(store[3].astype(np.float32)))
     halves = [np.concatenate([b.tile_ids for b in TileStream(reference_store, batch_size=4,
@@ -209,13 +245,15 @@ def test_killed_run_resumes_to_a_byte_identical_store(archive, reference_store, 
     files_parquet = tmp_path / "files.parquet"
     archive[1].to_parquet(files_parquet)
     store = tmp_path / "tiles"
-    killed = _run_tiling_process(files_parquet, store, {KILL_AFTER_UNITS_ENV: "2"})
+    # Writes: plan.json, then per unit its shard, skip table, tile index and done marker. After
+    # 1 + 2 * 4 writes the process dies renaming unit 2's shard: mid-unit.
+    killed = _run_tiling_process(files_parquet, store, {KILL_AT_WRITE_ENV: "9"})
     _, stderr = killed.communicate(timeout=120)
     assert killed.returncode == -9, stderr
     assert not (store / "config.json").exists()
-    done = sorted(p.name for p in (store / "units").glob("unit-*[0-9].parquet"))
-    assert done == ["unit-000000.parquet", "unit-000001.parquet"]
-    assert (store / "units" / "unit-000002.npy.tmp").exists()       # died mid-unit
+    done = sorted(p.name for p in (store / "units").glob("unit-*.done"))
+    assert done == ["unit-000000.done", "unit-000001.done"]
+    assert len(list((store / "units").glob(".unit-000002.npy.*.tmp"))) == 1   # died mid-unit
 
     summary = tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False,
                            rank=0, world_size=1)
@@ -267,7 +305,7 @@ def test_rank_comes_from_the_torchrun_environment(monkeypatch):
 
 def test_work_units_do_not_depend_on_world_size(archive):
     plan = plan_tiling(archive[1], CONFIG, SMALL_UNITS)
-    assert [unit.n_tiles for unit in plan.units] == [2, 2, 2, 2, 2, 1]
+    assert [unit.n_tiles for unit in plan.units] == [2, 2, 2, 2, 2, 2]
     for world_size in (1, 2, 3, 7):
         shares = [plan.units_for_rank(r, world_size) for r in range(world_size)]
         assert sorted(u.unit_id for share in shares for u in share) == list(range(6))
@@ -276,7 +314,7 @@ def test_work_units_do_not_depend_on_world_size(archive):
 def test_a_store_refuses_a_different_plan(archive, reference_store, tmp_path):
     store = tmp_path / "tiles"
     tile_archive(archive[1].iloc[:2], store, tiling=SMALL_UNITS, show_progress=False)
-    with pytest.raises(ValueError, match="different inventory or config"):
+    with pytest.raises(ValueError, match=r"a tile store of a different plan .*n_files: 2 -> 6"):
         tile_archive(archive[1], store, tiling=SMALL_UNITS, show_progress=False)
 
 
@@ -321,7 +359,8 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, pd.DataFrame, Path]:
     return root, files, paths
 
 
-def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, tmp_path):
+def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, tmp_path,
+                                                                   reference_tiles):
     root, files, paths = bad_corpus
     store = tmp_path / "tiles"
     summary = tile_archive(files, store, show_progress=False, rank=0, world_size=1)
@@ -337,7 +376,7 @@ def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, t
 
     assert reasons("zero") == ["unreadable"]
     assert reasons("header_only") == ["no_frames"]
-    assert reasons("short") == ["shorter_than_tile"]
+    assert reasons("short") == [] and offsets("short") == [0.0]   # 1 s: its padded first tile
     assert reasons("4k") == ["unsupported_sample_rate"]
     assert reasons("changed") == ["header_mismatch"] and offsets("changed") == []
     assert offsets("truncated") == [0.0, 3.0] and reasons("truncated") == ["truncated"]
@@ -353,7 +392,7 @@ def test_bad_audio_is_skipped_with_reasons_and_good_tiles_are_kept(bad_corpus, t
     assert len(flac_kept) + flac_lost["n_tiles_lost"].sum() == 10
     # kept tiles are the real audio, e.g. the stereo file's channel mean
     stereo, _ = sf.read(paths["stereo"], dtype="float32")
-    expected, _ = waveform_to_tiles(stereo.mean(axis=1), 44100)
+    expected, _ = reference_tiles(stereo, 44100)
     row = int(index.index[index["path"] == str(paths["stereo"])][0])
     np.testing.assert_allclose(tiles[row].astype(np.float32), expected[0], atol=0.05)
     assert np.isfinite(np.stack([tiles[i] for i in range(len(tiles))]).astype(np.float32)).all()
@@ -373,7 +412,7 @@ def test_command_line_tiles_an_inventory_and_finalises(archive, reference_store,
     assert main(["--inventory", str(inventory_dir), "--out", str(store), "--no-progress",
                  "--unit-max-tiles", "2", "--decode-block-s", "1.3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n_tiles_total"] == 11
+    assert summary["n_tiles_total"] == 12
     assert main(["--out", str(store), "--finalize-only"]) == 0
     assert store_files(store) == store_files(reference_store)
 

@@ -23,12 +23,12 @@ from soundscape_ssl.pretrain.train import (
     StopRequested,
     TrainConfig,
     TrainData,
-    config_from_dict,
     load_config,
     main,
-    parse_overrides,
     run,
 )
+from soundscape_ssl.core.cli import UsageError
+from soundscape_ssl.core.config import ConfigError, config_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 N_TILES = 48  # 6 steps per epoch at 8 tiles per step
@@ -107,7 +107,7 @@ def _tiny_settings(out_dir: Path, method: str = "dino", **top_level) -> dict:
 
 
 def _tiny_config(out_dir: Path, method: str = "dino", **top_level) -> TrainConfig:
-    return config_from_dict(TrainConfig, _tiny_settings(out_dir, method, **top_level))
+    return config_from_mapping(TrainConfig, _tiny_settings(out_dir, method, **top_level))
 
 
 def _load(path: Path) -> dict:
@@ -133,28 +133,31 @@ def _assert_same_state(a, b, where: str = "") -> None:
 # -- configuration ------------------------------------------------------------------------------
 
 
-def test_config_file_plus_overrides(tmp_path: Path) -> None:
+def test_config_file_plus_flags(tmp_path: Path) -> None:
     path = tmp_path / "pretrain.yaml"
     path.write_text("method: mae\nstore_dir: runs/r/tiles\nout_dir: runs/r/pretrain/mae\n"
                     "mae:\n  mask_ratio: 0.6\nmodel:\n  arch: vit_tiny\n")
-    config = load_config(path, ["--mae.masking", "time", "--base_lr=1e-4", "--adam_betas", "[0.9, 0.95]",
-                                "--max_steps", "null", "--compile", "true", "--model.depth", "4"])
+    config = load_config(path, ["--mae.masking", "time", "--base-lr=1e-4", "--adam-betas", "0.9", "0.95",
+                                "--max-steps", "none", "--compile", "true", "--model.depth", "4"])
     assert config.method == "mae" and config.mae.mask_ratio == 0.6 and config.mae.masking == "time"
     assert config.base_lr == 1e-4 and isinstance(config.base_lr, float)
     assert config.adam_betas == (0.9, 0.95) and config.max_steps is None and config.compile is True
     assert config.model.arch == "vit_tiny" and config.model.depth == 4
-    assert parse_overrides(["--dino.out-dim", "4096"]) == {"dino": {"out_dim": 4096}}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--dino.outdim", "4"], "unknown config key.*dino.outdim"),
-    (["--epochs", "many"], "epochs must be an integer"),
-    (["--compile", "1"], "compile must be true or false"),
-    (["--epochs"], "needs a value"),
-])
-def test_bad_config_is_explained(overrides: list[str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        load_config(None, ["--store_dir", "s", "--out_dir", "o", *overrides])
+@pytest.mark.parametrize("flags", [["--dino.outdim", "4"], ["--epochs", "many"], ["--compile", "1"],
+                                   ["--epochs"], ["--adam-betas", "0.9"]])
+def test_bad_flags_are_usage_errors(flags: list[str]) -> None:
+    with pytest.raises(UsageError, match=flags[0]):
+        load_config(None, ["--store-dir", "s", "--out-dir", "o", *flags])
+
+
+def test_bad_config_file_names_the_key_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("store_dir: s\nout_dir: o\ndino:\n  out_dimm: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'out_dimm' in TrainConfig \(.*pretrain.yaml and "
+                                          r"flags\)\.dino: did you mean 'out_dim'\?"):
+        load_config(path)
 
 
 def test_config_validation(tmp_path: Path) -> None:
@@ -399,7 +402,7 @@ def test_non_finite_loss_stops_with_exit_code_3(tmp_path: Path) -> None:
     assert main(["--config", str(_write_config(tmp_path / "c.json", settings))]) == train.EXIT_NON_FINITE_LOSS
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
-        run(config_from_dict(TrainConfig, settings))
+        run(config_from_mapping(TrainConfig, settings))
 
 
 def test_dino_uniform_collapse_stops_with_exit_code_4(tmp_path: Path) -> None:
@@ -409,14 +412,14 @@ def test_dino_uniform_collapse_stops_with_exit_code_4(tmp_path: Path) -> None:
     settings["dino"].update(teacher_temp=100.0, warmup_teacher_temp=100.0)
     assert main(["--config", str(_write_config(tmp_path / "c.json", settings))]) == train.EXIT_COLLAPSE
     with pytest.raises(CollapseDetectedError, match="uniform distribution"):
-        run(config_from_dict(TrainConfig, settings))
+        run(config_from_mapping(TrainConfig, settings))
     stopped = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])
     assert stopped["event"] == "stopped" and stopped["step"] == 2
 
 
 def test_bad_config_exits_with_code_2(tmp_path: Path) -> None:
     path = _write_config(tmp_path / "c.json", _tiny_settings(tmp_path / "out"))
-    assert main(["--config", str(path), "--no_such_key", "1"]) == train.EXIT_CONFIG_ERROR
+    assert main(["--config", str(path), "--no-such-key", "1"]) == train.EXIT_CONFIG_ERROR
     assert main(["--config", str(path), "--method", "byol"]) == train.EXIT_CONFIG_ERROR
 
 
@@ -432,7 +435,7 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
            "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "soundscape_ssl.pretrain.train", "--config", str(config_path), "--max_steps", "2"],
+         "-m", "soundscape_ssl.pretrain.train", "--config", str(config_path), "--max-steps", "2"],
         env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     checkpoint = _load(tmp_path / "out" / "checkpoint.pth")

@@ -139,20 +139,26 @@ def tone_recording(sample_rate_hz: int, seconds: float, loud_windows: dict[int, 
 
 
 def test_top_k_energy_ranks_windows_by_in_band_energy(tmp_path):
-    # 16.5 s: five whole windows, the last 1.5 s is no window. Window 3 holds the loudest tone,
-    # window 1 a quieter one, window 4 loud rumble below the band (must not rank high).
-    path = write_wav(tmp_path / "a.wav", tone_recording(22050, 16.5, {3: 0.3, 1: 0.05}, 3000.0, 0,
-                                                        rumble_windows=(4,)), 22050)
+    # 16.5 s: five whole windows and a padded one (1.5 s of audio, half a window: kept by the
+    # window rule, listed, never scored). Window 3 holds the loudest tone of the whole windows,
+    # window 1 a quieter one, window 4 loud rumble below the band (must not rank high); the
+    # padded window 5 is louder still and takes no rank.
+    path = write_wav(tmp_path / "a.wav", tone_recording(22050, 16.5, {3: 0.3, 1: 0.05, 5: 0.6},
+                                                        3000.0, 0, rumble_windows=(4,)), 22050)
     recordings = pd.DataFrame({"recording": ["a.wav"], "path": [str(path)], "label": ["x"],
                                "group": ["a.wav"]})
     config = ValidateConfig(window_selection="top_k_energy", top_k=2, **QUICK)
     windows, logmel, skipped = window_table(recordings, config)
 
-    assert windows["offset_s"].tolist() == [0.0, 3.0, 6.0, 9.0, 12.0]
+    assert windows["offset_s"].tolist() == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]
+    assert windows["valid_s"].tolist() == [3.0] * 5 + [1.5]
+    assert windows["padded"].tolist() == [False] * 5 + [True]
+    assert windows["in_band_db"].idxmax() == 5 and pd.isna(windows["energy_rank"].iloc[5])
     assert windows.set_index("offset_s")["energy_rank"].loc[[9.0, 3.0]].tolist() == [1, 2]
     assert windows["offset_s"][select_windows(windows, config)].tolist() == [3.0, 9.0]
-    assert select_windows(windows, ValidateConfig(window_selection="all", **QUICK)).all()
-    assert logmel.shape == (5, 2 * 128) and np.isfinite(logmel).all() and skipped.empty
+    assert select_windows(windows, ValidateConfig(window_selection="all", **QUICK)).tolist() == \
+        [True] * 5 + [False]
+    assert logmel.shape == (6, 2 * 128) and np.isfinite(logmel).all() and skipped.empty
 
 
 def test_synthetic_call_windows_from_annotations(tmp_path):
@@ -202,6 +208,68 @@ def test_recording_groups_from_the_labels_table_or_metadata_and_their_errors(tmp
         by(group_by="site", metadata_csv=str(metadata))
     with pytest.raises(ValueError, match="group_by"):
         ValidateConfig(group_by="recordist+")
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels files: paths stay inside the audio folder, one label per file
+
+
+def labels_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """audio/ with a.wav and b.wav, and outside.wav beside the folder."""
+    audio = tmp_path / "audio"
+    for name in ("a.wav", "b.wav"):
+        write_wav(audio / name, np.zeros(8000), 8000)
+    write_wav(tmp_path / "outside.wav", np.zeros(8000), 8000)
+    return audio, tmp_path / "outside.wav"
+
+
+def write_labels(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(path, index=False)
+    return path
+
+
+def test_labels_may_not_name_files_outside_the_audio_folder(tmp_path):
+    """Defect 17.7: `../`, absolute paths and symbolic links leading out of --audio-dir were
+    opened. Each is refused, naming its line, unless allow_outside_paths."""
+    from soundscape_ssl.analysis.validate import read_labelled_recordings
+
+    audio, outside = labels_folder(tmp_path)
+    (audio / "link.wav").symlink_to(outside)
+    config = ValidateConfig(**QUICK)
+    for hostile in ("../../../../etc/passwd", "../outside.wav", str(outside), "link.wav",
+                    "sub/../../outside.wav"):
+        labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), (hostile, "B")])
+        with pytest.raises(ValueError, match=r"outside the audio folder .*line 3 of "
+                                             r".*labels.csv names") as error:
+            read_labelled_recordings(labels, audio, config)
+        assert repr(hostile) in str(error.value)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("../outside.wav", "B"),
+                                                    ("b.wav", "B")])
+    recordings, skipped = read_labelled_recordings(
+        labels, audio, ValidateConfig(allow_outside_paths=True, **QUICK))
+    assert recordings["path"].tolist() == [str(audio / "a.wav"), str(outside), str(audio / "b.wav")]
+    assert skipped.empty
+    # Inside the folder, `..` that stays inside is fine.
+    labels = write_labels(tmp_path / "labels.csv", [("sub/../a.wav", "A")])
+    assert read_labelled_recordings(labels, audio, config)[0]["path"].tolist() == [str(audio / "a.wav")]
+
+
+def test_a_file_with_two_labels_is_an_error_and_a_repeated_row_a_duplicate(tmp_path):
+    """Defect 17.7: one file under two labels was dropped as a mere duplicate."""
+    from soundscape_ssl.analysis.validate import read_labelled_recordings
+
+    audio, _ = labels_folder(tmp_path)
+    config = ValidateConfig(**QUICK)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("b.wav", "B"),
+                                                    ("./a.wav", "B")])
+    with pytest.raises(ValueError, match=r"line 2 of .*labels.csv labels .*a.wav 'A' but line 4 "
+                                         r"of .*labels.csv labels it 'B'"):
+        read_labelled_recordings(labels, audio, config)
+    labels = write_labels(tmp_path / "labels.csv", [("a.wav", "A"), ("b.wav", "B"),
+                                                    ("./a.wav", "A")])
+    recordings, skipped = read_labelled_recordings(labels, audio, config)
+    assert recordings["recording"].tolist() == ["a.wav", "b.wav"]
+    assert skipped.values.tolist() == [["./a.wav", "duplicate", f"line 4 of {labels}"]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ from tqdm.auto import tqdm
 
 from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
 from ..pretrain.models import SpectrogramViT
-from ..core.provenance import reject_unknown_fields, write_config_json
+from ..core.config import config_from_mapping
+from ..core.provenance import write_config_json
+from ..core.stage import atomic_write
 from ..core.stats import GroupBootstrap, Interval
 from ..tiles.spectrogram import SpectrogramConfig, frame_times_s, mel_bin_centres_hz
 from ..tiles.store import band_median, normalize_tiles
@@ -120,8 +122,7 @@ class AttentionConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AttentionConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 # --- Attention maps and masks ----------------------------------------------------------------
@@ -723,7 +724,9 @@ def save_attention_products(out_dir: str | os.PathLike, scores: pd.DataFrame, ra
     """Write scores.parquet, head_ranking.csv and config.json (with `extra`, e.g. the checkpoint) to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores.to_parquet(out_dir / SCORES_FILE, index=False)
-    ranking.to_csv(out_dir / RANKING_FILE, index=False)
+    with atomic_write(out_dir / SCORES_FILE) as tmp:
+        scores.to_parquet(tmp, index=False)
+    with atomic_write(out_dir / RANKING_FILE) as tmp:
+        ranking.to_csv(tmp, index=False)
     write_config_json(out_dir, STAGE, config.to_dict(), n_tiles=int(scores["tile"].nunique()), **extra)
     return out_dir

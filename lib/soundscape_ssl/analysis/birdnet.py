@@ -35,7 +35,8 @@ Products of `run_on_tiles` / `run_on_files` in `out_dir` (same conventions as th
     plan.json                    what is being computed: config, input fingerprint, shard count
     shards/shard-000000.emb.npy  (n, 1024) embeddings of that shard's windows
     shards/shard-000000.conf.npy (n, 6522) float16 confidences (only with save_confidences)
-    shards/shard-000000.parquet  that shard's rows; written last, so it marks the shard done
+    shards/shard-000000.parquet  that shard's rows
+    shards/shard-000000.done     the shard's done marker (sizes and sha256 of its files)
     detections.parquet           one row per tile, sorted by tile_id (finalise)
     embeddings.npy               (N, 1024), row i <-> detections row i; np.load(mmap_mode="r")
     confidences.npy              (N, 6522) float16, unfiltered (only with save_confidences)
@@ -45,7 +46,8 @@ Products of `run_on_tiles` / `run_on_files` in `out_dir` (same conventions as th
 
 Shards are consecutive runs of `shard_max_windows` windows in (path, offset) order, so the plan
 does not depend on the world size; shard k belongs to rank k % world_size (RANK / WORLD_SIZE as
-torchrun sets them). A kill loses at most the shard in flight; a rerun skips finished shards.
+torchrun sets them). The stage runs on `core.stage`: a kill loses at most the shard in flight, a
+rerun skips finished shards (once their markers match their files), a second writer is refused.
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
-from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
-from ..core.provenance import write_config_json
-from ..tiles.tiling import resolve_rank  # noqa: F401  (public here too: BirdNET runs shard like tiling)
+from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
+from ..core.config import config_from_mapping
+from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_write, file_sha256, read_plan,
+                          reserve_space)
+from ..recordings.archive import probe_recording
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,6 @@ MODEL_SAMPLE_RATE_HZ = 48000
 LOGIT_CLIP = 15.0  # BirdNET clips logits to +-15 before its sigmoid
 DEFAULT_LOCATION_FILTER_THRESHOLD = 0.03  # BirdNET-Analyzer's default
 
-PLAN_FILE = "plan.json"
 SHARDS_DIR = "shards"
 DETECTIONS_FILE = "detections.parquet"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -172,14 +174,6 @@ def load_labels(model_dir: str | None = None) -> tuple[str, ...]:
     return labels
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_provenance(model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Names, checksums and package versions of the model files and runtime, for config.json."""
     return dict(_model_provenance(str(Path(model_dir) if model_dir else birdnet_model_dir())))
@@ -233,8 +227,13 @@ class BirdNetConfig:
     save_confidences: bool = False                  # also keep all 6522 confidences per window
     shard_max_windows: int = 4096                   # windows per atomic shard (~3.4 h of audio)
     decode_block_s: float = 600.0                   # longest audio block decoded at once
-    min_partial_window_s: float = 1.5               # run_on_files: keep a final short span this long
-                                                    # (zero-padded, as BirdNET does)
+    # The one resampler (core.audio.SincResampler) with a long kernel: most recordings reach
+    # BirdNET's 48 kHz by upsampling, and the short default kernel of the tiles (width 6) leaves
+    # images in BirdNET's band (measured, 22 -> 48 kHz: a 9 kHz tone's image at 13 kHz -24 dB;
+    # the chiffchaff of the Jura dawn file at 3-6 s fell from 0.90 to 0.60). Width 64: images
+    # below -98 dB, the chiffchaff at 0.91, 0.2-6 ms per audio second on one core.
+    resample_lowpass_filter_width: int = 64
+    resample_rolloff: float = 0.99
 
     def __post_init__(self) -> None:
         if not math.isclose(self.window_s, WINDOW_S) or self.model_sample_rate_hz != MODEL_SAMPLE_RATE_HZ:
@@ -257,8 +256,9 @@ class BirdNetConfig:
             raise ValueError(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
         if self.decode_block_s < self.window_s:
             raise ValueError(f"decode_block_s must be >= window_s, got {self.decode_block_s}")
-        if not 0.0 < self.min_partial_window_s <= self.window_s:
-            raise ValueError(f"min_partial_window_s must be in (0, window_s], got {self.min_partial_window_s}")
+        if self.resample_lowpass_filter_width < 1 or not 0.0 < self.resample_rolloff <= 1.0:
+            raise ValueError(f"need resample_lowpass_filter_width >= 1 and 0 < resample_rolloff "
+                             f"<= 1, got {self.resample_lowpass_filter_width}, {self.resample_rolloff}")
 
     @property
     def window_samples(self) -> int:
@@ -269,8 +269,8 @@ class BirdNetConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BirdNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        """Inverse of `to_dict`; unknown keys are an error, never dropped silently."""
+        return config_from_mapping(cls, values)
 
 
 # Settings that change no output value (batching and threads only change speed); everything
@@ -484,7 +484,7 @@ class BirdNetRunner:
 
 
 # --------------------------------------------------------------------------------------------
-# Audio: decode once per block, resample to 48 kHz, cut windows
+# Audio: through the one reader (soundscape_ssl.core.audio), resampled to 48 kHz
 # --------------------------------------------------------------------------------------------
 
 class _Window(NamedTuple):
@@ -494,83 +494,58 @@ class _Window(NamedTuple):
     skip_reason: str | None
 
 
-def _resampling_ratio(sample_rate_hz: int, target_hz: int) -> tuple[int, int]:
-    divisor = math.gcd(sample_rate_hz, target_hz)
-    return target_hz // divisor, sample_rate_hz // divisor
+def window_rule(config: BirdNetConfig) -> WindowRule:
+    """BirdNET's windows: `window_s` every `window_s` at 48 kHz, by the one rule of
+    `soundscape_ssl.core.audio` (a last partial window is zero-padded and kept when at least
+    half of it, 1.5 s, is audio: BirdNET-Analyzer's own rule)."""
+    return WindowRule.from_seconds(config.model_sample_rate_hz, config.window_s, config.window_s)
 
 
 def _file_windows(path: str, rows: Sequence[int], offsets_s: np.ndarray,
                   config: BirdNetConfig) -> Iterator[_Window]:
-    """The 48 kHz windows [offset, offset + window_s) of one file, in the order given.
+    """The 48 kHz windows [offset, offset + window_s) of one file, in start order.
 
-    The file is read in blocks of at most `decode_block_s` covering consecutive windows, plus a
-    little context so that resampling is seamless; block starts are aligned so every block
-    lands on the same 48 kHz sample grid as resampling the whole file would (integer sample
-    offsets, no sub-sample shifts). Spans past the end of the file are zero-padded, like BirdNET.
+    Read through the one audio reader (`soundscape_ssl.core.audio`): the file is classified as
+    the inventory classifies it (a file cut short is read up to its break), decoded in blocks of
+    at most `decode_block_s`, resampled to 48 kHz by the one resampler (with BirdNET's kernel
+    width, see `BirdNetConfig`), and windows past the end of the audio are zero-padded exactly. A decoder error or non-finite
+    samples cost only the windows they touch. A window must start inside the audio and hold at
+    least half a window of it, unless it is the file's first. `samples` of a yielded window are valid until the next one is
+    requested.
     """
-    target_hz = config.model_sample_rate_hz
-    n_window = config.window_samples
+    recording = probe_recording(path)
+    if not recording.readable:
+        logger.warning("skipping %s: %s (%s)", path, recording.reason, recording.detail)
+        for row in rows:
+            yield _Window(row, None, 0.0, recording.reason)
+        return
+    rule = window_rule(config)
+    starts = np.round(np.asarray(offsets_s, dtype=np.float64) * rule.sample_rate_hz).astype(np.int64)
+    order = np.argsort(starts, kind="stable")
     try:
-        handle = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
+        audio = AudioFile(path, frames=recording.frames, piece_s=config.window_s)
+    except AudioOpenError as error:
         logger.warning("skipping %s: cannot open (%s)", path, error)
         for row in rows:
             yield _Window(row, None, 0.0, "unreadable")
         return
-    with handle:
-        sample_rate_hz, frames = handle.samplerate, handle.frames
-        up, down = _resampling_ratio(sample_rate_hz, target_hz)
-        # scipy's default polyphase filter reaches 10 * max(up, down) upsampled samples each way.
-        context = math.ceil(10 * max(up, down) / up) + 16
-        duration_s = frames / sample_rate_hz
-        order = np.argsort(offsets_s, kind="stable")
-        i = 0
-        while i < len(order):
-            first = offsets_s[order[i]]
-            j = i
-            while j + 1 < len(order) and offsets_s[order[j + 1]] + config.window_s - first <= config.decode_block_s:
-                j += 1
-            block = order[i:j + 1]
-            i = j + 1
-            bad = [k for k in block if not (0.0 <= offsets_s[k] < duration_s)]
-            for k in bad:
-                yield _Window(rows[k], None, 0.0, "span_outside_file")
-            block = [k for k in block if 0.0 <= offsets_s[k] < duration_s]
-            if not block:
-                continue
-            start = max(0, math.floor(offsets_s[block[0]] * sample_rate_hz) - context)
-            start -= start % down  # block output starts on the whole file's 48 kHz grid
-            stop = min(frames, math.ceil((offsets_s[block[-1]] + config.window_s) * sample_rate_hz) + context)
-            try:
-                handle.seek(start)
-                samples = handle.read(stop - start, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-                logger.warning("skipping %d windows of %s: decode error at %.1f s (%s)", len(block),
-                               path, start / sample_rate_hz, error)
-                for k in block:
-                    yield _Window(rows[k], None, 0.0, "decode_error")
-                continue
-            mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-            resampled = mono if up == down == 1 else resample_poly(mono, up, down).astype(np.float32)
-            base = start * up // down                       # 48 kHz index of resampled[0]
-            end = (start + len(mono)) * up / down           # 48 kHz position where decoded audio ends
-            for k in block:
-                first_sample = round(offsets_s[k] * target_hz) - base
-                window = resampled[first_sample:first_sample + n_window]
-                audio_s = min(n_window, max(0.0, end - base - first_sample)) / target_hz
-                expected_s = min(config.window_s, duration_s - offsets_s[k])
-                if audio_s < expected_s - 1e-3:  # the header promised audio the decoder did not give
-                    logger.warning("skipping %s at %.2f s: file ends early (%.2f of %.2f s decoded)",
-                                   path, offsets_s[k], audio_s, expected_s)
-                    yield _Window(rows[k], None, 0.0, "truncated")
-                    continue
-                if len(window) < n_window:
-                    window = np.pad(window, (0, n_window - len(window)))
-                if not np.isfinite(window).all():
-                    logger.warning("skipping %s at %.2f s: non-finite samples", path, offsets_s[k])
-                    yield _Window(rows[k], None, 0.0, "nonfinite_samples")
-                    continue
-                yield _Window(rows[k], window, audio_s, None)
+    losses: list[WindowLoss] = []
+    with audio:
+        for batch in read_windows(audio, rule, order, starts[order], losses,
+                                  block_s=config.decode_block_s,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff):
+            for k, position in enumerate(batch.numbers):
+                yield _Window(rows[position], batch.waveforms[k].numpy(),
+                              float(batch.valid_s[k]), None)
+    for loss in losses:
+        # Past the break of a file cut short: the damage is the reason, not the request.
+        reason = (recording.damage if recording.damage and loss.reason == "outside_audio"
+                  else loss.reason)
+        logger.warning("skipping %d window(s) of %s from %.2f s: %s (%s)", len(loss.numbers),
+                       path, loss.offset_s, reason, loss.detail)
+        for position in loss.numbers:
+            yield _Window(rows[position], None, 0.0, reason)
 
 
 def _shard_windows(shard: pd.DataFrame, config: BirdNetConfig) -> Iterator[_Window]:
@@ -585,29 +560,6 @@ def _shard_windows(shard: pd.DataFrame, config: BirdNetConfig) -> Iterator[_Wind
 # --------------------------------------------------------------------------------------------
 # Sharded, resumable runs
 # --------------------------------------------------------------------------------------------
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through a process-unique tmp file and rename: readers never see half a file, and
-    two ranks finalising at once do not clobber each other's tmp file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    _write_atomic(path, write)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
-
 
 def _prepare_index(tile_index: pd.DataFrame) -> pd.DataFrame:
     """Validate the tile index and sort it into shard order: (path, offset_s, tile_id)."""
@@ -642,32 +594,29 @@ def _fingerprint(index: pd.DataFrame, config: BirdNetConfig) -> str:
     return digest.hexdigest()
 
 
-def _ensure_plan(out_dir: Path, index: pd.DataFrame, config: BirdNetConfig) -> int:
-    """Write plan.json, or check that an existing one describes the same work. Returns the shard count."""
+def _plan_description(index: pd.DataFrame, config: BirdNetConfig) -> dict[str, Any]:
+    """plan.json: the work (tile index and output settings) and its fingerprint."""
     n_shards = max(1, math.ceil(len(index) / config.shard_max_windows))
-    plan = {"stage": STAGE, "fingerprint": _fingerprint(index, config), "n_tiles": len(index),
+    return {"stage": STAGE, "fingerprint": _fingerprint(index, config), "n_tiles": len(index),
             "n_shards": n_shards, "config": config.to_dict()}
-    path = out_dir / PLAN_FILE
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != plan["fingerprint"]:
-            raise ValueError(f"{out_dir} holds BirdNET results for a different tile index or config "
-                             f"(plan.json differs); use a new out_dir or delete the old one")
-        return int(existing["n_shards"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, plan)
-    return n_shards
+
+
+def _stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of plan.json: shards `shards/shard-NNNNNN.*`, kept after finalising."""
+    return StagePlan(STAGE, description, int(description["n_shards"]), unit_noun="shard",
+                     units_dir=SHARDS_DIR, title="BirdNET results",
+                     unpinned=tuple(f"config.{name}" for name in _SPEED_ONLY_FIELDS))
 
 
 def _shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
     base = out_dir / SHARDS_DIR / f"shard-{shard_id:06d}"
     return {"table": base.with_suffix(".parquet"), "embeddings": Path(f"{base}.emb.npy"),
-            "confidences": Path(f"{base}.conf.npy")}
+            "confidences": Path(f"{base}.conf.npy"), "done": Path(f"{base}.done")}
 
 
 def shard_is_done(out_dir: str | os.PathLike, shard_id: int) -> bool:
-    """A shard is done when its table exists (written after its arrays)."""
-    return _shard_paths(Path(out_dir), shard_id)["table"].exists()
+    """A shard is done when its done marker exists (written after its files)."""
+    return _shard_paths(Path(out_dir), shard_id)["done"].exists()
 
 
 def _float_column(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -780,10 +729,11 @@ class _ShardResult:
         }, schema=DETECTIONS_SCHEMA)
 
 
-def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, runner: BirdNetRunner,
-                   config: BirdNetConfig, location_filter: LocationFilter | None,
-                   progress: tqdm) -> int:
-    """Score one shard and write its arrays, then its table (the done marker). Returns windows scored."""
+def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, out: UnitOutput,
+                   runner: BirdNetRunner, config: BirdNetConfig,
+                   location_filter: LocationFilter | None, progress: tqdm) -> int:
+    """Score one shard and write its arrays and table through `out` (the runner commits them
+    and the shard's done marker). Returns the number of windows scored."""
     filter_keys, weeks = _filter_plan(shard, config)
     result = _ShardResult(shard, config, runner.labels, filter_keys, weeks, location_filter)
     batch = np.zeros((runner.batch_size, config.window_samples), np.float32)
@@ -818,11 +768,12 @@ def _process_shard(shard: pd.DataFrame, shard_id: int, out_dir: Path, runner: Bi
     flush()
 
     paths = _shard_paths(out_dir, shard_id)
-    paths["table"].parent.mkdir(parents=True, exist_ok=True)
-    _save_npy(paths["embeddings"], result.embeddings)
-    if result.confidences is not None:
-        _save_npy(paths["confidences"], result.confidences)
-    _write_atomic(paths["table"], lambda tmp: pq.write_table(result.table(), tmp))
+    arrays = {"embeddings": result.embeddings, "confidences": result.confidences}
+    for kind, array in arrays.items():
+        if array is not None:
+            with open(out.output(paths[kind], expected_bytes=array.nbytes + 128), "wb") as handle:
+                np.save(handle, array)
+    pq.write_table(result.table(), out.output(paths["table"]))
     return scored
 
 
@@ -842,35 +793,35 @@ def run_on_tiles(tile_index: pd.DataFrame, out_dir: str | os.PathLike,
     """
     config = config or (runner.config if runner else BirdNetConfig())
     out_dir = Path(out_dir)
-    rank, world_size = resolve_rank(rank, world_size)
     index = _prepare_index(tile_index)
-    n_shards = _ensure_plan(out_dir, index, config)
-    if (out_dir / CONFIG_FILE).exists():
-        logger.info("BirdNET results in %s are complete; reading them back", out_dir)
-        return load_results(out_dir)[0]
-
-    mine = [k for k in range(n_shards) if k % world_size == rank and not shard_is_done(out_dir, k)]
-    if mine:
-        bounds = [(k * config.shard_max_windows, min(len(index), (k + 1) * config.shard_max_windows))
-                  for k in mine]
-        hours = sum(stop - start for start, stop in bounds) * config.window_s / 3600.0
-        runner = runner or BirdNetRunner(config)
-        location_filter = _default_location_filter() if config.location_filter else None
-        started = time.perf_counter()
-        scored = 0
-        # Progress in hours of audio; the postfix gives the speed as a multiple of real time.
-        with tqdm(total=hours, unit="h", desc=f"BirdNET rank {rank}", disable=not progress,
-                  bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio "
-                             "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]") as bar:
-            for shard_id, (start, stop) in zip(mine, bounds):
-                scored += _process_shard(index.iloc[start:stop], shard_id, out_dir, runner, config,
-                                         location_filter, bar)
-        wall_s = time.perf_counter() - started
-        logger.info("rank %d: %d shards, %d windows (%.2f h of audio) in %.1f s: %.0fx real time",
-                    rank, len(mine), scored, scored * config.window_s / 3600, wall_s,
-                    scored * config.window_s / max(wall_s, 1e-9))
-    if all(shard_is_done(out_dir, k) for k in range(n_shards)):
-        return finalize_results(out_dir)
+    with StageRun(out_dir, _stage_plan(_plan_description(index, config)), rank, world_size) as run:
+        rank = run.rank
+        if run.finished:
+            logger.info("BirdNET results in %s are complete; reading them back", out_dir)
+            return load_results(out_dir)[0]
+        if run.todo:
+            bounds = [(k * config.shard_max_windows,
+                       min(len(index), (k + 1) * config.shard_max_windows)) for k in run.todo]
+            hours = sum(stop - start for start, stop in bounds) * config.window_s / 3600.0
+            runner = runner or BirdNetRunner(config)
+            location_filter = _default_location_filter() if config.location_filter else None
+            started = time.perf_counter()
+            scored = 0
+            # Progress in hours of audio; the postfix gives the speed as a multiple of real time.
+            with tqdm(total=hours, unit="h", desc=f"BirdNET rank {rank}", disable=not progress,
+                      bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio "
+                                 "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]") as bar:
+                for shard_id, (start, stop) in zip(run.todo, bounds):
+                    with run.unit(shard_id) as out:
+                        scored += _process_shard(index.iloc[start:stop], shard_id, out_dir, out,
+                                                 runner, config, location_filter, bar)
+            wall_s = time.perf_counter() - started
+            logger.info("rank %d: %d shards, %d windows (%.2f h of audio) in %.1f s: %.0fx real "
+                        "time", rank, len(run.todo), scored, scored * config.window_s / 3600,
+                        wall_s, scored * config.window_s / max(wall_s, 1e-9))
+        if run.all_units_done():
+            run.finalize(lambda: _merge_shards(out_dir))
+            return load_results(out_dir)[0]
     logger.info("rank %d done; other ranks' shards are unfinished (finish with finalize_results(%s))",
                 rank, out_dir)
     return None
@@ -878,15 +829,19 @@ def run_on_tiles(tile_index: pd.DataFrame, out_dir: str | os.PathLike,
 
 def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Join the finished shards into detections.parquet, embeddings.npy (and confidences.npy),
-    sorted by tile_id, then labels.txt and config.json. Deterministic: safe to run twice."""
+    sorted by tile_id, then labels.txt and config.json, and return the table. A finished folder
+    is read back. Raises StageError (a RuntimeError) while shards are unfinished."""
     out_dir = Path(out_dir)
-    plan = json.loads((out_dir / PLAN_FILE).read_text())
+    with StageRun(out_dir, _stage_plan(read_plan(out_dir)), work=False) as run:
+        run.finalize(lambda: _merge_shards(out_dir))
+    return load_results(out_dir)[0]
+
+
+def _merge_shards(out_dir: Path) -> dict[str, Any]:
+    """Write the merged products from the finished shards; returns config.json's fields."""
+    plan = read_plan(out_dir)
     config = BirdNetConfig.from_dict(plan["config"])
     n_shards = int(plan["n_shards"])
-    unfinished = [k for k in range(n_shards) if not shard_is_done(out_dir, k)]
-    if unfinished:
-        raise RuntimeError(f"{len(unfinished)} of {n_shards} shards in {out_dir} are unfinished, e.g. {unfinished[:5]}")
-
     tables = [pq.read_table(_shard_paths(out_dir, k)["table"]) for k in range(n_shards)]
     table = pa.concat_tables(tables) if tables else DETECTIONS_SCHEMA.empty_table()
     tile_ids = table.column("tile_id").to_numpy()
@@ -895,8 +850,10 @@ def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
     destination[order] = np.arange(len(order))  # row of each shard-order row in tile_id order
 
     def gather(kind: str, filename: str, width: int, dtype: str) -> None:
-        def write(tmp: Path) -> None:
+        n_bytes = len(order) * width * np.dtype(dtype).itemsize
+        with atomic_write(out_dir / filename, expected_bytes=n_bytes) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(order), width))
+            reserve_space(tmp, tmp.stat().st_size)
             row = 0
             for k in range(n_shards):  # one shard in memory at a time
                 part = np.load(_shard_paths(out_dir, k)[kind], mmap_mode="r")
@@ -904,30 +861,31 @@ def finalize_results(out_dir: str | os.PathLike) -> pd.DataFrame:
                 row += len(part)
             out.flush()
             del out
-        _write_atomic(out_dir / filename, write)
 
     gather("embeddings", EMBEDDINGS_FILE, EMBEDDING_DIM, config.embedding_dtype)
     if config.save_confidences:
         gather("confidences", CONFIDENCES_FILE, N_CLASSES, "float16")
     final = table.take(pa.array(order))
-    _write_atomic(out_dir / DETECTIONS_FILE, lambda tmp: pq.write_table(final, tmp))
+    with atomic_write(out_dir / DETECTIONS_FILE) as tmp:
+        pq.write_table(final, tmp)
     labels = load_labels()
-    _write_atomic(out_dir / LABELS_OUT_FILE, lambda tmp: tmp.write_text("\n".join(labels) + "\n", encoding="utf-8"))
+    with atomic_write(out_dir / LABELS_OUT_FILE) as tmp:
+        tmp.write_text("\n".join(labels) + "\n", encoding="utf-8")
 
-    frame = final.to_pandas()
-    skipped = frame["skip_reason"].notna()
-    write_config_json(
-        out_dir, STAGE, config,
-        n_tiles=len(frame), n_scored=int((~skipped).sum()), n_skipped=int(skipped.sum()),
-        skip_reasons=frame.loc[skipped, "skip_reason"].value_counts().to_dict(),
+    skip_reasons = final.column("skip_reason").to_pandas()
+    skipped = skip_reasons.notna()
+    logger.info("BirdNET results finalised in %s: %d tiles (%d skipped)", out_dir, len(final),
+                int(skipped.sum()))
+    return dict(
+        config=config,
+        n_tiles=len(final), n_scored=int((~skipped).sum()), n_skipped=int(skipped.sum()),
+        skip_reasons=skip_reasons[skipped].value_counts().to_dict(),
         n_shards=n_shards, fingerprint=plan["fingerprint"],
         products={"detections": DETECTIONS_FILE, "embeddings": EMBEDDINGS_FILE,
                   "confidences": CONFIDENCES_FILE if config.save_confidences else None,
                   "labels": LABELS_OUT_FILE},
         model=model_provenance(),
     )
-    logger.info("BirdNET results finalised in %s: %d tiles (%d skipped)", out_dir, len(frame), int(skipped.sum()))
-    return frame
 
 
 def load_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
@@ -943,26 +901,28 @@ def load_results(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def file_windows_index(paths: Iterable[str | os.PathLike], config: BirdNetConfig | None = None) -> pd.DataFrame:
-    """A tile index of every 3 s span of each file (tile_id, path, offset_s, duration_s).
-
-    Spans start at 0, 3, 6 ... s; a final shorter span is kept (zero-padded at scoring time, as
-    BirdNET does) when it holds at least `min_partial_window_s`. Unreadable files are logged and
-    left out.
+    """A tile index of every window of each file (tile_id, path, offset_s, duration_s, valid_s,
+    padded), by the one window rule (`window_rule`): spans at 0, 3, 6 ... s, a last partial span
+    kept, zero-padded at scoring time, when it holds at least half a window (a file's first
+    window always is). A file cut short
+    counts up to its break; files nothing can be read from are logged and left out.
     """
     config = config or BirdNetConfig()
-    rows: list[tuple[str, float, float]] = []
-    for path in paths:
-        path = str(Path(path).resolve())
-        try:
-            info = sf.info(path)
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            logger.warning("skipping %s: cannot read its header (%s)", path, error)
+    rule = window_rule(config)
+    frames: list[pd.DataFrame] = []
+    for given in paths:
+        path = os.path.abspath(os.fspath(given))
+        recording = probe_recording(path)
+        if not recording.readable:
+            logger.warning("skipping %s: %s (%s)", path, recording.reason, recording.detail)
             continue
-        duration_s = info.frames / info.samplerate
-        n_whole = int(duration_s // config.window_s + 1e-9)
-        n_windows = n_whole + (duration_s - n_whole * config.window_s >= config.min_partial_window_s - 1e-9)
-        rows.extend((path, k * config.window_s, duration_s) for k in range(n_windows))
-    frame = pd.DataFrame(rows, columns=["path", "offset_s", "duration_s"])
+        grid = rule.grid(recording.frames, recording.sample_rate_hz)
+        frames.append(pd.DataFrame({
+            "path": path, "offset_s": grid.offset_s,
+            "duration_s": recording.frames / recording.sample_rate_hz,
+            "valid_s": grid.valid_s, "padded": grid.padded}))
+    columns = ["path", "offset_s", "duration_s", "valid_s", "padded"]
+    frame = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns))
     frame.insert(0, "tile_id", np.arange(len(frame), dtype=np.int64))
     return frame
 

@@ -37,7 +37,9 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from ..core.provenance import reject_unknown_fields, write_config_json
+from ..core.config import config_from_mapping
+from ..core.provenance import write_config_json
+from ..core.stage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,7 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClusterConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
+        return config_from_mapping(cls, values)
 
 
 @dataclass
@@ -156,20 +157,18 @@ class ClusterResult:
         """Write model.npz, assignments.parquet and config.json into `out_dir`; returns it."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model_tmp = out_dir / (MODEL_FILE + ".tmp.npz")
-        np.savez(model_tmp, centroids=self.centroids, scaler_mean=self.scaler_mean,
-                 scaler_scale=self.scaler_scale, cluster_sizes=self.cluster_sizes,
-                 fit_indices=self.fit_indices, inertia=np.float64(self.inertia),
-                 silhouette=np.float64(self.silhouette), n_iter=np.int64(self.n_iter))
-        model_tmp.replace(out_dir / MODEL_FILE)
+        with atomic_write(out_dir / MODEL_FILE) as model_tmp, open(model_tmp, "wb") as handle:
+            np.savez(handle, centroids=self.centroids, scaler_mean=self.scaler_mean,
+                     scaler_scale=self.scaler_scale, cluster_sizes=self.cluster_sizes,
+                     fit_indices=self.fit_indices, inertia=np.float64(self.inertia),
+                     silhouette=np.float64(self.silhouette), n_iter=np.int64(self.n_iter))
         table = pa.table({
             "row": pa.array(np.arange(len(self), dtype=np.int64)),
             "cluster": pa.array(self.labels.astype(np.int32)),
             "distance_to_centroid": pa.array(self.distances.astype(np.float32)),
         })
-        assignments_tmp = out_dir / (ASSIGNMENTS_FILE + ".tmp")
-        pq.write_table(table, assignments_tmp)
-        assignments_tmp.replace(out_dir / ASSIGNMENTS_FILE)
+        with atomic_write(out_dir / ASSIGNMENTS_FILE) as assignments_tmp:
+            pq.write_table(table, assignments_tmp)
         # config.json last: a folder without it is an unfinished save.
         write_config_json(out_dir, STAGE, self.config, n_rows=len(self), n_clusters=self.n_clusters,
                           n_fit_rows=int(self.fit_indices.size), inertia=self.inertia,

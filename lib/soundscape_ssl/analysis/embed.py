@@ -4,15 +4,16 @@ Two entry points share one forward path (normalise, backbone, pool):
 
 * `embed_store(store_dir, checkpoint, out_dir)`: every tile of a finished tile store, row i =
   tile_id i of the store's index. Resumable and shardable like the tiling stage, and for the
-  same reasons: the work is a fixed plan of chunks of `chunk_tiles` consecutive tiles (it
-  depends on the store and the config, never on the world size); chunk k belongs to rank
-  k % world_size (RANK / WORLD_SIZE from torchrun; no process group is needed); a chunk is
-  written to `chunks/chunk-K.npy` through tmp + fsync + rename, so its presence means "done" and
-  a rerun skips it; whoever finds every chunk done assembles the final arrays and writes
-  `config.json` last. Output folder::
+  same reasons, on the same runner (`core.stage`): the work is a fixed plan of chunks of
+  `chunk_tiles` consecutive tiles (it depends on the store and the config, never on the world
+  size); chunk k belongs to rank k % world_size (RANK / WORLD_SIZE from torchrun; no process
+  group is needed); a chunk is written to `chunks/chunk-K.npy` atomically, then its done marker
+  `chunks/chunk-K.done`, and a rerun skips it once the marker matches the file; whoever finds
+  every chunk done assembles the final arrays and writes `config.json` last. Output folder::
 
       plan.json                 what is being computed: store, checkpoint sha256, poolings ...
       chunks/chunk-000000.npy   (rows, sum of the poolings' widths) per chunk (removed at the end)
+      chunks/chunk-000000.done  its done marker (size and sha256 of the chunk)
       embeddings_mean.npy       (n_tiles, embed_dim): the mean of the final patch tokens
       embeddings_cls.npy        (n_tiles, embed_dim): the final class token
       embeddings_band.npy       (n_tiles, rows * embed_dim): per-frequency-band means (if asked)
@@ -21,15 +22,19 @@ Two entry points share one forward path (normalise, backbone, pool):
   Read the arrays back with `load_embeddings(out_dir, pooling)` (a memory map).
 
 * `embed_audio_files(paths, checkpoint, out_path)` (the `soundscape-ssl embed --audio` command):
-  arbitrary audio files, e.g. a scientist's labelled clips. Each file is decoded, resampled to
-  the checkpoint's model rate and cut into every `tile_s` span (hop `tile_hop_s`) from 0 s; a
-  span that runs past the end of the audio (the last one, or a whole file shorter than a tile)
-  is zero-padded to a full tile and flagged (`padded`, `valid_s`). The log-mel front end, the
-  float16 rounding of the stored tiles and the normalisation are those the backbone was
-  trained with (all three come from the checkpoint), so a span of a file that was also tiled
-  into the training store gets that tile's embedding. Writes `EMB.npy`, `EMB.csv` (row, path,
-  relpath, offset_s, valid_s, padded), `EMB.skipped.csv` (files or spans that gave no row, with
-  a reason) and `EMB.json` (provenance). Unreadable files are logged and skipped.
+  arbitrary audio files, e.g. a scientist's labelled clips. Each file is read through the one
+  audio reader (`soundscape_ssl.core.audio`), resampled to the checkpoint's model rate and cut
+  by the one window rule: every `tile_s` span (hop `tile_hop_s`) from 0 s; a span that runs past
+  the end of the audio is zero-padded to a full tile, flagged (`padded`, `valid_s`) and kept
+  when at least half of it is audio (so a file of 2 s gives one row for 3 s tiles, one of
+  1 s none). The log-mel front end, the float16 rounding of the stored tiles and the
+  normalisation are those the backbone was trained with (all three come from the checkpoint),
+  so a span of a file that was also tiled into the training store gets that tile's embedding.
+  Writes `EMB.npy`, `EMB.csv` (row, path, relpath, offset_s, valid_s, padded),
+  `EMB.skipped.csv` (files or spans that gave no row, and files read only up to a break, with a
+  reason) and `EMB.json` (provenance). Bad files are logged and skipped, bad spans too (a
+  decoder error costs only the spans it touches); when nothing at all could be embedded, the
+  outputs are written with zero rows and `NothingEmbedded` is raised.
 
 Choices:
 
@@ -80,7 +85,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -90,20 +94,23 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files
+from ..core.audio import (DEFAULT_BLOCK_S, AudioFile, AudioOpenError, WindowLoss,
+                          grid_windows)
+from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files, probe_recording
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options
+from ..core.provenance import to_jsonable
+from ..core.stage import (StagePlan, StageRun, atomic_save_npy, atomic_write, atomic_write_text,
+                          file_sha256, reserve_space, resolve_device, resolve_rank)
 from ..pretrain.pooling import parse_poolings
-from ..core.provenance import to_jsonable, write_config_json
-from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
-# The tiling stage's rank, device and finalise-lock conventions, shared rather than re-implemented.
-from ..tiles.tiling import finalize_lock, resolve_device, resolve_rank
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +119,10 @@ AUDIO_STAGE = "embed_audio"
 PRECISIONS = ("auto", "bf16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
 NORMALIZATIONS = ("checkpoint", "store")
-PLAN_FILE = "plan.json"
 CHUNKS_DIR = "chunks"
 CONFIG_FILE = "config.json"
 # Audio formats looked for in folders given to the audio command (any file named explicitly is tried).
 AUDIO_EXTENSIONS = tuple(DEFAULT_EXTENSIONS) + (".ogg", ".oga", ".aif", ".aiff")
-# Formats whose frame count libsndfile estimates (compressed streams): an earlier end is no loss.
-_ESTIMATED_LENGTH_FORMATS = ("MP3", "MPEG", "OGG")
-# Audio decoded and resampled per step in the audio command: bounds memory for long recordings.
-_DECODE_BLOCK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -196,15 +198,6 @@ def resolve_compute(config: EmbedConfig) -> tuple[torch.device, str]:
     return device, precision
 
 
-def file_sha256(path: str | os.PathLike, block_bytes: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
 # The forward pass shared by both modes
 
@@ -253,9 +246,9 @@ class _LoadedCheckpoint(NamedTuple):
 
 
 def _load_checkpoint(checkpoint: str | os.PathLike) -> _LoadedCheckpoint:
+    """The backbone and identity of a checkpoint; `load_backbone` says what a path that is not
+    one is (missing, a folder, audio, text, a refused pickle ...)."""
     path = Path(checkpoint).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
     model, metadata = load_backbone(path, map_location="cpu")
     identity = {
         "path": str(path),
@@ -276,7 +269,7 @@ def _check_tile_shape(model: SpectrogramViT, tile_shape: tuple[int, int], source
 
 def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
     """float32 embeddings -> the output dtype; non-finite rows are reported, float16 overflow refused."""
-    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
     if not finite.all():
         logger.warning("%s: %d of %d rows have NaN/inf embeddings (kept, to keep rows aligned)",
                        where, int(np.sum(~finite)), len(values))
@@ -288,22 +281,6 @@ def _to_output(values: np.ndarray, output_dtype: str, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {int(overflow.sum())} embedding values exceed the float16 range "
                          "(max 65504); use output_dtype='float32'")
     return converted
-
-
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save through tmp + fsync + rename: a reader or a rerun never sees half an array."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,21 +358,11 @@ def _store_plan(store: TileStore, loaded: _LoadedCheckpoint, config: EmbedConfig
     return description
 
 
-def _ensure_plan(out_dir: Path, plan: dict[str, Any]) -> None:
-    """Write plan.json, or check that the folder was started with the same plan."""
-    path = out_dir / PLAN_FILE
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != plan["fingerprint"]:
-            changed = sorted(key for key in plan if key not in ("fingerprint", "store")
-                             and existing.get(key) != plan[key])
-            if (existing.get("store") or {}).get("fingerprint") != plan["store"]["fingerprint"]:
-                changed.insert(0, "store")
-            raise ValueError(f"{out_dir} holds embeddings of a different plan (differs in: "
-                             f"{', '.join(changed) or 'fingerprint'}); use a new folder or delete it")
-        return
-    (out_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+def _stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of plan.json: chunks `chunks/chunk-NNNNNN.*`, removed once assembled."""
+    return StagePlan(STAGE, description, int(description["n_chunks"]), unit_noun="chunk",
+                     units_dir=CHUNKS_DIR, title="embeddings", unpinned=("store.path",),
+                     keep_units=False)
 
 
 def _resolve_normalization(config: EmbedConfig, store: TileStore,
@@ -490,10 +457,13 @@ def _prefetched(store: TileStore, batches: Sequence[_Batch], num_workers: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit_chunk(out_dir: Path, chunk_id: int, values: np.ndarray, output_dtype: str) -> None:
-    """Write one finished chunk (rows, P, D) atomically: its file's presence marks it done."""
-    _write_npy_atomic(chunk_path(out_dir, chunk_id),
-                      _to_output(values, output_dtype, f"chunk {chunk_id}"))
+def _commit_chunk(run: StageRun, chunk_id: int, values: np.ndarray, output_dtype: str) -> None:
+    """Write one finished chunk (rows, sum of the poolings' widths) and its done marker."""
+    values = _to_output(values, output_dtype, f"chunk {chunk_id}")
+    with run.unit(chunk_id) as unit, \
+            open(unit.output(chunk_path(run.folder, chunk_id), expected_bytes=values.nbytes + 128),
+                 "wb") as handle:
+        np.save(handle, values)
 
 
 class _ChunkWriter:
@@ -504,8 +474,8 @@ class _ChunkWriter:
     bounded and an error (e.g. a full disk) surfaces at the next chunk.
     """
 
-    def __init__(self, out_dir: Path, output_dtype: str) -> None:
-        self.out_dir, self.output_dtype = out_dir, output_dtype
+    def __init__(self, run: StageRun, output_dtype: str) -> None:
+        self.run, self.output_dtype = run, output_dtype
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                            thread_name_prefix="embed-writer")
         self._pending: concurrent.futures.Future | None = None
@@ -525,7 +495,7 @@ class _ChunkWriter:
     def _write(self, chunk_id: int, host: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()
-        _commit_chunk(self.out_dir, chunk_id, host.numpy(), self.output_dtype)
+        _commit_chunk(self.run, chunk_id, host.numpy(), self.output_dtype)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -562,36 +532,35 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
     normalization = _resolve_normalization(config, store, loaded.metadata)
     chunks = plan_chunks(len(store), config.chunk_tiles)
     plan = _store_plan(store, loaded, config, precision, normalization, len(chunks))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_plan(out_dir, plan)
+    with StageRun(out_dir, _stage_plan(plan), rank, world_size) as run:
+        assigned = [chunks[k] for k in run.assigned]
+        todo = [chunks[k] for k in run.todo]
+        logger.info("rank %d/%d: %d of %d chunks to embed (%d already done) on %s, %s", rank,
+                    world_size, len(todo), len(assigned), len(assigned) - len(todo), device,
+                    precision)
+        setup_s = time.perf_counter() - started
 
-    assigned = [chunk for chunk in chunks if chunk.chunk_id % world_size == rank]
-    finished_before = (out_dir / CONFIG_FILE).exists()
-    todo = [] if finished_before else [chunk for chunk in assigned
-                                       if not chunk_path(out_dir, chunk.chunk_id).exists()]
-    logger.info("rank %d/%d: %d of %d chunks to embed (%d already done) on %s, %s", rank,
-                world_size, len(todo), len(assigned), len(assigned) - len(todo), device, precision)
-    setup_s = time.perf_counter() - started
+        loop_started = time.perf_counter()
+        tiles_embedded, first_batch_s, first_batch_tiles = 0, 0.0, 0
+        if todo:
+            embedder = TileEmbedder(loaded.model, device, precision, config.poolings,
+                                    normalization, config.compile)
+            tiles_embedded, first_batch_s, first_batch_tiles = _embed_chunks(
+                store, todo, embedder, run, config, device, show_progress and rank == 0,
+                f"embed rank {rank}/{world_size}")
+        embed_s = time.perf_counter() - loop_started
 
-    loop_started = time.perf_counter()
-    tiles_embedded, first_batch_s, first_batch_tiles = 0, 0.0, 0
-    if todo:
-        embedder = TileEmbedder(loaded.model, device, precision, config.poolings, normalization,
-                                config.compile)
-        tiles_embedded, first_batch_s, first_batch_tiles = _embed_chunks(
-            store, todo, embedder, out_dir, config, device, show_progress and rank == 0,
-            f"embed rank {rank}/{world_size}")
-    embed_s = time.perf_counter() - loop_started
-
-    assemble_s = 0.0
-    finished = finished_before
-    if not finished and all(chunk_path(out_dir, c.chunk_id).exists() for c in chunks):
-        assemble_started = time.perf_counter()
-        finished = _assemble(out_dir, plan, chunks, loaded.identity,
-                             pooling_dims(loaded.model, plan["poolings"]), config, device, precision)
-        assemble_s = time.perf_counter() - assemble_started
-    elif not finished:
-        logger.info("rank %d: my chunks are done; another rank assembles the arrays", rank)
+        assemble_s = 0.0
+        finished = run.finished
+        if not finished and run.all_units_done():
+            assemble_started = time.perf_counter()
+            dims = pooling_dims(loaded.model, plan["poolings"])
+            run.finalize(lambda: _assemble(out_dir, plan, chunks, loaded.identity, dims, config,
+                                           device, precision))
+            finished = True
+            assemble_s = time.perf_counter() - assemble_started
+        elif not finished:
+            logger.info("rank %d: my chunks are done; another rank assembles the arrays", rank)
     return EmbedSummary(str(out_dir), rank, world_size, len(store), len(chunks), len(assigned),
                         len(assigned) - len(todo), len(todo), tiles_embedded, finished,
                         str(device), precision, setup_s, first_batch_s, first_batch_tiles, embed_s,
@@ -599,7 +568,7 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
                         time.perf_counter() - started)
 
 
-def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedder, out_dir: Path,
+def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedder, run: StageRun,
                   config: EmbedConfig, device: torch.device, show_progress: bool,
                   description: str) -> tuple[int, float, int]:
     """Stream the tiles of `todo` through the backbone, committing each chunk when complete.
@@ -609,10 +578,9 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
     started = time.perf_counter()
     first_batch_s, first_batch_tiles = 0.0, 0
     by_id = {chunk.chunk_id: chunk for chunk in todo}
-    (out_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
     batches = _prefetched(store, _batches(todo, config.batch_size), config.num_workers,
                           pin_memory=device.type == "cuda")
-    writer = _ChunkWriter(out_dir, config.output_dtype)
+    writer = _ChunkWriter(run, config.output_dtype)
     progress = tqdm(total=sum(c.stop - c.start for c in todo), unit="tile", desc=description,
                     dynamic_ncols=True, disable=not show_progress)
     rows: torch.Tensor | None = None
@@ -644,55 +612,51 @@ def _embed_chunks(store: TileStore, todo: Sequence[Chunk], embedder: TileEmbedde
 
 def _assemble(out_dir: Path, plan: dict[str, Any], chunks: Sequence[Chunk],
               checkpoint_identity: dict[str, Any], dims: dict[str, int], config: EmbedConfig,
-              device: torch.device, precision: str) -> bool:
-    """Concatenate the chunks into one array per pooling, write config.json last, drop the chunks.
+              device: torch.device, precision: str) -> dict[str, Any]:
+    """Concatenate the chunks into one array per pooling; returns config.json's fields.
 
-    Under the tiling stage's finalise lock: two ranks finishing together assemble once.
+    The runner calls it once, under its finalise lock, and writes config.json after it.
     """
-    with finalize_lock(out_dir):
-        if (out_dir / CONFIG_FILE).exists():
-            return True
-        n_tiles = plan["store"]["n_tiles"]
-        poolings = plan["poolings"]
-        dtype = np.dtype(plan["output_dtype"])
-        temporaries = {name: out_dir / f"{embeddings_file_name(name)}.{os.getpid()}.tmp"
+    n_tiles = plan["store"]["n_tiles"]
+    poolings = plan["poolings"]
+    dtype = np.dtype(plan["output_dtype"])
+    with contextlib.ExitStack() as writes:
+        temporaries = {name: writes.enter_context(atomic_write(
+                           out_dir / embeddings_file_name(name),
+                           expected_bytes=n_tiles * dims[name] * dtype.itemsize))
                        for name in poolings}
-        if n_tiles == 0:
-            arrays = {name: np.zeros((0, dims[name]), dtype) for name in poolings}
+        if n_tiles == 0:   # a memory map cannot be empty
+            for name in poolings:
+                with open(temporaries[name], "wb") as handle:
+                    np.save(handle, np.zeros((0, dims[name]), dtype))
         else:
-            arrays = {name: np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=dtype,
-                                                      shape=(n_tiles, dims[name]))
-                      for name in poolings}
-        for chunk in chunks:
-            values = np.load(chunk_path(out_dir, chunk.chunk_id), mmap_mode="r")
-            expected = (chunk.stop - chunk.start, sum(dims.values()))
-            if values.shape != expected or values.dtype != dtype:
-                raise RuntimeError(f"chunk {chunk.chunk_id} holds {values.dtype} {values.shape}, "
-                                   f"expected {dtype} {expected}; delete it and rerun")
-            for name, part in split_poolings(values, dims).items():
-                arrays[name][chunk.start:chunk.stop] = part
-        for name, array in arrays.items():
-            target = out_dir / embeddings_file_name(name)
-            if n_tiles == 0:
-                _write_npy_atomic(target, array)
-                continue
-            array.flush()
-            with open(temporaries[name], "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporaries[name], target)
-        arrays.clear()
-        write_config_json(
-            out_dir, STAGE, config,
-            store=plan["store"], checkpoint=checkpoint_identity, plan_fingerprint=plan["fingerprint"],
-            normalization=plan["normalization"], precision=precision, device_type=device.type,
-            arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dims[name]],
-                           "dtype": dtype.name} for name in poolings},
-            rows="row i = tile_id i of the store's index.parquet",
-            default_pooling="mean" if "mean" in poolings else poolings[0])
-        shutil.rmtree(out_dir / CHUNKS_DIR, ignore_errors=True)
+            arrays = {}
+            for name in poolings:
+                arrays[name] = np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=dtype,
+                                                         shape=(n_tiles, dims[name]))
+                reserve_space(temporaries[name], temporaries[name].stat().st_size)
+            for chunk in chunks:
+                values = np.load(chunk_path(out_dir, chunk.chunk_id), mmap_mode="r")
+                expected = (chunk.stop - chunk.start, sum(dims.values()))
+                if values.shape != expected or values.dtype != dtype:
+                    raise RuntimeError(f"chunk {chunk.chunk_id} holds {values.dtype} "
+                                       f"{values.shape}, expected {dtype} {expected}; delete it "
+                                       "and rerun")
+                for name, part in split_poolings(values, dims).items():
+                    arrays[name][chunk.start:chunk.stop] = part
+            for array in arrays.values():
+                array.flush()
+            arrays.clear()
     logger.info("assembled %s: %d tiles, poolings %s", out_dir, n_tiles,
                 ", ".join(f"{name} ({dims[name]} dims)" for name in poolings))
-    return True
+    return dict(
+        config=config, store=plan["store"], checkpoint=checkpoint_identity,
+        plan_fingerprint=plan["fingerprint"], normalization=plan["normalization"],
+        precision=precision, device_type=device.type,
+        arrays={name: {"file": embeddings_file_name(name), "shape": [n_tiles, dims[name]],
+                       "dtype": dtype.name} for name in poolings},
+        rows="row i = tile_id i of the store's index.parquet",
+        default_pooling="mean" if "mean" in poolings else poolings[0])
 
 
 def read_embeddings_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -748,6 +712,11 @@ class AudioEmbedSummary:
         return dataclasses.asdict(self)
 
 
+class NothingEmbedded(ValueError):
+    """`embed_audio_files` found no audio to embed: no file given exists, a folder holds no audio
+    file, or no file gave a single span. The skip table says why for each input."""
+
+
 class AudioInput(NamedTuple):
     """An audio file to embed."""
 
@@ -780,7 +749,11 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     inputs: dict[str, AudioInput] = {}
     problems: list[tuple] = []
     for given in paths:
-        path = Path(given).expanduser().resolve()
+        try:
+            path = Path(given).expanduser().resolve()
+        except (OSError, RuntimeError) as error:     # e.g. a symbolic link loop
+            problems.append((str(given), Path(given).name, "unreadable", str(error)))
+            continue
         if path.is_dir():
             candidates, folder_problems = list_audio_files(path, AUDIO_EXTENSIONS)
             for candidate in candidates:
@@ -793,165 +766,50 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     return sorted(inputs.values()), problems
 
 
-class _MonoStream:
-    """Sequential mono float32 reads of an open sound file, for any frame range [start, stop)
-    with zeros outside the audio (requests move forward, so the file is decoded once, in order:
-    no seeking, which compressed formats do not always do exactly).
-
-    A decoder error or an early end stops the audio there (`end_frame`, `error`); NaN/inf
-    samples are zeroed and their runs remembered (`bad_runs`, absolute frames).
-    """
-
-    def __init__(self, sound_file: sf.SoundFile) -> None:
-        self._file = sound_file
-        self._buffer = np.zeros(0, np.float32)      # frames [_buffer_start, _decoded)
-        self._buffer_start = 0
-        self._decoded = 0
-        self.end_frame: int | None = None
-        self.error: str | None = None
-        self.bad_runs: list[tuple[int, int]] = []
-
-    def _decode(self, n_frames: int) -> np.ndarray:
-        try:
-            data = self._file.read(n_frames, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as error:
-            self.error, self.end_frame = str(error), self._decoded
-            return np.zeros(0, np.float32)
-        mono = np.array(downmix(data), dtype=np.float32)
-        if len(mono) < n_frames:
-            self.end_frame = self._decoded + len(mono)
-        bad = ~np.isfinite(mono)
-        if bad.any():
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], bad.view(np.int8), [0]))))
-            self.bad_runs += [(self._decoded + int(a), self._decoded + int(b))
-                              for a, b in zip(edges[::2], edges[1::2])]
-            mono[bad] = 0.0
-        self._decoded += len(mono)
-        return mono
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        if self.end_frame is None and start > self._decoded:   # a gap between requests
-            self._decode(start - self._decoded)
-            self._buffer, self._buffer_start = np.zeros(0, np.float32), self._decoded
-        keep_from = max(start, self._buffer_start)            # earlier frames are not asked again
-        self._buffer = self._buffer[keep_from - self._buffer_start:]
-        self._buffer_start = keep_from
-        if self.end_frame is None and stop > self._decoded:
-            self._buffer = np.concatenate([self._buffer, self._decode(stop - self._decoded)])
-        out = np.zeros(stop - start, np.float32)
-        low, high = max(start, self._buffer_start), min(stop, self._buffer_start + len(self._buffer))
-        if high > low:
-            out[low - start:high - start] = self._buffer[low - self._buffer_start:high - self._buffer_start]
-        return out
-
-
 def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
                 device: torch.device, skips: list[_Skip]) -> Iterator[_SpanBlock]:
     """Every span of one file as float16 dB tiles, block by block; problems appended to `skips`.
 
-    Span j covers model-rate samples [j * hop, j * hop + tile) of the file resampled as a whole
-    (blocks are resampled with the resampler's context on both sides, so block edges are
-    seamless); samples past the end of the audio are exact zeros. Spans run from 0 s until one
-    reaches the end of the audio.
+    The file is classified as the inventory classifies it (`archive.probe_recording`: a file cut
+    short is read up to the break and noted) and read through the one reader,
+    `soundscape_ssl.core.audio`, with the window rule of its tiles: span j covers model-rate
+    samples [j * hop, j * hop + tile); a last span that runs past the end of the audio is
+    zero-padded (exact zeros) and kept when at least half of it is audio. So a span of a file
+    that was also tiled into a store is that store's tile, to the bit.
     """
+    recording = probe_recording(path)
+    if not recording.readable:
+        skips.append(_Skip(recording.reason, recording.detail, math.nan, 0))
+        return
+    if recording.damage:
+        skips.append(_Skip(recording.damage, recording.damage_detail, math.nan, 0))
+    rate_in = recording.sample_rate_hz
+    if not config.accepts_sample_rate(rate_in):
+        skips.append(_Skip("unsupported_sample_rate",
+                           f"{rate_in} Hz outside {config.min_input_sample_rate_hz}-"
+                           f"{config.max_input_sample_rate_hz} Hz", math.nan, 0))
+        return
+    rule = config.window_rule
+    n_spans = rule.count(recording.frames, rate_in)
+    if n_spans == 0:
+        skips.append(_Skip("no_frames", "the file holds no audio frames", math.nan, 0))
+        return
     try:
-        sound_file = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        audio = AudioFile(path, frames=recording.frames,
+                          piece_s=min(config.tile_hop_s, config.tile_s))
+    except AudioOpenError as error:
         skips.append(_Skip("unreadable", str(error), math.nan, 0))
         return
-    with sound_file:
-        rate_in, rate_out = int(sound_file.samplerate), config.sample_rate_hz
-        header_frames = int(sound_file.frames)
-        if not config.accepts_sample_rate(rate_in):
-            skips.append(_Skip("unsupported_sample_rate",
-                               f"{rate_in} Hz outside {config.min_input_sample_rate_hz}-"
-                               f"{config.max_input_sample_rate_hz} Hz", math.nan, 0))
-            return
-        if header_frames <= 0:
-            skips.append(_Skip("no_frames", "the file holds no audio frames", math.nan, 0))
-            return
-        hop, length = config.tile_hop_samples, config.tile_samples
-        resampler = get_resampler(rate_in, rate_out, config.resample_lowpass_filter_width,
-                                  config.resample_rolloff, str(device))
-        orig, new, width = resampler.orig, resampler.new, resampler.width
-        stream = _MonoStream(sound_file)
-
-        def n_spans_for(frames: int) -> tuple[int, int]:
-            """(spans, model-rate samples of audio) for `frames` source frames."""
-            valid = -(-frames * rate_out // rate_in)            # the resampled length
-            if valid <= 0:
-                return 0, 0
-            count = 1 if valid <= length else -(-(valid - length) // hop) + 1
-            return min(count, -(-valid // hop)), valid          # no span starts past the audio
-
-        n_spans, valid_out = n_spans_for(header_frames)
-        spans_per_block = max(1, round(_DECODE_BLOCK_S / config.tile_hop_s))
-        first = 0
-        while first < n_spans:
-            last = min(n_spans, first + spans_per_block)
-            out_start, out_stop = first * hop, (last - 1) * hop + length
-            frame_start, frame_stop = out_start // new, -(-out_stop // new)
-            samples = stream.read(frame_start * orig - width, frame_stop * orig + width)
-            if stream.end_frame is not None and stream.end_frame < header_frames:
-                n_spans, valid_out = n_spans_for(stream.end_frame)   # the audio ended early
-                last = min(last, n_spans)
-                if first >= last:
-                    break
-            resampled = resampler.resample_frames(torch.from_numpy(samples).to(device))
-            segment = resampled[out_start - frame_start * new:out_stop - frame_start * new]
-            segment = segment[:(last - first - 1) * hop + length].clone()
-            segment[max(0, valid_out - out_start):] = 0.0            # exact zero padding
-            numbers = np.arange(first, last)
-            keep = _spans_clear_of(stream.bad_runs, numbers, hop, length, rate_in, rate_out, width)
-            if not keep.all():
-                _record_lost(skips, numbers[~keep], "non_finite_samples",
-                             "NaN or infinite samples in or near the span", hop, rate_out)
-            if keep.any():
-                waveforms = segment.unfold(0, length, hop)[torch.from_numpy(keep).to(device)]
-                tiles_db = front_end(waveforms).log_mel_db.to(torch.float16)   # as the store keeps tiles
-                valid_samples = np.clip(valid_out - numbers[keep] * hop, 0, length)
-                yield _SpanBlock(numbers[keep] * hop / rate_out, valid_samples / rate_out,
-                                 valid_samples < length, tiles_db)
-            first = last
-        planned, _ = n_spans_for(header_frames)
-        if n_spans < planned:
-            if stream.error:
-                _record_lost(skips, np.arange(n_spans, planned), "decode_error", stream.error,
-                             hop, rate_out)
-            elif sound_file.format in _ESTIMATED_LENGTH_FORMATS:
-                # Not lost audio: the header's length was an estimate (measured on xeno-canto
-                # MP3s: ~0.3 s more than decodes). The rows simply end where the audio does.
-                logger.debug("%s: %d frames decoded, %d estimated by the header", path,
-                             stream.end_frame, header_frames)
-            else:
-                _record_lost(skips, np.arange(n_spans, planned), "truncated",
-                             f"decoding ended at frame {stream.end_frame} of {header_frames} "
-                             "listed in the header", hop, rate_out)
-
-
-def _spans_clear_of(bad_runs: list[tuple[int, int]], numbers: np.ndarray, hop: int, length: int,
-                    rate_in: int, rate_out: int, width: int) -> np.ndarray:
-    """True for spans whose source frames, widened by the resampler's reach, touch no bad run."""
-    keep = np.ones(len(numbers), bool)
-    if not bad_runs:
-        return keep
-    low = (numbers * hop * rate_in) // rate_out - width
-    high = -(-((numbers * hop + length) * rate_in) // rate_out) + width
-    for start, stop in bad_runs:
-        keep &= ~((start < high) & (stop > low))
-    return keep
-
-
-def _record_lost(skips: list[_Skip], numbers: np.ndarray, reason: str, detail: str, hop: int,
-                 rate_out: int) -> None:
-    """One skip record per run of consecutive lost spans."""
-    for number in numbers:
-        previous = skips[-1] if skips else None
-        if (previous is not None and previous.reason == reason and not math.isnan(previous.offset_s)
-                and round(previous.offset_s * rate_out) + previous.n_spans * hop == number * hop):
-            skips[-1] = previous._replace(n_spans=previous.n_spans + 1)
-        else:
-            skips.append(_Skip(reason, detail, float(number * hop / rate_out), 1))
+    losses: list[WindowLoss] = []
+    with audio:
+        for batch in grid_windows(audio, rule, 0, n_spans, losses, block_s=DEFAULT_BLOCK_S,
+                                  device=device,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff):
+            tiles_db = front_end(batch.waveforms).log_mel_db.to(torch.float16)  # as the store keeps tiles
+            yield _SpanBlock(batch.offset_s, batch.valid_s, batch.padded, tiles_db)
+    skips.extend(_Skip(loss.reason, loss.detail, loss.offset_s, len(loss.numbers))
+                 for loss in losses)
 
 
 def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[str, Any]]:
@@ -991,7 +849,9 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
     (with pooling="both" the class tokens to EMB.cls.npy). EMB.csv names the file and offset of
     each row; EMB.skipped.csv lists what gave no row and why; EMB.json records the checkpoint
-    (with its sha256) and the config.
+    (with its sha256) and the config. When no row at all could be made (no input exists, no
+    audio file found, every file unreadable or too short) these files are written with zero
+    rows and `NothingEmbedded` names the inputs and the skip table.
     """
     started = time.perf_counter()
     config = config or EmbedConfig()
@@ -1052,14 +912,14 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
     targets = audio_output_paths(out_path, config.poolings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name, part in split_poolings(values, dims).items():
-        _write_npy_atomic(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
-                                                    f"{targets[name].name}"))
+        atomic_save_npy(targets[name], _to_output(np.ascontiguousarray(part), config.output_dtype,
+                                                  f"{targets[name].name}"))
     table = pd.DataFrame({"row": np.arange(n_rows, dtype=np.int64), **rows},
                          columns=list(ROW_COLUMNS))
     table["padded"] = table["padded"].astype(bool)
-    _write_text_atomic(targets["csv"], table.to_csv(index=False))
-    _write_text_atomic(targets["skipped"],
-                       pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
+    atomic_write_text(targets["csv"], table.to_csv(index=False))
+    atomic_write_text(targets["skipped"],
+                      pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)).to_csv(index=False))
     n_padded = int(table["padded"].sum())
     record = {
         "stage": AUDIO_STAGE,
@@ -1078,10 +938,17 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                    "padded_rows": n_padded, "skip_records": len(skipped)},
         "package_version": __version__,
     }
-    _write_text_atomic(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
-                       + "\n")
+    atomic_write_text(targets["json"], json.dumps(to_jsonable(record), indent=2, sort_keys=True)
+                      + "\n")
     logger.info("wrote %d rows (%d padded) from %d of %d files to %s; %d skip record(s)", n_rows,
                 n_padded, files_with_rows, len(inputs), out_path, len(skipped))
+    if n_rows == 0:
+        given = ", ".join(str(p) for p in paths) or "no path"
+        found = (f"{len(inputs)} audio file(s) found, none gave a span" if inputs
+                 else "no audio file found")
+        if problems:
+            found += f" ({len(problems)} path(s) missing or unreadable)"
+        raise NothingEmbedded(f"nothing to embed in {given}: {found}; see {targets['skipped']}")
     return AudioEmbedSummary(str(out_path), str(targets["csv"]), str(targets["skipped"]),
                              len(inputs), files_with_rows, n_rows, n_padded, len(skipped),
                              str(device), precision, time.perf_counter() - started)
@@ -1092,9 +959,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="soundscape-ssl embed",
         description="Embed audio files (every tile-length span; --audio, --out EMB.npy) or every "
                     "tile of a tile store (--store, --out FOLDER; resumable, shards across ranks "
@@ -1113,21 +978,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_dataclass_options(parser.add_argument_group("embedding"), EmbedConfig)
+    add_config_options(parser, EmbedConfig, title="embedding")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary."""
-    from ..pipeline.cli import dataclass_from_args
+    """`soundscape-ssl embed` / `python -m soundscape_ssl.analysis.embed`; prints a JSON summary.
+    Returns the exit code; errors are one line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl embed", _main, argv)
 
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = dataclass_from_args(EmbedConfig, args)
-    except ValueError as error:
-        parser.error(str(error))
+    config = config_from_options(EmbedConfig, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.audio is not None:

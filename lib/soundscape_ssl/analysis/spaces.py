@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,9 +31,27 @@ CHECKPOINT_FILE = "checkpoint.pth"
 
 
 def checkpoint_name(path: str | os.PathLike) -> str:
-    """A checkpoint's name: its folder for runs/X/pretrain/<method>/checkpoint.pth, else its stem."""
+    """A checkpoint's name: its folder for runs/X/pretrain/<method>/checkpoint.pth, else its stem,
+    with anything but letters, digits, `_`, `.` and `-` replaced by `_` (names become file names)."""
     path = Path(path)
-    return path.parent.name if path.stem == Path(CHECKPOINT_FILE).stem and path.parent.name else path.stem
+    base = path.parent.name if path.stem == Path(CHECKPOINT_FILE).stem and path.parent.name else path.stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "checkpoint"
+
+
+def checkpoint_names(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
+                     ) -> dict[str, Path]:
+    """{name: path}: the names given (a mapping), or `checkpoint_name` of each path, made unique
+    with a suffix (two runs' pretrain/mae/checkpoint.pth become mae and mae_2)."""
+    if isinstance(checkpoints, Mapping):
+        return {str(name): Path(path) for name, path in checkpoints.items()}
+    names: dict[str, Path] = {}
+    for path in map(Path, checkpoints):
+        base = checkpoint_name(path)
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names[name] = path
+    return names
 
 
 def run_checkpoints(run_dir: str | os.PathLike, methods: Sequence[str],
@@ -44,7 +63,7 @@ def run_checkpoints(run_dir: str | os.PathLike, methods: Sequence[str],
     `missing`, never an error: the notebooks skip it with a note.
     """
     if explicit:
-        wanted = {checkpoint_name(path): Path(path) for path in explicit}
+        wanted = checkpoint_names(explicit)
     else:
         wanted = {method: Path(run_dir) / "pretrain" / method / CHECKPOINT_FILE for method in methods}
     found = {name: path for name, path in wanted.items() if path.is_file()}

@@ -12,9 +12,12 @@ output space is scored on the same windows:
 * the log-mel baseline: mean and std over time of each mel band of the window's log-mel tile
   (`baselines.logmel_stats_features`, the default 32 kHz / 128-mel front end).
 
-Windows. The grid is every whole `window_s` span of a recording from 0 s with hop `window_s` (no
-overlap, so no two windows share audio; a last partial span is left out rather than zero-padded,
-which would give every space a padding artefact to key on). Which grid windows are scored is
+Windows. The grid is the one window rule of `soundscape_ssl.core.audio` with window and hop
+`window_s` from 0 s (no overlap, so no two windows share audio), read through the one audio
+reader, so the windows are those the tile store, `embed --audio` and BirdNET cut from the same
+file. The rule keeps a last partial window, zero-padded, when at least half of it is audio;
+such padded windows are listed in windows.csv (`valid_s`, `padded`) but never scored: zero
+padding would give every space an artefact to key on. Which whole windows are scored is
 `window_selection`:
 
 * "top_k_energy" (default): per recording, the `top_k` windows with the highest in-band energy.
@@ -59,13 +62,15 @@ Products in `out_dir`::
                                window_selection
                                (the JSON adds the run's metadata and the skipped spaces)
     windows.csv                every grid window: recording, path, label, group, offset_s,
-                               in_band_db, energy_rank (1 = loudest in its recording), selected
+                               window_s, valid_s, padded, in_band_db, energy_rank (1 = loudest
+                               whole window of its recording; empty for padded ones), selected
     predictions.csv            per selected window and output space: the out-of-fold kNN
                                prediction, its fold, and the KMeans cluster
     fold_scores.csv            per output space and fold: sizes, accuracy, macro-F1
     embeddings/SPACE__POOLING.npy  each space's rows for the selected windows (windows.csv order)
     ssl/NAME/, birdnet/        the embedding stages' own products (with their provenance)
-    skipped.csv                recordings that gave no window, with a reason
+    skipped.csv                recordings that gave no window, and windows lost to bad audio,
+                               with a reason
     config.json                the ValidateConfig, inputs and counts (written last)
 
 `validate_synthetic_archive` builds a labelled set from a synthetic archive's annotations instead
@@ -81,7 +86,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -91,15 +95,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from tqdm.auto import tqdm
 
 from .baselines import logmel_stats_features
 from . import metrics
+from .spaces import checkpoint_names
 from .metrics import KnnConfig, SpaceScores
+from ..core.audio import AudioFile, AudioOpenError, WindowLoss, grid_windows, read_info
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
+from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text
 from ..pretrain.pooling import POOLINGS
-from ..tiles.spectrogram import SpectrogramConfig, downmix, mel_bin_centres_hz, waveform_to_tiles
+from ..recordings.archive import probe_recording
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, mel_bin_centres_hz
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +125,7 @@ SCORE_COLUMNS = ("space", "pooling", "metric", "value", "interval_low", "interva
                  "window_selection")
 RECORDING_GROUPING = "recording"
 WINDOW_COLUMNS = ("window", "recording", "path", "label", "group", "offset_s", "window_s",
-                  "in_band_db", "energy_rank", "selected")
+                  "valid_s", "padded", "in_band_db", "energy_rank", "selected")
 # Offsets are compared in integer milliseconds: every front end puts spans on exact multiples of
 # the hop, but as floats computed in different ways.
 _OFFSET_KEY_SCALE = 1000
@@ -150,6 +159,8 @@ class ValidateConfig:
     batch_size: int = 64                   # SSL embedding batch
     birdnet_threads: int = 1               # LiteRT threads
     progress: bool = True
+    allow_outside_paths: bool = False      # let labels name files outside audio_dir (refused by
+                                           # default: a labels file must not reach elsewhere)
 
     def __post_init__(self) -> None:
         if self.window_selection not in WINDOW_SELECTIONS:
@@ -305,35 +316,79 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
     """(recordings, skipped): one row per usable recording (recording, path, label, group).
 
     `recording` is the path as written in the labels table, `path` the resolved absolute path.
-    Rows without a label or whose file does not exist go to `skipped` (logged), not to an error.
+    Every path must resolve (symbolic links and `..` followed) to a file under `audio_dir`: a
+    row naming anything outside is an error naming the row, unless `allow_outside_paths`. One
+    file listed twice with two labels is an error naming both rows; twice with the same label,
+    the second row is a logged "duplicate" skip. Rows without a label or whose file does not
+    exist go to `skipped` (logged), not to an error.
     """
-    table = pd.read_csv(labels) if not isinstance(labels, pd.DataFrame) else labels.copy()
+    from_file = not isinstance(labels, pd.DataFrame)
+    table = pd.read_csv(labels) if from_file else labels.copy()
     label_column = config.label_column
     if label_column == "auto":
         label_column = next((c for c in ("label", "species") if c in table.columns), "label")
     missing = [c for c in (config.path_column, label_column) if c not in table.columns]
     if missing:
         raise ValueError(f"labels table lacks columns {missing}; it has {list(table.columns)}")
-    audio_dir = Path(audio_dir)
-    paths = [Path(p) if Path(p).is_absolute() else audio_dir / p for p in table[config.path_column].astype(str)]
+    table = table.reset_index(drop=True)
+
+    def row_name(i: int) -> str:
+        """Where a row is: its line in the CSV (line 1 is the header), or its DataFrame row."""
+        return f"line {i + 2} of {labels}" if from_file else f"row {i} of the labels table"
+
+    audio_root = Path(audio_dir).resolve()
+    written = table[config.path_column].astype(str)
+    resolved: list[str | None] = []
+    outside: list[str] = []
+    for i, text in enumerate(written):
+        path = Path(text) if Path(text).is_absolute() else audio_root / text
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):              # a symbolic link loop
+            resolved.append(None)
+            continue
+        if not config.allow_outside_paths and not target.is_relative_to(audio_root):
+            outside.append(f"{row_name(i)} names {text!r}, which resolves to {target}")
+        resolved.append(str(target))
+    if outside:
+        raise ValueError(f"labels name {len(outside)} file(s) outside the audio folder "
+                         f"{audio_root} (refused; allow_outside_paths / --allow-outside-paths "
+                         f"permits it): {outside[0]}" + (f"; and {len(outside) - 1} more"
+                                                         if len(outside) > 1 else ""))
     recordings = pd.DataFrame({
-        "recording": table[config.path_column].astype(str),
-        "path": [str(p.resolve()) for p in paths],
+        "recording": written,
+        "path": [p if p is not None else str(audio_root / t) for p, t in zip(resolved, written)],
         "label": table[label_column],
     })
     recordings["group"] = recording_groups(table, config).to_numpy()
+    no_label = (recordings["label"].isna()
+                | (recordings["label"].astype(str).str.strip() == "")).to_numpy()
+    no_file = np.array([p is None or not Path(p).is_file() for p in resolved], dtype=bool)
+    usable = ~no_label & ~no_file
+    conflicts = []
+    for path, rows in recordings[usable].groupby("path", sort=False).groups.items():
+        labels_here = recordings.loc[rows, "label"].astype(str).to_numpy()
+        differing = np.flatnonzero(labels_here != labels_here[0])
+        if len(differing):
+            first, second = int(rows[0]), int(rows[differing[0]])
+            conflicts.append(f"{row_name(first)} labels {path} {labels_here[0]!r} but "
+                             f"{row_name(second)} labels it {labels_here[differing[0]]!r}")
+    if conflicts:
+        raise ValueError(f"{len(conflicts)} file(s) listed with two labels: {conflicts[0]}"
+                         + (f"; and {len(conflicts) - 1} more" if len(conflicts) > 1 else ""))
+    # The same file under the same label twice: the later rows are dropped, with a note.
+    duplicated = np.zeros(len(recordings), dtype=bool)
+    duplicated[usable] = recordings.loc[usable, "path"].duplicated(keep="first").to_numpy()
     skipped = []
-    no_label = recordings["label"].isna() | (recordings["label"].astype(str).str.strip() == "")
-    no_file = ~np.array([Path(p).is_file() for p in recordings["path"]])
-    duplicated = recordings["path"].duplicated(keep="first")
     for reason, mask in (("no_label", no_label), ("not_found", no_file & ~no_label),
-                         ("duplicate", duplicated & ~no_file & ~no_label)):
-        for recording in recordings.loc[mask, "recording"]:
-            skipped.append({"recording": recording, "reason": reason, "detail": ""})
+                         ("duplicate", duplicated)):
+        for i in np.flatnonzero(mask):
+            skipped.append({"recording": recordings.at[i, "recording"], "reason": reason,
+                            "detail": row_name(int(i)) if reason == "duplicate" else ""})
     if skipped:
         logger.warning("%d of %d labelled recordings skipped: %s", len(skipped), len(recordings),
                        pd.Series([s["reason"] for s in skipped]).value_counts().to_dict())
-    keep = ~(no_label | no_file | duplicated)
+    keep = usable & ~duplicated
     recordings = recordings[keep].reset_index(drop=True)
     recordings["label"] = recordings["label"].astype(str)
     return recordings, pd.DataFrame(skipped, columns=["recording", "reason", "detail"])
@@ -359,43 +414,79 @@ def in_band_energy_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz:
 
 def window_table(recordings: pd.DataFrame, config: ValidateConfig
                  ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """Every whole grid window of every recording: (windows, log-mel features, skipped).
+    """Every window of every recording by the one window rule: (windows, log-mel features, skipped).
 
-    windows: one row per window (WINDOW_COLUMNS but `selected`, which the caller sets); the
-    log-mel statistics (N, 2 n_mels) are row-aligned with it. A file that cannot be decoded or
-    holds no whole window is logged and listed in `skipped`.
+    windows: one row per window (WINDOW_COLUMNS but `selected`, which the caller sets), padded
+    ones included (`select_windows` never selects them); the log-mel statistics (N, 2 n_mels) are
+    row-aligned with it. Recordings are read through the one audio reader; a recording nothing
+    can be read from, or too short for a window, and windows lost to bad audio are logged and
+    listed in `skipped`.
     """
     spectrogram = config.spectrogram_config()
+    rule = spectrogram.window_rule
+    front_end = LogMelFrontEnd(spectrogram, "cpu")
     frames: list[pd.DataFrame] = []
     features: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
+
+    def skip(recording: Any, reason: str, detail: str) -> None:
+        logger.warning("skip %s [%s] %s", recording.path, reason, detail)
+        skipped.append({"recording": recording.recording, "reason": reason, "detail": detail})
+
     for recording in tqdm(recordings.itertuples(index=False), total=len(recordings), unit="file",
                           desc="windows", disable=not config.progress):
+        probe = probe_recording(recording.path)
+        if not probe.readable:
+            skip(recording, probe.reason, probe.detail)
+            continue
+        if probe.damage:
+            logger.warning("%s is damaged (%s), read up to the break: %s", recording.path,
+                           probe.damage, probe.damage_detail)
+        rate_hz = probe.sample_rate_hz
+        if not spectrogram.accepts_sample_rate(rate_hz):
+            skip(recording, "unsupported_sample_rate",
+                 f"{rate_hz} Hz outside {spectrogram.min_input_sample_rate_hz}-"
+                 f"{spectrogram.max_input_sample_rate_hz} Hz")
+            continue
+        n_windows = rule.count(probe.frames, rate_hz)
+        if n_windows == 0:
+            skip(recording, "no_frames", "the file holds no audio frames")
+            continue
         try:
-            samples, sample_rate_hz = sf.read(recording.path, dtype="float32", always_2d=True)
-            mono = downmix(samples)
-            if not np.isfinite(mono).all():
-                raise ValueError("NaN or infinite samples")
-            tiles_db, offsets_s = waveform_to_tiles(mono, sample_rate_hz, spectrogram)
-        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-            logger.warning("skip %s: %s", recording.path, error)
-            skipped.append({"recording": recording.recording, "reason": "unreadable", "detail": str(error)})
+            audio = AudioFile(recording.path, frames=probe.frames, piece_s=config.window_s)
+        except AudioOpenError as error:
+            skip(recording, "unreadable", str(error))
             continue
-        if len(tiles_db) == 0:
-            logger.warning("skip %s: shorter than one %.1f s window", recording.path, config.window_s)
-            skipped.append({"recording": recording.recording, "reason": "too_short",
-                            "detail": f"{len(mono) / sample_rate_hz:.2f} s"})
+        losses: list[WindowLoss] = []
+        tiles, offsets, valid, padded = [], [], [], []
+        with audio:
+            for batch in grid_windows(audio, rule, 0, n_windows, losses, device="cpu",
+                                      lowpass_filter_width=spectrogram.resample_lowpass_filter_width,
+                                      rolloff=spectrogram.resample_rolloff):
+                tiles.append(front_end(batch.waveforms).log_mel_db.numpy())
+                offsets.append(batch.offset_s)
+                valid.append(batch.valid_s)
+                padded.append(batch.padded)
+        for loss in losses:
+            skip(recording, loss.reason, f"{len(loss.numbers)} window(s) from {loss.offset_s:g} s: "
+                                         f"{loss.detail}")
+        if not tiles:
             continue
+        tiles_db = np.concatenate(tiles)
+        offsets_s, padded_mask = np.concatenate(offsets), np.concatenate(padded)
         energy_db = in_band_energy_db(tiles_db, spectrogram, config.energy_f_low_hz,
                                       config.energy_f_high_hz)
-        # Rank 1 = loudest; ties broken by time so the ranking is reproducible.
-        order = np.lexsort((offsets_s, -energy_db))
-        rank = np.empty(len(order), np.int64)
+        # Rank 1 = loudest whole window; ties broken by time so the ranking is reproducible.
+        # Padded windows are never scored, so they take no rank.
+        whole = np.flatnonzero(~padded_mask)
+        order = whole[np.lexsort((offsets_s[whole], -energy_db[whole]))]
+        rank = pd.array(np.full(len(tiles_db), pd.NA), dtype="Int64")
         rank[order] = np.arange(1, len(order) + 1)
         frames.append(pd.DataFrame({
             "recording": recording.recording, "path": recording.path,
             "label": getattr(recording, "label", None), "group": recording.group,
             "offset_s": offsets_s.astype(np.float64), "window_s": config.window_s,
+            "valid_s": np.concatenate(valid).astype(np.float64), "padded": padded_mask,
             "in_band_db": energy_db, "energy_rank": rank,
         }))
         features.append(logmel_stats_features(tiles_db, progress=False))
@@ -408,10 +499,12 @@ def window_table(recordings: pd.DataFrame, config: ValidateConfig
 
 
 def select_windows(windows: pd.DataFrame, config: ValidateConfig) -> np.ndarray:
-    """Boolean mask of the windows `config.window_selection` keeps."""
+    """Boolean mask of the windows `config.window_selection` keeps; never a padded window."""
+    whole = ~windows["padded"].to_numpy(dtype=bool)
     if config.window_selection == "all":
-        return np.ones(len(windows), dtype=bool)
-    return windows["energy_rank"].to_numpy() <= config.top_k
+        return whole
+    rank = pd.to_numeric(windows["energy_rank"]).to_numpy(dtype=np.float64, na_value=np.inf)
+    return whole & (rank <= config.top_k)
 
 
 def _offset_keys(offsets_s: Any) -> np.ndarray:
@@ -445,8 +538,14 @@ def synthetic_call_windows(archive_dir: str | os.PathLike, window_s: float = 3.0
     if calls.empty:
         return pd.DataFrame(columns=columns)
     calls["span"] = np.floor((calls["start_s"] + calls["end_s"]) / 2 / window_s).astype(np.int64)
-    durations = {file: sf.info(str(archive_dir / file)).duration for file in calls["file"].unique()}
-    whole = (calls["span"] + 1) * window_s <= calls["file"].map(durations) + 1e-9
+    # Whole windows by the one window rule, in exact integers (the rule's window set does not
+    # depend on the rate it is computed at).
+    rule = SpectrogramConfig(tile_s=window_s, tile_hop_s=window_s).window_rule
+    n_whole = {}
+    for file in calls["file"].unique():
+        info = read_info(str(archive_dir / file))
+        n_whole[file] = rule.n_whole(info.frames, info.sample_rate_hz)
+    whole = calls["span"] < calls["file"].map(n_whole)
     calls = calls[whole]
     spans = calls.groupby(["file", "span"], sort=True).agg(
         recorder=("recorder", "first"), n_labels=("label", "nunique"), label=("label", "first"),
@@ -471,21 +570,24 @@ def synthetic_call_windows(archive_dir: str | os.PathLike, window_s: float = 3.0
 # Output spaces
 
 
-def _checkpoint_names(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]
-                      ) -> dict[str, Path]:
-    """Names for checkpoints: given, or the folder name (runs/X/pretrain/mae/checkpoint.pth ->
-    mae), made unique with a suffix."""
-    if isinstance(checkpoints, Mapping):
-        return {str(name): Path(path) for name, path in checkpoints.items()}
-    names: dict[str, Path] = {}
-    for path in map(Path, checkpoints):
-        base = path.parent.name if path.stem == "checkpoint" and path.parent.name else path.stem
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "checkpoint"
-        name, n = base, 2
-        while name in names:
-            name, n = f"{base}_{n}", n + 1
-        names[name] = path
-    return names
+def check_checkpoints(checkpoints: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+                      config: ValidateConfig) -> dict[str, Path]:
+    """Named checkpoints (`_checkpoint_names`), each verified before any work: it exists, is a
+    soundscape-ssl checkpoint (see `checkpoint.load_checkpoint`) and cuts `config.window_s`
+    tiles. A requested space that cannot be scored is an error naming the path, never a skip."""
+    from ..pretrain.checkpoint import load_checkpoint
+
+    named = checkpoint_names(checkpoints)
+    for path in named.values():
+        _check_window_length(load_checkpoint(path), path, config)
+    return named
+
+
+def _check_window_length(metadata: Mapping[str, Any], checkpoint: str | os.PathLike,
+                         config: ValidateConfig) -> None:
+    tile_s = (metadata.get("spectrogram_config") or {}).get("tile_s")
+    if tile_s is None or not math.isclose(float(tile_s), config.window_s):
+        raise ValueError(f"{checkpoint} embeds {tile_s} s tiles, the windows are {config.window_s} s")
 
 
 def _rows_for_windows(table: pd.DataFrame, windows: pd.DataFrame, what: str) -> np.ndarray:
@@ -516,12 +618,7 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
     from ..pretrain.checkpoint import load_checkpoint
     from .embed import EmbedConfig, audio_output_paths, embed_audio_files
 
-    metadata = load_checkpoint(checkpoint)
-    spectrogram = metadata.get("spectrogram_config") or {}
-    tile_s = spectrogram.get("tile_s")
-    if tile_s is None or not math.isclose(float(tile_s), config.window_s):
-        raise ValueError(f"the checkpoint embeds {tile_s} s tiles, the windows are {config.window_s} s")
-    del metadata
+    _check_window_length(load_checkpoint(checkpoint), checkpoint, config)
     embed_config = EmbedConfig(pooling=",".join(config.poolings), batch_size=config.batch_size,
                                device=config.device)
     out_path = work_dir / "embeddings.npy"
@@ -667,7 +764,7 @@ def run_validation(windows: pd.DataFrame, logmel_features: np.ndarray | None,
 
     candidates: dict[str, np.ndarray] = {}
     skipped_spaces: dict[str, str] = {}
-    for name, checkpoint in _checkpoint_names(checkpoints).items():
+    for name, checkpoint in checkpoint_names(checkpoints).items():
         try:
             for pooling, values in ssl_spaces(selected, checkpoint, out_dir / "ssl" / name, config).items():
                 candidates[space_key(f"ssl_{name}", pooling)] = values
@@ -719,8 +816,12 @@ def _write_products(out_dir: Path, scores: pd.DataFrame, windows: pd.DataFrame,
                     skipped_spaces: dict[str, str], skipped_recordings: pd.DataFrame | None,
                     config: ValidateConfig, window_selection: str, inputs: dict[str, Any],
                     counts: dict[str, Any]) -> None:
-    scores.to_csv(out_dir / "scores.csv", index=False)
-    windows[list(WINDOW_COLUMNS)].to_csv(out_dir / "windows.csv", index=False)
+    def write_csv(frame: pd.DataFrame, name: str) -> None:
+        with atomic_write(out_dir / name) as tmp:
+            frame.to_csv(tmp, index=False)
+
+    write_csv(scores, "scores.csv")
+    write_csv(windows[list(WINDOW_COLUMNS)], "windows.csv")
     predictions, folds = [], []
     embeddings_dir = out_dir / "embeddings"
     embeddings_dir.mkdir(exist_ok=True)
@@ -730,19 +831,18 @@ def _write_products(out_dir: Path, scores: pd.DataFrame, windows: pd.DataFrame,
             "label": result.knn.true_labels, "knn_predicted": result.knn.predictions,
             "knn_fold": result.knn.fold_of_row, "kmeans_cluster": result.clusters}))
         folds.append(result.knn.fold_scores.assign(space=result.space, pooling=result.pooling))
-        np.save(embeddings_dir / f"{result.space}__{result.pooling}.npy",
-                np.asarray(result.embeddings, dtype=np.float32))
+        atomic_save_npy(embeddings_dir / f"{result.space}__{result.pooling}.npy",
+                        np.asarray(result.embeddings, dtype=np.float32))
     if predictions:
-        pd.concat(predictions, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False)
-        pd.concat(folds, ignore_index=True).to_csv(out_dir / "fold_scores.csv", index=False)
-    (skipped_recordings if skipped_recordings is not None
-     else pd.DataFrame(columns=["recording", "reason", "detail"])).to_csv(out_dir / "skipped.csv", index=False)
+        write_csv(pd.concat(predictions, ignore_index=True), "predictions.csv")
+        write_csv(pd.concat(folds, ignore_index=True), "fold_scores.csv")
+    write_csv(skipped_recordings if skipped_recordings is not None
+              else pd.DataFrame(columns=["recording", "reason", "detail"]), "skipped.csv")
     summary = {"stage": STAGE, "window_selection": window_selection, **counts,
                "skipped_spaces": skipped_spaces, "inputs": inputs,
                "scores": scores.to_dict(orient="records")}
-    tmp = out_dir / "scores.json.tmp"
-    tmp.write_text(json.dumps(to_jsonable(summary), indent=2, allow_nan=True) + "\n")
-    tmp.replace(out_dir / "scores.json")
+    atomic_write_text(out_dir / "scores.json",
+                      json.dumps(to_jsonable(summary), indent=2, allow_nan=True) + "\n")
     write_config_json(out_dir, STAGE, config, window_selection=window_selection, inputs=inputs,
                       counts=counts, skipped_spaces=skipped_spaces,
                       products=["scores.csv", "scores.json", "windows.csv", "predictions.csv",
@@ -770,11 +870,12 @@ def validate_labelled(labels: str | os.PathLike | pd.DataFrame, audio_dir: str |
                       ) -> ValidationResult:
     """`validate`, returning the whole `ValidationResult`."""
     config = config or ValidateConfig()
+    check_checkpoints(checkpoints, config)
     recordings, skipped = read_labelled_recordings(labels, audio_dir, config)
     windows, logmel, unreadable = window_table(recordings, config)
     windows["selected"] = select_windows(windows, config)
     inputs = {"labels": labels if not isinstance(labels, pd.DataFrame) else "DataFrame",
-              "audio_dir": str(audio_dir), "checkpoints": _checkpoint_names(checkpoints)}
+              "audio_dir": str(audio_dir), "checkpoints": checkpoint_names(checkpoints)}
     inputs["group_by"] = config.group_by
     if config.metadata_csv:
         inputs["metadata_csv"] = config.metadata_csv
@@ -795,6 +896,7 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     grouping by file would let one bird sit on both sides of a split) or "file".
     """
     config = config or ValidateConfig()
+    check_checkpoints(checkpoints, config)
     calls = synthetic_call_windows(archive_dir, config.window_s, min_snr_db, group_by)
     if calls.empty:
         raise ValueError(f"no planted bird call with snr_db >= {min_snr_db} in {archive_dir}")
@@ -806,7 +908,7 @@ def validate_synthetic_archive(archive_dir: str | os.PathLike,
     windows["label"] = np.where(positions >= 0, calls["label"].to_numpy()[positions], None)
     windows["selected"] = positions >= 0
     selection = f"planted_calls_snr>={min_snr_db:g}dB"
-    inputs = {"archive_dir": str(archive_dir), "checkpoints": _checkpoint_names(checkpoints),
+    inputs = {"archive_dir": str(archive_dir), "checkpoints": checkpoint_names(checkpoints),
               "min_snr_db": min_snr_db, "group_by": group_by}
     return run_validation(windows, logmel, checkpoints, out_dir, config, selection, skipped, inputs,
                           grouping=group_by)
@@ -831,9 +933,7 @@ def scores_table(scores: pd.DataFrame, metrics: Sequence[str] = ("knn_accuracy",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipeline.cli import add_dataclass_options
-
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="soundscape-ssl validate",
         description="Score output spaces (SSL checkpoints with each pooling, BirdNET V2.4, the "
                     "log-mel baseline) on labelled recordings: KMeans NMI/ARI/V-measure with "
@@ -845,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pretraining checkpoint.pth (repeatable); NAME= names its space")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    add_dataclass_options(parser.add_argument_group("validation"), ValidateConfig)
+    add_config_options(parser, ValidateConfig, title="validation")
     return parser
 
 
@@ -859,14 +959,16 @@ def _parse_checkpoints(values: Sequence[str]) -> dict[str, Path] | list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores table."""
-    from ..pipeline.cli import dataclass_from_args
+    """`soundscape-ssl validate` / `python -m soundscape_ssl.analysis.validate`; prints the scores
+    table. Returns the exit code; errors are one line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl validate", _main, argv)
 
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(ValidateConfig, args)
     try:
-        config = dataclass_from_args(ValidateConfig, args)
         checkpoints = _parse_checkpoints(args.checkpoint)
     except ValueError as error:
         parser.error(str(error))

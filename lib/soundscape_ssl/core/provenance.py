@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .stage import atomic_write_text
 
 # Packages whose versions decide whether a result can be reproduced.
 TRACKED_PACKAGES = (
@@ -42,16 +43,9 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def reject_unknown_fields(config_cls: type, values: Any) -> None:
-    """Raise ValueError naming any key that is not a field of the dataclass: a typo in a config
-    file must fail loudly, never fall back to a default silently."""
-    unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
-    if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} fields: {sorted(unknown)}")
-
-
 def write_config_json(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> Path:
-    """Write `config.json` beside a stage's products: the stage, its config and the package version."""
+    """Write `config.json` beside a stage's products (atomically): the stage, its config and the
+    package version."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -60,11 +54,8 @@ def write_config_json(out_dir: str | os.PathLike, stage: str, config: Any, **ext
         "config": to_jsonable(config),
         **{k: to_jsonable(v) for k, v in extra.items()},
     }
-    path = out_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a config
-    return path
+    return atomic_write_text(out_dir / "config.json",
+                             json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def git_state(repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:

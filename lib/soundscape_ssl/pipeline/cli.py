@@ -1,66 +1,30 @@
 """The `soundscape-ssl` command: one subcommand per stage; each delegates to its module.
 
 Stage modules are imported inside their handlers, so torch and the other heavy dependencies
-load only when a stage that needs them runs.
+load only when a stage that needs them runs. Every subcommand fails the same way, through
+`core.cli.run_command`: one line `soundscape-ssl COMMAND: error: ...` on stderr, exit 2 for a bad
+command line or config and 1 for a failure, the traceback only with `--verbose` (accepted before
+or after the subcommand's name).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+from ..core.cli import VERBOSE_FLAGS, CommandParser, run_command
+from ..core.config import add_config_options, config_from_options
 
 log = logging.getLogger("soundscape_ssl")
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One `--field-name` option per dataclass field, typed from the annotation.
-
-    Booleans take an explicit value (`--flag true|false`): `type=bool` would read "false" as True.
-    """
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        hint = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        option = "--" + field.name.replace("_", "-")
-        origin = typing.get_origin(hint)
-        if hint is bool:
-            parser.add_argument(option, type=_parse_bool, default=default, metavar="{true,false}",
-                                help=f"(default: {default})")
-        elif origin is tuple:
-            item_type = typing.get_args(hint)[0]
-            parser.add_argument(option, type=item_type, nargs="+", default=default,
-                                help=f"(default: {' '.join(map(str, default))})")
-        else:
-            parser.add_argument(option, type=hint if hint in (int, float, str) else str, default=default,
-                                help=f"(default: {default})")
-
-
-def dataclass_from_args(config_cls: type, args: argparse.Namespace) -> Any:
-    values = {}
-    for field in dataclasses.fields(config_cls):
-        value = getattr(args, field.name)
-        values[field.name] = tuple(value) if isinstance(value, list) else value
-    return config_cls(**values)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _cmd_synth_archive(args: argparse.Namespace) -> int:
     from ..recordings.synth import SynthConfig, generate_archive
 
-    out_dir = generate_archive(Path(args.out), dataclass_from_args(SynthConfig, args))
+    out_dir = generate_archive(Path(args.out), config_from_options(SynthConfig, args))
     print(out_dir)
     return 0
 
@@ -80,38 +44,25 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import NotebookFailed, run_pipeline
+    from .runner import run_pipeline
 
-    try:
-        run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only,
-                               start_from=args.start_from,
-                               repo_root=Path(args.repo_root) if args.repo_root else None)
-    except NotebookFailed as error:
-        print(f"soundscape-ssl run: {error}", file=sys.stderr)
-        return 1
+    run_dir = run_pipeline(profile=args.profile, run_id=args.run_id, only=args.only, start_from=args.start_from,
+                           repo_root=Path(args.repo_root) if args.repo_root else None)
     print(run_dir)
     return 0
 
 
-def _run_module_main(module: str, argv: list[str]) -> int:
-    """Subcommands whose module has its own argparse `main` (also run as `python -m`, e.g. under torchrun)."""
-    import importlib
-
-    from .runner import configure_logging
-
-    configure_logging()
-    return int(importlib.import_module(module).main(argv) or 0)
-
-
-# subcommand -> module whose `main(argv)` takes the remaining arguments unchanged
+# subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
+# as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
                         "validate": "soundscape_ssl.analysis.validate"}
+# subcommands whose parser is built here
+OWN_COMMANDS = ("run", "synth-archive", "inventory")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soundscape-ssl", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(prog="soundscape-ssl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)  # subparsers are CommandParsers too
 
     run = commands.add_parser("run", help="execute the numbered notebooks with papermill into runs/<run_id>/")
     run.add_argument("--profile", default="demo", help="a name in configs/ or a path to a YAML profile")
@@ -125,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder")
     from ..recordings.synth import SynthConfig
 
-    add_dataclass_options(synth, SynthConfig)
+    add_config_options(synth, SynthConfig)
     synth.set_defaults(handler=_cmd_synth_archive)
 
     inventory = commands.add_parser("inventory", help="inventory a folder tree of recordings (headers only)")
@@ -145,13 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`soundscape-ssl [-v] COMMAND ...`: the exit code; any error is one line on stderr,
+    `soundscape-ssl COMMAND: error: ...` (exit 2 for a bad command line, 1 for a failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH_COMMANDS:
-        return _run_module_main(PASSTHROUGH_COMMANDS[argv[0]], argv[1:])
-    args = build_parser().parse_args(argv)
-    from .runner import configure_logging
+    position = next((i for i, token in enumerate(argv) if token not in VERBOSE_FLAGS), None)
+    command = argv[position] if position is not None else None
+    if command in PASSTHROUGH_COMMANDS:
+        import importlib
 
-    configure_logging(args.verbose)
+        module = importlib.import_module(PASSTHROUGH_COMMANDS[command])
+        return module.main(argv[:position] + argv[position + 1:])
+    prog = "soundscape-ssl" + (f" {command}" if command in OWN_COMMANDS else "")
+    return run_command(prog, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 

@@ -1,8 +1,16 @@
 """The pipeline driver: execute the numbered notebooks with papermill into `runs/<run_id>/`.
 
-A profile (`configs/<name>.yaml`) holds `shared` parameters given to every notebook and one
-section per notebook (keyed by its number, `"01"`, or its full stem) that overrides them. The
-driver resolves the profile, prepares the archive (generating and caching the synthetic one when
+A profile (`configs/<name>.yaml`) holds `shared` parameters given to every notebook that defines
+them and one section per notebook (keyed by its number, `"01"`, or its full stem) that overrides
+them. Before anything runs, `check_profile` checks the whole profile as data: every key must be a
+parameter of its notebook's `parameters` cell (a `shared` key of at least one notebook), every
+value must have the type of that parameter's default, `synthetic_archive` must be `SynthConfig`
+fields, and parameters that become stage configs inside a notebook (notebook 03's
+`method_overrides`) are checked as those configs, all through the one config path
+(`core.config`). A misspelled key, an unknown section or a value that is not data stops the run
+with one line that names it; profile keys and values never reach a notebook as code.
+
+The driver then prepares the archive (generating and caching the synthetic one when
 `archive_dir` is `synthetic`), writes `params.yaml` and `manifest.json`, and runs each notebook
 with papermill into `runs/<run_id>/notebooks/` plus an HTML copy. A failing notebook stops the
 run with a non-zero exit that names the notebook and the cell; the partially executed notebook
@@ -11,9 +19,11 @@ stays for inspection.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,17 +31,37 @@ import re
 import shutil
 import sys
 import time
+import tokenize
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..core.cli import UsageError
+from ..core.config import ConfigError, config_from_mapping, unknown_key_message
 from ..core.provenance import environment_report, to_jsonable
+from ..core.stage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
+PROFILE_KEYS = ("description", "shared", "synthetic_archive", "notebooks")
+# Parameters the driver sets for every notebook: `run_dir` always; `archive_dir` from the
+# `shared` section's value (a folder, or `synthetic`) resolved once for all notebooks.
+RUN_DIR, ARCHIVE_DIR = "run_dir", "archive_dir"
+
+
+def _check_method_overrides(value: Any, section: str) -> None:
+    from ..pretrain.launch import check_method_overrides
+
+    check_method_overrides(value, section)
+
+
+# Notebook parameters whose value becomes a stage config inside the notebook: checked as that
+# config before any notebook runs (name -> check(value, section), raising ConfigError).
+NESTED_CONFIG_CHECKS: dict[str, Callable[[Any, str], None]] = {"method_overrides": _check_method_overrides}
 
 
 class NotebookFailed(RuntimeError):
@@ -74,14 +104,187 @@ def load_profile(profile: str, repo_root: Path) -> tuple[dict[str, Any], Path]:
     if not path.is_file():
         available = sorted(p.stem for p in (repo_root / "configs").glob("*.yaml"))
         raise FileNotFoundError(f"profile {profile!r} not found at {path}; available: {available}")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with path.open() as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"profile {path} is not valid YAML: {' '.join(str(error).split())}"]) from None
     if not isinstance(data, dict):
-        raise ValueError(f"profile {path} must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - {"description", "shared", "synthetic_archive", "notebooks"}
+        raise ConfigError([f"profile {path} must be a mapping, got {type(data).__name__}"])
+    unknown = [key for key in data if key not in PROFILE_KEYS]
     if unknown:
-        raise ValueError(f"profile {path} has unknown top-level keys {sorted(unknown)}")
+        raise ConfigError([unknown_key_message(key, PROFILE_KEYS, f"profile {path}") for key in unknown])
     return data, path
+
+
+@dataclasses.dataclass(frozen=True)
+class NotebookParameter:
+    """One assignment of a notebook's `parameters` cell: `name = default  # comment`."""
+
+    name: str
+    default: Any
+    annotation: Any  # the type a profile value must have: that of the default (see `_annotation_of`)
+    comment: str
+    line: int
+
+
+def read_parameters(notebook: Path) -> dict[str, NotebookParameter]:
+    """The parameters of `notebook`: the assignments of its one cell tagged `parameters`."""
+    import nbformat
+
+    cells = [cell for cell in nbformat.read(notebook, as_version=4).cells
+             if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{notebook.name}: expected one cell tagged 'parameters', found {len(cells)}")
+    return parse_parameters_cell(cells[0].source, notebook.name)
+
+
+def parse_parameters_cell(source: str, where: str = "parameters cell") -> dict[str, NotebookParameter]:
+    """Parse a parameters cell: only `name = literal` (or `name: type = literal`) statements, each
+    with an optional comment on its last line. Anything else is a ValueError naming the line."""
+    try:
+        tree = ast.parse(source)
+        comments = {token.start[0]: token.string.lstrip("#").strip()
+                    for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if token.type == tokenize.COMMENT}
+    except (SyntaxError, tokenize.TokenError) as error:
+        raise ValueError(f"{where}: the parameters cell is not valid Python: {error}") from None
+    parameters: dict[str, NotebookParameter] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name = node.target.id
+        else:
+            raise ValueError(f"{where}: line {node.lineno} of the parameters cell is not `name = value`")
+        try:
+            default = ast.literal_eval(node.value)
+        except ValueError:
+            raise ValueError(f"{where}: the default of {name} (line {node.lineno}) is not a literal") from None
+        parameters[name] = NotebookParameter(name, default, _annotation_of(default),
+                                             comments.get(node.end_lineno, ""), node.lineno)
+    return parameters
+
+
+def _annotation_of(default: Any) -> Any:
+    """The type a profile value of a parameter must have, from its default: bool, int, float
+    (an int is accepted), str, a list (of the default's one element type, if it has one),
+    a mapping; anything when the default is None."""
+    for kind in (bool, int, float, str):
+        if type(default) is kind:
+            return kind
+    if isinstance(default, (list, tuple)):
+        kinds = {type(item) for item in default}
+        return list[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in (bool, int, float, str) else list
+    if isinstance(default, dict):
+        return dict[str, Any]
+    return Any
+
+
+def _parameters_class(notebook: Path, parameters: dict[str, NotebookParameter]) -> type:
+    """A dataclass whose fields are the notebook's parameters (so the one converter checks them)."""
+    fields = [(p.name, p.annotation, dataclasses.field(default_factory=lambda p=p: p.default))
+              for p in parameters.values()]
+    return dataclasses.make_dataclass(f"Parameters_{notebook.stem}", fields, frozen=True)
+
+
+def check_profile(profile: Mapping[str, Any], notebooks: list[Path],
+                  where: str = "profile") -> dict[str, dict[str, Any]]:
+    """Check the whole profile against the notebooks' parameters cells before anything runs.
+
+    Returns {notebook stem: the parameters the profile sets for it (the `shared` keys it defines,
+    then its own section), converted to its parameters' types}. Raises ConfigError naming every
+    unknown key (with the close match), unknown section, wrong type or bad nested config; `where`
+    (e.g. the profile's path) starts the message.
+    """
+    problems: list[str] = []
+    description = profile.get("description")
+    if description is not None and not isinstance(description, str):
+        problems.append(f"description must be text, got {description!r}")
+    shared = _section_mapping(profile, "shared", problems)
+    sections = _section_mapping(profile, "notebooks", problems)
+    synthetic = _section_mapping(profile, "synthetic_archive", problems)
+    if synthetic:
+        from ..recordings.synth import SynthConfig
+
+        _collect(problems, config_from_mapping, SynthConfig, synthetic, "synthetic_archive")
+
+    parameters = {notebook: read_parameters(notebook) for notebook in notebooks}
+    problems += _shared_problems(shared, parameters)
+    by_name = {name: notebook for notebook in notebooks for name in (notebook.name[:2], notebook.stem)}
+    for key, values in sections.items():
+        if str(key) not in by_name:
+            problems.append(unknown_key_message(key, [n.name[:2] for n in notebooks], "notebooks",
+                                                what="notebook section"))
+        elif values is not None and not isinstance(values, Mapping):
+            problems.append(f"notebooks.{key} must be a mapping of parameters, got {values!r}")
+
+    checked: dict[str, dict[str, Any]] = {}
+    for notebook, params in parameters.items():
+        parts = [("shared", {k: v for k, v in shared.items() if k in params and k not in (RUN_DIR, ARCHIVE_DIR)})]
+        parts += [(f"notebooks.{key}", dict(values or {})) for key, values in sections.items()
+                  if by_name.get(str(key)) == notebook and isinstance(values or {}, Mapping)]
+        checked[notebook.stem] = {}
+        for section, values in parts:
+            checked[notebook.stem].update(_checked_values(notebook, params, section, values, problems))
+    if problems:  # a shared key is checked once per notebook that defines it: say it once
+        problems = list(dict.fromkeys(problems))
+        raise ConfigError([f"{where}: {problems[0]}", *problems[1:]])
+    return checked
+
+
+def _section_mapping(profile: Mapping[str, Any], key: str, problems: list[str]) -> dict[Any, Any]:
+    value = profile.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{key} must be a mapping, got {value!r}")
+        return {}
+    return dict(value)
+
+
+def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
+    """`check(*args)`, with a ConfigError's problems added to `problems` (then None)."""
+    try:
+        return check(*args)
+    except ConfigError as error:
+        problems.extend(error.problems)
+        return None
+
+
+def _shared_problems(shared: Mapping[str, Any], parameters: Mapping[Path, dict[str, NotebookParameter]]) -> list[str]:
+    """A `shared` key must be a parameter of at least one notebook (of the study, not only of the
+    selected ones: `--only` must not make a sound profile wrong); archive_dir is the driver's."""
+    every = sorted({name for params in parameters.values() for name in params} - {RUN_DIR})
+    problems = []
+    for key, value in shared.items():
+        if key == RUN_DIR:
+            problems.append(f"shared.{RUN_DIR} is set by the driver (runs/<run_id>); leave it out")
+        elif key == ARCHIVE_DIR and not isinstance(value, str):
+            problems.append(f"wrong type for key {ARCHIVE_DIR!r} in shared: expected str (a folder or "
+                            f"{SYNTHETIC!r}), got {value!r}")
+        elif key not in every:
+            problems.append(unknown_key_message(key, every, "shared (the parameters of every notebook)"))
+    return problems
+
+
+def _checked_values(notebook: Path, params: dict[str, NotebookParameter], section: str,
+                    values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The values of one profile section for `notebook`, converted to its parameters' types."""
+    for key in [k for k in values if k in (RUN_DIR, ARCHIVE_DIR)]:
+        problems.append(f"{section}.{key} is set by the driver"
+                        + (f"; give {ARCHIVE_DIR} in shared" if key == ARCHIVE_DIR else "; leave it out"))
+        del values[key]
+    valid = [name for name in params if name not in (RUN_DIR, ARCHIVE_DIR)]
+    for key in [k for k in values if k not in params]:
+        problems.append(unknown_key_message(key, valid, f"{section} (parameters of {notebook.stem})"))
+        del values[key]
+    for name in [k for k in values if k in NESTED_CONFIG_CHECKS]:
+        _collect(problems, NESTED_CONFIG_CHECKS[name], values[name], f"{section}.{name}")
+    converted = _collect(problems, config_from_mapping, _parameters_class(notebook, params), values, section)
+    if converted is None:
+        return {}
+    return {name: to_jsonable(getattr(converted, name)) for name in values}
 
 
 def list_notebooks(repo_root: Path) -> list[Path]:
@@ -104,33 +307,28 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None = None,
     if start_from:
         starts = [i for i, p in enumerate(notebooks) if matches(p, start_from)]
         if not starts:
-            raise ValueError(f"--from {start_from!r} names no notebook; have {[p.stem for p in notebooks]}")
+            raise UsageError(f"--from {start_from!r} names no notebook; have {[p.stem for p in notebooks]}")
         selected = notebooks[starts[0]:]
     if only:
         missing = [key for key in only if not any(matches(p, key) for p in notebooks)]
         if missing:
-            raise ValueError(f"--only {missing} names no notebook; have {[p.stem for p in notebooks]}")
+            raise UsageError(f"--only {missing} names no notebook; have {[p.stem for p in notebooks]}")
         selected = [p for p in selected if any(matches(p, key) for key in only)]
     return selected
 
 
-def notebook_parameters(profile: dict[str, Any], notebook: Path, run_dir: Path,
+def notebook_parameters(checked: Mapping[str, dict[str, Any]], notebook: Path, run_dir: Path,
                         archive_dir: Path) -> dict[str, Any]:
-    """Shared values, then the notebook's own section (by number or stem), then the run's paths."""
-    sections = profile.get("notebooks") or {}
-    params = dict(profile.get("shared") or {})
-    for key in (notebook.name[:2], notebook.stem):
-        params.update(sections.get(key) or {})
-    params["run_dir"] = str(run_dir)
-    params["archive_dir"] = str(archive_dir)
-    return params
+    """What papermill gives `notebook`: its checked profile values (`check_profile`), then the
+    run's paths."""
+    return {**checked.get(notebook.stem, {}), RUN_DIR: str(run_dir), ARCHIVE_DIR: str(archive_dir)}
 
 
 def synthetic_archive_dir(synth_fields: dict[str, Any], cache_root: Path) -> Path:
     """The cache folder of a synthetic archive: named by a hash of its resolved config."""
     from ..recordings.synth import GENERATOR_VERSION, SynthConfig
 
-    config = SynthConfig(**synth_fields)
+    config = config_from_mapping(SynthConfig, synth_fields, "synthetic_archive")
     # `workers` changes speed, not content, so it stays out of the cache key; the generator's
     # version goes in, so a changed generator never reuses an archive made by an older one.
     content = {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}
@@ -162,9 +360,9 @@ def prepare_archive(profile: dict[str, Any], runs_root: Path, repo_root: Path) -
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     log.info("generating the synthetic archive into %s", out_dir)
-    generate_archive(tmp_dir, SynthConfig(**fields))
+    generate_archive(tmp_dir, config_from_mapping(SynthConfig, fields, "synthetic_archive"))
     tmp_dir.rename(out_dir)
-    marker.write_text(dt.datetime.now().isoformat() + "\n")
+    atomic_write_text(marker, dt.datetime.now().isoformat() + "\n")
     return out_dir
 
 
@@ -173,9 +371,7 @@ def default_run_id(profile_path: Path) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(to_jsonable(payload), indent=2) + "\n")
 
 
 def export_html(notebook_path: Path) -> Path:
@@ -184,7 +380,7 @@ def export_html(notebook_path: Path) -> Path:
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook_path, as_version=4))
     html_path = notebook_path.with_suffix(".html")
-    html_path.write_text(body, encoding="utf-8")
+    atomic_write_text(html_path, body)
     return html_path
 
 
@@ -227,13 +423,16 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
     """
     repo_root = find_repo_root(repo_root)
     profile_data, profile_path = load_profile(profile, repo_root)
+    notebooks = list_notebooks(repo_root)
+    # The whole profile is checked before anything is created or run.
+    checked = check_profile(profile_data, notebooks, f"profile {profile_path}")
+    selected = select_notebooks(notebooks, only=only, start_from=start_from)
     runs_root = (runs_root or repo_root / "runs").resolve()
     run_id = run_id or default_run_id(profile_path)
     run_dir = runs_root / run_id
     notebooks_out = run_dir / "notebooks"
     notebooks_out.mkdir(parents=True, exist_ok=True)
 
-    selected = select_notebooks(list_notebooks(repo_root), only=only, start_from=start_from)
     manifest_path = run_dir / "manifest.json"
     manifest: dict[str, Any] = {
         "run_id": run_id,
@@ -264,9 +463,9 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
         "run_dir": str(run_dir),
         "archive_dir": str(archive_dir),
         "synthetic_archive": profile_data.get("synthetic_archive") or {},
-        "notebooks": {p.stem: notebook_parameters(profile_data, p, run_dir, archive_dir) for p in selected},
+        "notebooks": {p.stem: notebook_parameters(checked, p, run_dir, archive_dir) for p in selected},
     }
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(run_dir / "params.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     failure: NotebookFailed | None = None
     for notebook in selected:
@@ -303,8 +502,3 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
     if failure:
         raise failure
     return run_dir
-
-
-def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -23,13 +23,18 @@ a later stage can rebuild the backbone from the checkpoint alone:
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
+from ..core.config import config_from_mapping
 from ..core.provenance import git_state, to_jsonable
+from ..core.stage import atomic_write
 from .models import BackboneConfig, SpectrogramViT, build_backbone
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -67,22 +72,90 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> Path
     """Write `checkpoint` to `path` atomically: a reader (or a rerun after a kill) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
+    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
         torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
     return path
 
 
+class CheckpointError(ValueError):
+    """A path that is not a soundscape-ssl checkpoint; the message says what the path is instead."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True` and check that it is one of ours."""
-    checkpoint = torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Read a checkpoint written by `save_checkpoint`, with `torch.load(weights_only=True)`.
+
+    Raises FileNotFoundError for a missing path and CheckpointError (a ValueError) for anything
+    else that is not one of ours, saying what it is: a folder, an audio or text file, an empty
+    file, a damaged or foreign torch file, a pickle that holds more than tensors and plain values
+    ("refused to unpickle"; it is never unpickled with a weaker guard), or another format.
+    Only zip (torch's format) and pickle streams reach the unpickler at all.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        inside = path / CHECKPOINT_NAME
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        raise CheckpointError(f"{path} is a folder, not a soundscape-ssl checkpoint file{hint}")
+    kind = _file_kind(path)
+    if kind not in (_ZIP, _PICKLE):
+        raise CheckpointError(f"{path} is not a soundscape-ssl checkpoint: it is {kind}")
+    try:
+        with warnings.catch_warnings():  # its advice on pickle protocols is noise when we refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _refusal_reason(error) + ("" if kind == _ZIP else " (in a plain Python pickle)")
+        raise CheckpointError(f"{path} is not a soundscape-ssl checkpoint (refused to unpickle: {reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        what = "a damaged or foreign torch/zip file" if kind == _ZIP else "a damaged pickle"
+        first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(f"{path} is not a soundscape-ssl checkpoint ({what}: "
+                              f"{first_line.split('. ')[0].rstrip('.')})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r})")
+        raise CheckpointError(f"{path} is not a soundscape-ssl checkpoint (format: {found!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete soundscape-ssl checkpoint (lacks {missing})")
     return checkpoint
+
+
+_ZIP, _PICKLE = "a zip file", "a pickle"
+_REQUIRED_KEYS = ("method", "backbone_config", "backbone")
+# Leading bytes of files people pass by mistake, so the error can say what the file is.
+_SIGNATURES = ((b"PK\x03\x04", _ZIP), (b"\x80", _PICKLE), (b"fLaC", "a FLAC audio file"),
+               (b"OggS", "an Ogg audio file"), (b"ID3", "an MP3 audio file"), (b"\xff\xfb", "an MP3 audio file"),
+               (b"\xff\xf3", "an MP3 audio file"), (b"PAR1", "a Parquet file"), (b"\x93NUMPY", "a NumPy array file"),
+               (b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _file_kind(path: Path) -> str:
+    """What the file looks like from its first bytes (a phrase for messages)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "an empty file"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "a WAV audio file"
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"an unrecognised binary file of {path.stat().st_size} bytes"
+    first_line = text.splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (it starts {first_line!r})"
+
+
+def _refusal_reason(error: Exception) -> str:
+    """What torch's safe unpickler refused, without torch's advice on how to lower the guard."""
+    advice = re.compile(r"weights.only|torch\.load|trusted source|file an issue|safe_globals|allowlist", re.I)
+    lines = [line.replace("WeightsUnpickler error:", "").strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not advice.search(line)]
+    return "; ".join(kept) or "the file holds objects other than tensors and plain values"
 
 
 def checkpoint_metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +170,14 @@ def load_backbone(checkpoint_path: str | os.PathLike,
     For DINO this is the EMA teacher's backbone, for MAE the encoder, for VICReg the backbone.
     """
     checkpoint = load_checkpoint(checkpoint_path, map_location)
-    model = build_backbone(BackboneConfig(**checkpoint["backbone_config"]))
-    model.load_state_dict(checkpoint["backbone"])
+    model = build_backbone(config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
+                                               f"{checkpoint_path}: backbone_config"))
+    try:
+        model.load_state_dict(checkpoint["backbone"])
+    except RuntimeError as error:  # weights of another shape than backbone_config describes
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{checkpoint_path}: its backbone weights do not fit its backbone_config "
+                              f"({first_line})") from None
     model.to(map_location)
     return model.eval(), checkpoint_metadata(checkpoint)
 
@@ -118,7 +197,8 @@ def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.P
         if existing["train_config"] == origin and existing["backbone_config"] == checkpoint["backbone_config"] \
                 and existing["normalization"] == checkpoint["normalization"]:
             return Path(out_path)  # the same control: keep the file, so embeddings made from it stay valid
-    backbone_config = BackboneConfig(**checkpoint["backbone_config"])
+    backbone_config = config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
+                                          f"{checkpoint_path}: backbone_config")
     torch.manual_seed(seed)
     model = build_backbone(backbone_config)
     untrained = build_checkpoint(

@@ -1,5 +1,9 @@
-"""Launching pretraining from a notebook: a torchrun command run as a checked, streamed subprocess.
+"""Launching work from a notebook: checked configs, a torchrun command, a checked streamed subprocess.
 
+`write_train_configs` turns a notebook's settings and per-method overrides into one validated
+`train_config.json` per method (through the one config path, `core.config`), so a typo fails the
+cell before anything trains; `training_environment` says how CPU children must be started.
+`torchrun_command` builds the launch (of training, or of tiling with `tiling.command_arguments`).
 `!torchrun ...` in a notebook never fails it; `run_streaming` does: it streams the child's output
 line by line into the cell (so a papermill log shows progress) and raises
 `subprocess.CalledProcessError` on a non-zero exit, naming what the exit code means.
@@ -12,9 +16,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from ..core.config import ConfigError, check_keys, config_from_mapping, merge_mappings, unknown_key_message
 from ..core.provenance import to_jsonable
+from ..core.stage import atomic_write_text
 
 # Exit codes of `python -m soundscape_ssl.pretrain.train` (see its module docstring).
 TRAIN_EXIT_MEANINGS = {
@@ -26,21 +32,80 @@ TRAIN_EXIT_MEANINGS = {
 }
 
 
-def write_train_config(out_dir: str | os.PathLike, settings: dict[str, Any]) -> Path:
+def write_train_config(out_dir: str | os.PathLike, settings: Mapping[str, Any],
+                       section: str = "TrainConfig") -> Path:
     """Write the TrainConfig fields of one run to `out_dir/train_config.json` (validated first).
 
-    `settings` holds TrainConfig fields, nested sections as dicts (`{"model": {"arch": ...}}`).
+    `settings` holds TrainConfig fields, nested sections as mappings (`{"model": {"arch": ...}}`),
+    converted by the one config path (`core.config`); `section` names them in its errors.
     Validation here turns a typo into an error in the notebook cell, not in a subprocess log.
     """
-    from .train import TrainConfig, config_from_dict
+    return _write_train_config(out_dir, _train_config(settings, section))
 
-    config = config_from_dict(TrainConfig, json.loads(json.dumps(to_jsonable(settings))))
+
+def write_train_configs(pretrain_dir: str | os.PathLike, methods: Sequence[str], settings: Mapping[str, Any],
+                        method_overrides: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """One validated `train_config.json` per method, in `pretrain_dir/<method>/`: {method: path}.
+
+    Each method's config is `settings` (TrainConfig fields shared by every method), then its
+    `method` and `out_dir`, then `method_overrides[method]` laid over them (nested sections
+    merged key by key). An unknown method, an unknown field or a wrong type is a ConfigError
+    naming it; every config is checked before any file is written.
+    """
+    from .train import METHODS
+
+    check_keys({method: None for method in methods}, METHODS, "methods")
+    method_overrides = method_overrides or {}
+    check_method_overrides(method_overrides)
+    pretrain_dir = Path(pretrain_dir)
+    configs = {method: _train_config(merge_mappings(
+                   {**settings, "method": method, "out_dir": str(pretrain_dir / method)},
+                   method_overrides.get(method) or {}), f"{method} settings")
+               for method in methods}
+    return {method: _write_train_config(pretrain_dir / method, config) for method, config in configs.items()}
+
+
+def _train_config(settings: Mapping[str, Any], section: str) -> Any:
+    from .train import TrainConfig
+
+    config = config_from_mapping(TrainConfig, settings, section)
     config.validate()
+    return config
+
+
+def _write_train_config(out_dir: str | os.PathLike, config: Any) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "train_config.json"
-    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
     return path
+
+
+def check_method_overrides(method_overrides: Any, section: str = "method_overrides") -> None:
+    """Raise ConfigError unless `method_overrides` maps method names to (partial) TrainConfig
+    fields; the profile check of `soundscape-ssl run` and `write_train_configs` both use it."""
+    from .train import METHODS, TrainConfig
+
+    if not isinstance(method_overrides, Mapping):
+        raise ConfigError([f"{section} must be a mapping of method name to TrainConfig fields, "
+                           f"got {method_overrides!r}"])
+    problems = [unknown_key_message(method, METHODS, section) for method in method_overrides if method not in METHODS]
+    for method, fields in method_overrides.items():
+        try:
+            config_from_mapping(TrainConfig, fields or {}, f"{section}.{method}")
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
+
+
+def training_environment(device: str, threads: int) -> dict[str, str]:
+    """Extra environment for training children: `cpu_training_environment(threads)` when they
+    train on the CPU (device "cpu", or "auto" where torch sees no CUDA device), else nothing."""
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return cpu_training_environment(threads) if on_cpu else {}
 
 
 def torchrun_command(module: str, module_args: Sequence[str], nproc_per_node: int = 1, nnodes: int = 1,

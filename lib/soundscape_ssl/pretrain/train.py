@@ -1,11 +1,13 @@
 """Pretraining entry point: wires data, method, optimizer, DDP, logging and checkpoints.
 
     torchrun --standalone --nproc_per_node=8 -m soundscape_ssl.pretrain.train --config pretrain.yaml \\
-        --epochs 50 --dino.out_dim 65536
-    python -m soundscape_ssl.pretrain.train --config demo.json --max_steps 20      # one process, CPU or GPU
+        --epochs 50 --dino.out-dim 65536
+    python -m soundscape_ssl.pretrain.train --config demo.json --max-steps 20      # one process, CPU or GPU
 
 `--config` is a JSON or YAML file with `TrainConfig` fields (nested sections as mappings);
-each `--key value` (or `--section.key value`) after it overrides one field, parsed as YAML.
+each flag `--field-name value` (or `--section.field-name value`) overrides one field
+(`--help` lists them; booleans take true/false, tuples several values, None-able fields `none`).
+Both go through the one config path (`core.config`): an unknown key or a wrong type is an error.
 The engine (`engine.train_one_epoch`) trains; the methods (`dino`, `mae`, `vicreg`) define
 losses; this module only connects them.
 
@@ -22,7 +24,9 @@ Behaviour worth knowing:
   good checkpoint is kept.
 * Rank 0 alone writes `log.jsonl` (its first record of every start holds the git sha, the
   command line, the full config and the derived values), TensorBoard events under
-  `tensorboard/` and the checkpoint.
+  `tensorboard/` and the checkpoint. A resumed run first drops the training records (and
+  TensorBoard events) of steps after its checkpoint's, which it trains again: each step is
+  logged once; the start and stop events of every attempt stay.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +48,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -56,7 +58,10 @@ from .dino import DinoConfig, DinoMethod
 from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
 from .models import BackboneConfig, SSLMethod
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options, read_mapping_file
 from ..core.provenance import environment_report, to_jsonable, write_config_json
+from ..core.stage import atomic_write_text, claim_folder
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
 
@@ -149,119 +154,30 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration files and command-line overrides
+# Configuration files and command-line flags (through the one config path, core/config.py)
 
 
-def _coerce(annotation: Any, value: Any, where: str) -> Any:
-    """`value` (from JSON, YAML or the command line) as the annotated field type, or a clear error."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping of {annotation.__name__} fields, got {value!r}")
-        return config_from_dict(annotation, value, prefix=f"{where}.")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError("; ".join(errors))
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ValueError(f"{where} must be a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{where} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads "1e-4" (no dot) as a string
-            except ValueError:
-                pass
-        raise ValueError(f"{where} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where} must be a string, got {value!r}")
-    raise TypeError(f"unsupported config field type {annotation!r} at {where}")
+def build_parser() -> argparse.ArgumentParser:
+    """`--config FILE` plus one flag per TrainConfig field (`--epochs`, `--dino.out-dim` ...)."""
+    parser = CommandParser(
+        prog="python -m soundscape_ssl.pretrain.train", description=__doc__.split("\n")[0],
+        epilog="Flags override the --config file's values, which override TrainConfig's defaults.")
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields (nested sections as mappings)")
+    add_config_options(parser, TrainConfig, title="TrainConfig fields")
+    return parser
 
 
-def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build the config dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"valid keys: {', '.join(prefix + n for n in names)}")
-    return cls(**{name: _coerce(hints[name], value, prefix + name) for name, value in data.items()})
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `build_parser` arguments: flags over the --config file over defaults."""
+    base = read_mapping_file(args.config) if args.config else {}
+    section = f"TrainConfig ({args.config} and flags)" if args.config else "TrainConfig flags"
+    return config_from_options(TrainConfig, args, base=base, section=section)
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """["--a.b", "3", "--c=x"] -> {"a": {"b": 3}, "c": "x"}; values are parsed as YAML scalars."""
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or len(token) == 2:
-            raise ValueError(f"expected --key value, got {token!r}")
-        key, has_value, raw = token[2:].partition("=")
-        if not has_value:
-            if index + 1 >= len(tokens):
-                raise ValueError(f"--{key} needs a value")
-            index += 1
-            raw = tokens[index]
-        node = overrides
-        *parents, leaf = key.replace("-", "_").split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-        index += 1
-    return overrides
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from a JSON/YAML file (optional) plus `--key value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = json.loads(text) if str(path).endswith(".json") else (yaml.safe_load(text) or {})
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(TrainConfig, data)
+def load_config(path: str | os.PathLike | None = None, flags: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from a JSON/YAML file (optional) plus command-line flags (`["--epochs", "5"]`)."""
+    args = build_parser().parse_args([*(["--config", str(path)] if path is not None else []), *(flags or [])])
+    return config_from_args(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,17 +359,28 @@ class _SignalFlag:
 
 
 class RunLog:
-    """Rank 0's JSON-lines log and TensorBoard writer; every method is a no-op on other ranks."""
+    """Rank 0's JSON-lines log and TensorBoard writer; every method is a no-op on other ranks.
 
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
+    `start_step` is the step training starts from (the checkpoint's, 0 for a new run): records
+    of later steps left by an earlier, interrupted attempt are dropped first, since those steps
+    are trained (and logged) again.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0) -> None:
         self.enabled = enabled
-        self._file = open(out_dir / "log.jsonl", "a") if enabled else None
+        self._file = None
         self._tensorboard = None
         if enabled:
+            path = out_dir / "log.jsonl"
+            if path.exists():
+                drop_records_after(path, start_step)
+            self._file = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+                # purge_step hides the events of steps >= it that an earlier attempt wrote.
+                self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"),
+                                                  purge_step=start_step + 1)
             except ImportError:
                 logger.info("tensorboard is not installed: logging to log.jsonl only")
 
@@ -472,6 +399,28 @@ class RunLog:
             self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite a log.jsonl (atomically) without its "train" records of steps after `step`, and
+    without a torn last line (a kill mid-write); other events stay. Returns the records dropped."""
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if record.get("event") == "train" and int(record.get("step", 0)) > step:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    if dropped or not text.endswith("\n"):
+        atomic_write_text(path, "".join(kept))
+        logger.info("%s: dropped %d record(s) after step %d (those steps are trained again)",
+                    path, dropped, step)
+    return dropped
 
 
 @dataclasses.dataclass
@@ -699,6 +648,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
     config.validate()
     context = setup_distributed(config.device)
     previous_threads = torch.get_num_threads()
+    claim = None
     try:
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
@@ -707,12 +657,14 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
             torch.backends.cudnn.allow_tf32 = True
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 writes out_dir: a second run on it is refused; a killed run's temporary files go.
+        claim = claim_folder(out_dir) if context.is_main else None
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
         data = with_background_removal(data, config.background_removal)
         _check_tile_shape(data, config.model)
         trainer = _Trainer(config, context, data)
         trainer.resume_if_possible()
-        trainer.log = RunLog(out_dir, context.is_main)
+        trainer.log = RunLog(out_dir, context.is_main, start_step=trainer.step)
         if config.compile:
             compile_for_training(trainer.method)
         model = trainer.method
@@ -750,6 +702,8 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
                     summary.checkpoint_path)
         return summary
     finally:
+        if claim is not None:
+            claim.release()
         torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
         if context.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -769,34 +723,22 @@ def _exit_rank(code: int) -> typing.NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit code (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog="Any TrainConfig field may follow as --key value or --section.key value (e.g. --epochs 50 "
-               "--dino.out_dim 4096 --model.arch vit_tiny); values are parsed as YAML.")
-    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields")
-    args, override_tokens = parser.parse_known_args(argv)
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_main_rank else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, override_tokens)
-        config.validate()
-    except (ValueError, TypeError, OSError, yaml.YAMLError) as error:
-        logger.error("bad configuration: %s", error)
-        return EXIT_CONFIG_ERROR
+    """Command-line entry point; returns the process exit code (see the module docstring).
+    Errors are one line on stderr (`core.cli.run_command`), with training's own exit codes."""
+    return run_command("python -m soundscape_ssl.pretrain.train", _main, argv, exit_codes={
+        NonFiniteLossError: EXIT_NON_FINITE_LOSS, CollapseDetectedError: EXIT_COLLAPSE,
+        # a bad config, a missing tile store, a checkpoint of another model or not ours at all
+        ValueError: EXIT_CONFIG_ERROR, FileNotFoundError: EXIT_CONFIG_ERROR})
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone reports progress
+    config = config_from_args(args)
+    config.validate()
     try:
         run(config, argv=argv)
-    except (ValueError, FileNotFoundError) as error:  # e.g. a missing tile store, a checkpoint of another model
-        logger.error("cannot train: %s", error)
-        return EXIT_CONFIG_ERROR
-    except NonFiniteLossError as error:
-        logger.error("%s", error)
-        return EXIT_NON_FINITE_LOSS
-    except CollapseDetectedError as error:
-        logger.error("%s", error)
-        return EXIT_COLLAPSE
     except StopRequested as stop:
         logger.warning("%s; checkpoint written, rerun the same command to resume", stop)
         return 128 + stop.signum

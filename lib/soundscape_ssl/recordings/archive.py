@@ -27,23 +27,32 @@ Quarantine reasons (`QUARANTINE_REASONS`), decided per file, never fatal to the 
 - ``bad_header``: the signature is right but the header is inconsistent (no fmt chunk,
   0 channels or 0 Hz, block size that does not match the sample format, libsndfile refuses it).
 - ``no_frames``: the header is fine but not one complete audio frame is present.
-- ``truncated``: the header promises more audio than the file holds. For WAV the detail gives
-  the frames actually present ("... only M frames (x s) are present"): the file was cut short
-  (a recorder that lost power, an interrupted copy), its first M frames are still good audio and
-  a later stage may choose to use them, but the inventory does not count them as a recording.
-  A data chunk whose size is the placeholder 0 or 0xFFFFFFFF followed by audio bytes means
-  the recorder never finalised the header: also ``truncated``, with the frames present.
-  The RIFF size field itself is not checked: many recorders and tools write 0, 0xFFFFFFFF or a
-  stale value there, and only the data chunk decides how much audio there is.
-  FLAC: the last frame is decoded (one seek, one small read) to prove the stream reaches the
-  length its header claims; a stream that cannot is ``truncated`` (frames present unknown).
-  MP3: the stream size in the Xing/Info/VBRI header is compared with the file size (decoding
-  the last frame would make mpg123 read the whole file); without such a header a cut MP3 is
-  not detected here.
+- ``truncated``: the header promises more audio than the file holds and not one frame of it can
+  be read (e.g. a WAV whose data size is the placeholder 0, which libsndfile reads as empty).
 - ``unsupported_format``: a WAV codec that neither this parser (PCM 8-32 bit, IEEE float 32/64,
   A-law, mu-law) nor libsndfile can read (e.g. MPEG-in-WAV, unknown format tags).
 - ``unreadable``: the operating system refused (permissions, I/O error, broken symbolic link, a
   directory that cannot be listed; for a directory, path/relpath name the directory).
+
+Damaged but readable files are listed, not quarantined: a recording cut short (a recorder that
+lost power, an interrupted copy) keeps its first M frames of good audio, and every stage reads it
+up to the break. Its row gives `frames` = the readable frames (M, what is really there; the
+duration follows from them), `damage` = "truncated" and `damage_detail` (what the header claims,
+what is readable). So tiling plans only audio that exists and reports no loss for the rest.
+- WAV: the data chunk claims more bytes than follow it, or its size is the placeholder
+  0xFFFFFFFF (or 0 followed by audio bytes: the recorder never finalised the header). The
+  readable frames are those present, as libsndfile also reads them. The RIFF size field itself
+  is not checked: many recorders and tools write 0, 0xFFFFFFFF or a stale value there, and only
+  the data chunk decides how much audio there is.
+- FLAC: the last frame is decoded (one seek, one small read) to prove the stream reaches the
+  length its header claims; when it cannot, the file is decoded to count the frames that do
+  (`core.audio.count_decodable_frames`, for damaged files only).
+- MP3: the stream size in the Xing/Info/VBRI header is compared with the file size (decoding
+  the last frame would make mpg123 read the whole file); when the file is shorter, it is decoded
+  to count the frames that do. Without such a header a cut MP3 is not detected here; its length
+  is mpg123's estimate from the file size, and the stages end its windows where decoding does.
+`probe_recording(path)` applies the same classification to one file, for the stages that read
+files without an inventory (`embed --audio`, BirdNET on files, labelled validation).
 
 MP3 lengths: libsndfile asks mpg123, which takes the length from a Xing/Info/VBRI header when
 there is one and otherwise *estimates* it from the file size and the first frame's bitrate; it
@@ -73,14 +82,22 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.audio import AudioOpenError, count_decodable_frames, read_info
+from ..core.config import config_from_mapping
 from ..core.provenance import write_config_json
+from ..core.stage import atomic_write
 
 logger = logging.getLogger(__name__)
 
 FILES_COLUMNS = (
     "recorder", "habitat", "lat", "lon", "path", "relpath", "start_time", "duration_s",
     "sample_rate_hz", "channels", "format", "subtype", "bit_depth", "frames", "bytes",
+    "damage", "damage_detail",
 )
+# Readable files with damage (read up to the break): the reason in `damage`, null when intact.
+DAMAGE_REASONS = {
+    "truncated": "the header promises more audio than the file holds; read up to the break",
+}
 QUARANTINE_COLUMNS = ("path", "relpath", "bytes", "reason", "detail")
 
 QUARANTINE_REASONS = {
@@ -88,7 +105,7 @@ QUARANTINE_REASONS = {
     "not_audio": "no audio signature: not a WAV/FLAC/MP3 file",
     "bad_header": "audio signature, but an inconsistent or incomplete header",
     "no_frames": "a valid header but not one complete audio frame",
-    "truncated": "the header promises more audio than the file holds (cut short)",
+    "truncated": "the header promises more audio than the file holds and none of it is readable",
     "unsupported_format": "a sample format that cannot be decoded",
     "unreadable": "the operating system refused to list or read it",
 }
@@ -127,11 +144,8 @@ class InventoryConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "InventoryConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in known}
-        if "extensions" in kwargs:
-            kwargs["extensions"] = tuple(kwargs["extensions"])
-        return cls(**kwargs)
+        """Inverse of `dataclasses.asdict`; unknown keys are an error, never dropped silently."""
+        return config_from_mapping(cls, values)
 
 
 # --------------------------------------------------------------------------- result tables
@@ -150,14 +164,14 @@ class ArchiveInventory:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, table in (("files", self.files), ("quarantine", self.quarantine)):
-            tmp = out_dir / f"{name}.parquet.tmp"
-            table.to_parquet(tmp, index=False)
-            tmp.replace(out_dir / f"{name}.parquet")  # a reader never sees half a table
+            with atomic_write(out_dir / f"{name}.parquet") as tmp:  # never half a table
+                table.to_parquet(tmp, index=False)
         reason_counts = self.quarantine["reason"].value_counts().to_dict()
         write_config_json(
             out_dir, STAGE_NAME, self.config,
             n_files=len(self.files),
             n_quarantined=len(self.quarantine),
+            n_damaged=int(self.files["damage"].notna().sum()),
             quarantine_reasons={str(k): int(v) for k, v in reason_counts.items()},
             total_audio_hours=float(self.files["duration_s"].sum() / 3600.0),
             n_recorders=int(self.files["recorder"].nunique()),
@@ -176,13 +190,18 @@ class ArchiveInventory:
 
 
 def _with_files_dtypes(files: pd.DataFrame) -> pd.DataFrame:
-    files = files.loc[:, list(FILES_COLUMNS)].copy()
+    files = files.copy()
+    for column in ("damage", "damage_detail"):   # inventories written before damaged files were listed
+        if column not in files.columns:
+            files[column] = None
+    files = files.loc[:, list(FILES_COLUMNS)]
     for column in ("recorder", "path", "relpath", "format", "subtype"):
         files[column] = files[column].astype(str)
-    habitat = files["habitat"].astype(object)
-    habitat = habitat.where(habitat.notna(), np.nan)
-    # pandas >= 3 has a string dtype whose missing value is NaN; pandas 2 keeps object + NaN.
-    files["habitat"] = habitat.astype("str") if _PANDAS_MAJOR >= 3 else habitat
+    for column in ("habitat", "damage", "damage_detail"):
+        values = files[column].astype(object)
+        values = values.where(values.notna(), np.nan)
+        # pandas >= 3 has a string dtype whose missing value is NaN; pandas 2 keeps object + NaN.
+        files[column] = values.astype("str") if _PANDAS_MAJOR >= 3 else values
     for column in ("lat", "lon", "duration_s"):
         files[column] = files[column].astype("float64")
     files["start_time"] = files["start_time"].astype("datetime64[ns]")
@@ -248,6 +267,19 @@ class _Rejected(Exception):
 
 class _NeedsLibsndfile(Exception):
     """The WAV parser does not handle this file; libsndfile may (W64, ADPCM, misnamed FLAC ...)."""
+
+
+class _Damaged(Exception):
+    """A file cut short: readable up to a break (`present_frames` when the header tells, else the
+    frames are counted by decoding). `audio`: what the header says, as in `_ProbeResult.audio`."""
+
+    def __init__(self, detail: str, present_frames: int | None = None,
+                 audio: tuple | None = None):
+        super().__init__(f"truncated: {detail}")
+        self.reason = "truncated"
+        self.detail = detail
+        self.present_frames = present_frames
+        self.audio = audio
 
 
 class WavHeader(NamedTuple):
@@ -458,11 +490,11 @@ def _wav_header_from_chunks(reader: _HeaderBytes, container: str,
         # A zero-size data chunk followed by another chunk is a genuinely empty recording;
         # followed by anything else it is audio the recorder never accounted for.
         unfinalised = not _is_chunk_id(reader.at(data_offset, 4))
+    audio = (container, subtype, channels, rate_hz, bit_depth)
     if unfinalised:
-        raise _Rejected("truncated", (
-            f"data chunk size is the placeholder 0x{data_size:08X}: the header was never "
-            f"finalised (recording stopped mid-file); only {present_frames} frames "
-            f"({seconds(present_frames)}) are present"))
+        raise _Damaged(f"data chunk size is the placeholder 0x{data_size:08X}: the header was "
+                       f"never finalised (recording stopped mid-file); {present_frames} frames "
+                       f"({seconds(present_frames)}) are present", present_frames, audio)
     if header.frames == 0:
         raise _Rejected("no_frames", f"data chunk of {data_size} B holds no complete frame "
                                      f"({block_align} B per frame)")
@@ -471,22 +503,22 @@ def _wav_header_from_chunks(reader: _HeaderBytes, container: str,
             raise _Rejected("no_frames", (
                 f"data chunk claims {header.frames} frames ({seconds(header.frames)}) "
                 f"but no complete frame follows the header"))
-        raise _Rejected("truncated", (
-            f"data chunk claims {header.frames} frames ({seconds(header.frames)}) "
-            f"but only {present_frames} frames ({seconds(present_frames)}) are present"))
+        raise _Damaged(f"data chunk claims {header.frames} frames ({seconds(header.frames)}) "
+                       f"but only {present_frames} frames ({seconds(present_frames)}) are present",
+                       present_frames, audio)
     return header
 
 
 def read_wav_header(path: str | os.PathLike, read_bytes: int = HEADER_READ_BYTES) -> WavHeader:
     """Parse the header of one WAV file without reading its audio.
 
-    Raises ValueError (with the quarantine reason in the message) for a file that
-    `scan_archive` would quarantine, and OSError when the file cannot be read.
+    Raises ValueError (with the quarantine or damage reason in the message) for a file that
+    `scan_archive` would quarantine or list as damaged, and OSError when the file cannot be read.
     """
     fd = os.open(path, _OPEN_FLAGS)
     try:
         return _parse_wav(_HeaderBytes(fd, read_bytes), os.fstat(fd).st_size)
-    except (_Rejected, _NeedsLibsndfile) as problem:
+    except (_Rejected, _NeedsLibsndfile, _Damaged) as problem:
         raise ValueError(f"{os.fspath(path)}: {problem}") from None
     finally:
         os.close(fd)
@@ -553,10 +585,9 @@ def _check_signature(reader: _HeaderBytes, extension: str, file_size: int) -> st
         present_bytes = file_size - offset
         # Trailing tags (ID3v1, APE) only add bytes: a file shorter than the stream is cut.
         if stream_bytes is not None and present_bytes < stream_bytes:
-            raise _Rejected("truncated", (
-                f"the Xing/VBRI header gives a {stream_bytes} B MPEG stream but only "
-                f"{present_bytes} B follow the tags (about {present_bytes / stream_bytes:.0%} "
-                f"of the audio is present)"))
+            raise _Damaged(f"the Xing/VBRI header gives a {stream_bytes} B MPEG stream but only "
+                           f"{present_bytes} B follow the tags (about "
+                           f"{present_bytes / stream_bytes:.0%} of the audio is present)")
     return None
 
 
@@ -573,7 +604,7 @@ def _probe_with_libsndfile(path: str) -> tuple[str, str, int, int, int]:
 
     Opening reads the stream headers only. Then, except for MPEG, the last frame is decoded
     (one seek and one short read; FLAC seeks by bisection, ~20 KB read for a 7 MB file) to prove
-    the stream is as long as its header claims. MPEG is left out because mpg123 reaches the
+    the stream is as long as its header claims (_Damaged when it is not). MPEG is left out because mpg123 reaches the
     last frame by reading every frame header, i.e. the whole file (measured); its truncation
     check is `_check_signature`'s comparison of the Xing stream size with the file size.
     """
@@ -597,11 +628,10 @@ def _probe_with_libsndfile(path: str) -> tuple[str, str, int, int, int]:
             else:
                 reason = "nothing decoded"
             if last is None or len(last) != 1:
-                raise _Rejected("truncated", (
-                    f"header claims {frames} frames ({frames / rate_hz:.3f} s) but the last "
-                    f"frame cannot be decoded ({reason}); the frames present are unknown"))
+                raise _Damaged(f"header claims {frames} frames ({frames / rate_hz:.3f} s) but "
+                               f"the last frame cannot be decoded ({reason})")
             return header
-    except _Rejected:
+    except (_Rejected, _Damaged):
         raise
     except (RuntimeError, soundfile.SoundFileError) as error:
         error_string = getattr(error, "error_string", "") or str(error)
@@ -633,6 +663,7 @@ class _ProbeResult(NamedTuple):
     audio: tuple[str, str, int, int, int | None, int] | None
     rejected: _Rejected | None
     note: str | None = None  # e.g. "mp3_length_estimated"
+    damage: tuple[str, str] | None = None  # (reason, detail) of a file readable up to a break
 
 
 def _open_for_reading(path: str) -> int:
@@ -687,6 +718,8 @@ def _probe_file(candidate: _Candidate, read_bytes: int) -> _ProbeResult:
             fmt = "WAV"  # WAVE_FORMAT_EXTENSIBLE is the same container
         return _ProbeResult(size_bytes, (fmt, subtype, channels, rate_hz,
                                          _BIT_DEPTH_OF_SUBTYPE.get(subtype), frames), None, note)
+    except _Damaged as damaged:
+        return _readable_part(candidate.path, size_bytes, damaged)
     except _Rejected as rejected:
         return _ProbeResult(size_bytes, None, rejected)
     except OSError as error:
@@ -696,6 +729,70 @@ def _probe_file(candidate: _Candidate, read_bytes: int) -> _ProbeResult:
         logger.exception("unexpected error while probing %s", candidate.path)
         return _ProbeResult(size_bytes, None, _Rejected(
             "unreadable", f"unexpected {type(error).__name__}: {error}"))
+
+
+def _readable_part(path: str, size_bytes: int, damaged: _Damaged) -> _ProbeResult:
+    """A damaged file: listed with its readable frames and a damage note, or quarantined as
+    ``truncated`` when nothing of it can be read (through libsndfile, as every stage reads)."""
+    try:
+        info = read_info(path)
+    except AudioOpenError as error:
+        return _ProbeResult(size_bytes, None, _Rejected(
+            "truncated", f"{damaged.detail}; libsndfile cannot open it ({error})"))
+    if damaged.present_frames is not None:
+        readable = min(damaged.present_frames, info.frames)
+    else:
+        readable, _ = count_decodable_frames(path)
+    if readable <= 0:
+        return _ProbeResult(size_bytes, None, _Rejected(
+            "truncated", f"{damaged.detail}; no frame of it can be decoded"))
+    fmt, subtype, channels, rate_hz, bit_depth = damaged.audio or (
+        "WAV" if info.format == "WAVEX" else info.format, info.subtype, info.channels,
+        info.sample_rate_hz, _BIT_DEPTH_OF_SUBTYPE.get(info.subtype))
+    detail = (f"{damaged.detail}; read up to the break: {readable} frames "
+              f"({readable / rate_hz:.3f} s) are readable")
+    return _ProbeResult(size_bytes, (fmt, subtype, channels, rate_hz, bit_depth, readable), None,
+                        damage=(damaged.reason, detail))
+
+
+class Recording(NamedTuple):
+    """One audio file as the inventory classifies it (`probe_recording`)."""
+
+    path: str
+    size_bytes: int
+    format: str | None
+    subtype: str | None
+    channels: int
+    sample_rate_hz: int
+    bit_depth: int | None
+    frames: int                    # readable frames (0 when quarantined)
+    damage: str | None             # DAMAGE_REASONS key: read up to a break
+    damage_detail: str | None
+    reason: str | None             # QUARANTINE_REASONS key: nothing can be read
+    detail: str | None
+
+    @property
+    def readable(self) -> bool:
+        return self.reason is None
+
+
+def probe_recording(path: str | os.PathLike,
+                    read_bytes: int = HEADER_READ_BYTES) -> Recording:
+    """The inventory's verdict on one file, for stages that read files without an inventory:
+    quarantined (`reason`, `detail`), or readable with its readable frames and any damage.
+    Never raises for a bad file."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    dot = name.rfind(".")
+    candidate = _Candidate(path, name, os.path.basename(os.path.dirname(path)),
+                           name[dot:].lower() if dot > 0 else "")
+    size_bytes, audio, rejected, _, damage = _probe_file(candidate, read_bytes)
+    if rejected is not None:
+        return Recording(path, size_bytes, None, None, 0, 0, None, 0, None, None,
+                         rejected.reason, rejected.detail)
+    fmt, subtype, channels, rate_hz, bit_depth, frames = audio
+    return Recording(path, size_bytes, fmt, subtype, channels, rate_hz, bit_depth, frames,
+                     *(damage or (None, None)), None, None)
 
 
 # --------------------------------------------------------------------------- folder walk
@@ -844,7 +941,7 @@ def scan_archive(
     file_rows: list[tuple] = []  # in _FILE_ROW_FIELDS order; tables are built column-wise
     quarantine_rows = list(problems)
     notes: Counter[str] = Counter()
-    for candidate, (size_bytes, audio, rejected, note) in zip(candidates, results):
+    for candidate, (size_bytes, audio, rejected, note, damage) in zip(candidates, results):
         if rejected is not None:
             quarantine_rows.append((candidate.path, candidate.relpath, size_bytes,
                                     rejected.reason, rejected.detail))
@@ -856,7 +953,8 @@ def scan_archive(
         stem = stem[:len(stem) - len(candidate.extension)]
         recorder, start = parse_recording_name(stem, candidate.parent_folder)
         file_rows.append((recorder, candidate.path, candidate.relpath, start, frames / rate_hz,
-                          rate_hz, channels, fmt, subtype, bit_depth, frames, size_bytes))
+                          rate_hz, channels, fmt, subtype, bit_depth, frames, size_bytes,
+                          *(damage or (None, None))))
 
     files = _files_table(file_rows, sites_csv)
     quarantine = _with_quarantine_dtypes(pd.DataFrame(
@@ -890,7 +988,8 @@ def _probe_all(candidates: list[_Candidate], config: InventoryConfig,
 
 
 _FILE_ROW_FIELDS = ("recorder", "path", "relpath", "start_time", "duration_s", "sample_rate_hz",
-                    "channels", "format", "subtype", "bit_depth", "frames", "bytes")
+                    "channels", "format", "subtype", "bit_depth", "frames", "bytes", "damage",
+                    "damage_detail")
 
 
 def _files_table(rows: list[tuple], sites_csv: Path | None) -> pd.DataFrame:
@@ -927,6 +1026,10 @@ def _files_table(rows: list[tuple], sites_csv: Path | None) -> pd.DataFrame:
 def _log_outcome(files: pd.DataFrame, quarantine: pd.DataFrame, notes: Counter[str]) -> None:
     logger.info("inventory: %d recordings (%.1f h) from %d recorders", len(files),
                 files["duration_s"].sum() / 3600.0, files["recorder"].nunique())
+    damaged = files[files["damage"].notna()]
+    if len(damaged):
+        logger.warning("%d damaged recordings are listed with their readable audio only: %s",
+                       len(damaged), damaged["damage"].value_counts().to_dict())
     if len(quarantine):
         counts = quarantine["reason"].value_counts().to_dict()
         logger.warning("quarantined %d files: %s", len(quarantine), counts)

@@ -50,6 +50,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from ..core.provenance import to_jsonable, write_config_json
+from ..core.stage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -1193,15 +1194,13 @@ def render_file(config: SynthConfig, plan: FilePlan,
 # --------------------------------------------------------------------------------------------
 
 def _write_wav_atomically(path: Path, samples: np.ndarray, sr: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    sf.write(tmp, samples, sr, subtype="PCM_16", format="WAV")
-    tmp.replace(path)  # a reader never sees half a file
+    with atomic_write(path) as tmp:  # a reader never sees half a file
+        sf.write(tmp, samples, sr, subtype="PCM_16", format="WAV")
 
 
 def _write_csv_atomically(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
 def _generate_one(out_dir: str, config: SynthConfig, plan: FilePlan,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..core.stage import atomic_write
+
 FIGURE_DPI = 150
 
 
@@ -16,6 +18,8 @@ def save_figure(figure: Figure, figures_dir: str | os.PathLike, name: str) -> tu
     figures_dir.mkdir(parents=True, exist_ok=True)
     png_path = figures_dir / f"{name}.png"
     pdf_path = figures_dir / f"{name}.pdf"
-    figure.savefig(png_path, dpi=FIGURE_DPI)
-    figure.savefig(pdf_path)
+    with atomic_write(png_path) as tmp:   # the temporary name has no suffix: say the format
+        figure.savefig(tmp, dpi=FIGURE_DPI, format="png")
+    with atomic_write(pdf_path) as tmp:
+        figure.savefig(tmp, format="pdf")
     return png_path, pdf_path

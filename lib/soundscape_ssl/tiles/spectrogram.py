@@ -1,7 +1,9 @@
-"""The log-mel front end: its config, resampling to the model rate, log-mel tiles, tile statistics.
+"""The log-mel front end: its config, log-mel tiles, tile statistics, mel geometry.
 
-Everything here is pure signal processing on tensors (CPU or GPU); reading files, sharding and
-writing the tile store live in `soundscape_ssl.tiles.tiling`, reading the store in `soundscape_ssl.tiles.store`.
+Everything here is pure signal processing on tensors (CPU or GPU). Reading audio, resampling it
+to the model rate and cutting it into tile windows live in `soundscape_ssl.core.audio` (the one
+reader every stage uses); sharding and writing the tile store in `soundscape_ssl.tiles.tiling`,
+reading the store in `soundscape_ssl.tiles.store`.
 
 A tile is a function of its own `tile_s` seconds of (resampled) audio only: the STFT is centred
 with reflect padding at the tile edges, so the tile at 12.0 s of a file equals the tile of the
@@ -19,7 +21,6 @@ quantisation noise of 16-bit audio, so digital silence is recognisable as exactl
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 import torchaudio
 
-from ..core.provenance import reject_unknown_fields
+from ..core.audio import WindowRule, whole_samples
+from ..core.config import config_from_mapping
 
 # Slaney mel filters at the defaults leave no filter empty; HTK ones with 128 bands from 50 Hz do
 # on coarse FFTs, which torchaudio warns about. Both are allowed; the choice is recorded.
@@ -39,27 +41,6 @@ _MEL_NORMS = ("slaney", None)
 # Floors for the waveform level statistics (dBFS): -120 dBFS is below any 16/24-bit content.
 _MEAN_SQUARE_FLOOR = 1e-12
 _PEAK_FLOOR = 1e-6
-
-# Phases of a resampling kernel applied per matrix product (see SincResampler); measured on
-# 44.1 -> 32 kHz on one core: 8 -> 0.14, 16 -> 0.05-0.08, 32 -> 0.06-0.09 ms per audio second,
-# against 0.22-0.48 for torchaudio's dense strided convolution.
-_RESAMPLER_PHASE_GROUP = 16
-# On CPU the grouped products run over ~this many input samples at a time (L2-sized: measured
-# 0.12 against 0.17-0.21 ms per audio second for whole 60 s blocks at 44.1 kHz).
-_RESAMPLER_CHUNK_INPUT_SAMPLES = 1 << 17
-# Below this many input samples per kernel frame the kernel is dense enough that torchaudio's
-# strided convolution wins (measured at 8, 16, 24, 48, 96 and 192 kHz input).
-_SPARSE_KERNEL_MIN_ORIG = 32
-
-
-def _as_integer_samples(seconds: float, sample_rate_hz: int, name: str) -> int:
-    samples = seconds * sample_rate_hz
-    rounded = round(samples)
-    if rounded <= 0 or abs(samples - rounded) > 1e-6:
-        raise ValueError(f"{name}={seconds} s must be a positive whole number of samples at "
-                         f"{sample_rate_hz} Hz (got {samples})")
-    return rounded
-
 
 @dataclass(frozen=True)
 class SpectrogramConfig:
@@ -78,14 +59,14 @@ class SpectrogramConfig:
     power_floor: float = 1e-10           # mel power floor before the log: -100 dB
     min_input_sample_rate_hz: int = 8000     # inputs outside [min, max] are skipped, not tiled
     max_input_sample_rate_hz: int = 192000
-    resample_lowpass_filter_width: int = 6   # torchaudio sinc_interp_hann resampler parameters
+    resample_lowpass_filter_width: int = 6   # core.audio.SincResampler (torchaudio sinc_interp_hann)
     resample_rolloff: float = 0.99
 
     def __post_init__(self) -> None:
         if self.sample_rate_hz <= 0:
             raise ValueError(f"sample_rate_hz must be positive, got {self.sample_rate_hz}")
-        tile_samples = _as_integer_samples(self.tile_s, self.sample_rate_hz, "tile_s")
-        _as_integer_samples(self.tile_hop_s, self.sample_rate_hz, "tile_hop_s")
+        tile_samples = whole_samples(self.tile_s, self.sample_rate_hz, "tile_s")
+        whole_samples(self.tile_hop_s, self.sample_rate_hz, "tile_hop_s")
         if not 0 < self.hop_length <= self.n_fft:
             raise ValueError(f"need 0 < hop_length <= n_fft, got {self.hop_length}, {self.n_fft}")
         if self.n_fft // 2 >= tile_samples:
@@ -125,19 +106,12 @@ class SpectrogramConfig:
     def accepts_sample_rate(self, sample_rate_hz: int) -> bool:
         return self.min_input_sample_rate_hz <= sample_rate_hz <= self.max_input_sample_rate_hz
 
-    def tile_count(self, frames: int, sample_rate_hz: int) -> int:
-        """Whole tiles in `frames` samples at `sample_rate_hz` (exact integer arithmetic).
-
-        Tile j fits when it ends no later than the audio does:
-        (j * hop + tile) / rate_out <= frames / rate_in. The remainder is dropped.
-        """
-        if frames <= 0 or sample_rate_hz <= 0:
-            return 0
-        available = frames * self.sample_rate_hz            # in units of 1 / (rate_in * rate_out) s
-        needed_first = self.tile_samples * sample_rate_hz
-        if available < needed_first:
-            return 0
-        return (available - needed_first) // (self.tile_hop_samples * sample_rate_hz) + 1
+    @property
+    def window_rule(self) -> WindowRule:
+        """Where tiles are cut from a file: the one window rule of `soundscape_ssl.core.audio`
+        (tiles every `tile_hop_s` from 0 s; a last partial tile is zero-padded and kept when at
+        least half of it is audio)."""
+        return WindowRule(self.sample_rate_hz, self.tile_samples, self.tile_hop_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,133 +119,7 @@ class SpectrogramConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SpectrogramConfig":
         """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
-        reject_unknown_fields(cls, values)
-        return cls(**values)
-
-
-class SincResampler:
-    """torchaudio's windowed-sinc resampler (`sinc_interp_hann`), applied block by block.
-
-    `torchaudio.transforms.Resample` convolves with a (new, 1, 2*width + orig) kernel at stride
-    `orig` (rates reduced by their gcd). We take that kernel as is. When `orig` is large the
-    kernel is mostly zeros (44.1 -> 32 kHz: 459 taps per output, 17 non-zero), so we apply it as
-    a few dense matrix products over groups of neighbouring phases, each restricted to the
-    columns its phases use: the same sums, 3-5x faster on one CPU core (measured 0.05-0.08
-    against 0.22-0.48 ms per audio second). When `orig` is small the kernel is dense and
-    torchaudio's strided convolution is already the fastest form we measured, so we use it.
-    A self-check against torchaudio at construction falls back to the plain convolution if
-    torchaudio ever changes its kernel layout.
-
-    Output sample n of frame m is the output at time (m * new + n) / new_rate, computed from input
-    samples [m * orig - width, m * orig - width + orig + 2 * width). `resample_frames` takes exactly
-    that stretch of input for a run of frames, so a long signal can be resampled block by block,
-    or from any frame on, with results equal to resampling it whole (zeros outside the signal,
-    as torchaudio pads).
-    """
-
-    def __init__(self, orig_sample_rate_hz: int, new_sample_rate_hz: int,
-                 lowpass_filter_width: int = 6, rolloff: float = 0.99,
-                 device: str | torch.device = "cpu") -> None:
-        self.orig_sample_rate_hz = int(orig_sample_rate_hz)
-        self.new_sample_rate_hz = int(new_sample_rate_hz)
-        gcd = math.gcd(self.orig_sample_rate_hz, self.new_sample_rate_hz)
-        self.orig = self.orig_sample_rate_hz // gcd      # input samples per frame
-        self.new = self.new_sample_rate_hz // gcd        # output samples per frame
-        self.device = torch.device(device)
-        self._groups: list[tuple[int, torch.Tensor]] = []
-        self._conv_kernel: torch.Tensor | None = None
-        if self.orig == self.new:
-            self.width = 0
-            return
-        transform = torchaudio.transforms.Resample(
-            self.orig_sample_rate_hz, self.new_sample_rate_hz,
-            lowpass_filter_width=lowpass_filter_width, rolloff=rolloff)
-        self.width = int(transform.width)
-        kernel = transform.kernel.to(torch.float32)               # (new, 1, 2 * width + orig)
-        # On GPUs always matrix products: cuDNN convolutions may run in TF32 (10-bit mantissa).
-        if self.orig >= _SPARSE_KERNEL_MIN_ORIG or self.device.type != "cpu":
-            self._groups = self._phase_groups(kernel[:, 0, :])
-            if not self._matches(transform):
-                self._groups = []
-        if not self._groups:
-            self._conv_kernel = kernel.to(self.device)
-
-    @property
-    def kernel_length(self) -> int:
-        return 2 * self.width + self.orig
-
-    def _phase_groups(self, kernel: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(first used column, weights (columns, phases)) per group of neighbouring phases."""
-        nonzero = kernel != 0
-        columns = torch.arange(kernel.shape[1])
-        groups = []
-        for first_phase in range(0, kernel.shape[0], _RESAMPLER_PHASE_GROUP):
-            phases = slice(first_phase, first_phase + _RESAMPLER_PHASE_GROUP)
-            used = columns[nonzero[phases].any(dim=0)]
-            start, stop = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
-            groups.append((start, kernel[phases, start:stop].T.contiguous().to(self.device)))
-        return groups
-
-    def _matches(self, transform: torch.nn.Module) -> bool:
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(8 * self.orig + 3, generator=generator)
-        reference = transform(probe)
-        ours = self.resample(probe.to(self.device)).cpu()
-        return ours.shape == reference.shape and bool(torch.allclose(ours, reference, atol=1e-5))
-
-    def resample_frames(self, stretch: torch.Tensor) -> torch.Tensor:
-        """Resample whole frames from their input stretch.
-
-        `stretch` (..., frames * orig + 2 * width) holds input samples
-        [m0 * orig - width, m1 * orig + width); returns (..., frames * new) output samples
-        [m0 * new, m1 * new).
-        """
-        if self.orig == self.new:
-            return stretch
-        n_frames = (stretch.shape[-1] - 2 * self.width) // self.orig
-        if n_frames <= 0 or n_frames * self.orig + 2 * self.width != stretch.shape[-1]:
-            raise ValueError(f"stretch of {stretch.shape[-1]} samples is not a whole number of "
-                             f"frames of {self.orig} plus 2 * {self.width} context samples")
-        if self._conv_kernel is not None:
-            batch_shape = stretch.shape[:-1]
-            flat = stretch.reshape(-1, 1, stretch.shape[-1])
-            frames = torch.nn.functional.conv1d(flat, self._conv_kernel, stride=self.orig)
-            return frames.transpose(1, 2).reshape(batch_shape + (n_frames * self.new,))
-        windows = stretch.unfold(-1, self.kernel_length, self.orig)   # (..., frames, kernel) view
-        if stretch.device.type != "cpu":
-            return torch.cat([windows[..., start:start + weights.shape[0]] @ weights
-                              for start, weights in self._groups], dim=-1).flatten(-2)
-        # On CPU, runs of frames small enough for the cache: every phase group reads the same input.
-        result = stretch.new_empty(stretch.shape[:-1] + (n_frames, self.new))
-        chunk = max(1, _RESAMPLER_CHUNK_INPUT_SAMPLES // self.orig)
-        for first in range(0, n_frames, chunk):
-            frames = windows[..., first:first + chunk, :]
-            result[..., first:first + chunk, :] = torch.cat(
-                [frames[..., start:start + weights.shape[0]] @ weights
-                 for start, weights in self._groups], dim=-1)
-        return result.flatten(-2)
-
-    def resample(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Resample a whole signal (..., samples): torchaudio's output length and values."""
-        if self.orig == self.new:
-            return waveform
-        n_in = waveform.shape[-1]
-        n_frames = -(-n_in // self.orig)
-        n_out = -(-self.new * n_in // self.orig)
-        if n_frames == 0:
-            return waveform.new_zeros(waveform.shape[:-1] + (0,))
-        right = n_frames * self.orig + self.width - n_in
-        stretch = torch.nn.functional.pad(waveform, (self.width, right))
-        return self.resample_frames(stretch)[..., :n_out]
-
-
-@functools.lru_cache(maxsize=64)
-def get_resampler(orig_sample_rate_hz: int, new_sample_rate_hz: int,
-                  lowpass_filter_width: int = 6, rolloff: float = 0.99,
-                  device: str = "cpu") -> SincResampler:
-    """A cached `SincResampler` per (rate pair, filter, device): kernels are built once per run."""
-    return SincResampler(orig_sample_rate_hz, new_sample_rate_hz, lowpass_filter_width, rolloff,
-                         device)
+        return config_from_mapping(cls, values)
 
 
 class TileFeatures(NamedTuple):
@@ -384,46 +232,6 @@ def _statistics_numpy(waveforms: np.ndarray, mel: np.ndarray,
     flatness = np.mean(geometric / (mel.sum(axis=1) / n_mels), axis=-1)
     return tuple(torch.from_numpy(np.asarray(value, dtype=np.float32))
                  for value in (rms_dbfs, peak_dbfs, flatness))
-
-
-def downmix(samples: np.ndarray) -> np.ndarray:
-    """(frames, channels) or (frames,) -> mono float32 (frames,), the channel mean."""
-    if samples.ndim == 1:
-        return samples.astype(np.float32, copy=False)
-    if samples.shape[1] == 1:
-        return samples[:, 0].astype(np.float32, copy=False)
-    return samples.mean(axis=1, dtype=np.float32)
-
-
-def waveform_to_tiles(waveform: np.ndarray | torch.Tensor, sample_rate_hz: int,
-                      config: SpectrogramConfig = SpectrogramConfig(),
-                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Tile an in-memory recording: (log_mel_db float32 (n, n_mels, n_frames), offsets_s (n,)).
-
-    For short clips (labelled windows, notebook figures). Archives go through
-    `soundscape_ssl.tiles.tiling.tile_archive`, which streams and gives the same tiles.
-    `waveform` is (samples,) or (samples, channels); channels are averaged.
-    """
-    if not config.accepts_sample_rate(sample_rate_hz):
-        raise ValueError(f"sample rate {sample_rate_hz} Hz outside the accepted "
-                         f"{config.min_input_sample_rate_hz}-{config.max_input_sample_rate_hz} Hz")
-    samples = waveform.cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
-    mono = downmix(samples)
-    if not np.isfinite(mono).all():
-        raise ValueError("waveform contains NaN or infinite samples")
-    n_tiles = config.tile_count(len(mono), sample_rate_hz)
-    empty = np.zeros((0, config.n_mels, config.n_frames), np.float32)
-    if n_tiles == 0:
-        return empty, np.zeros(0)
-    resampler = get_resampler(sample_rate_hz, config.sample_rate_hz,
-                              config.resample_lowpass_filter_width, config.resample_rolloff,
-                              str(torch.device(device)))
-    resampled = resampler.resample(torch.from_numpy(mono).to(device))
-    starts = torch.arange(n_tiles, device=resampled.device) * config.tile_hop_samples
-    tiles = resampled.unfold(0, config.tile_samples, config.tile_hop_samples)[:n_tiles]
-    features = LogMelFrontEnd(config, device)(tiles)
-    offsets_s = starts.cpu().numpy() / config.sample_rate_hz
-    return features.log_mel_db.cpu().numpy(), offsets_s
 
 
 # --- Mel geometry: where a frequency or a time lands on a tile ------------------------------

@@ -5,16 +5,17 @@ Layout of a store folder (written by `soundscape_ssl.tiles.tiling.tile_archive`)
     plan.json                       what is being built: configs, input fingerprint, unit count
     units/unit-000000.npy           float16 (n, n_mels, n_frames) log-mel tiles in dB, per unit
     units/unit-000000.skipped.parquet   audio of that unit that gave no tile, with a reason
-    units/unit-000000.parquet       that unit's tile index; written last, so it marks the unit done
+    units/unit-000000.parquet       that unit's tile index
+    units/unit-000000.done          written last: the unit is done (sizes and sha256 of its files)
     index.parquet                   all tiles, row i = tile_id i (finalise)
     skipped.parquet                 all skips (finalise)
     config.json                     spectrogram config, normalisation statistics, counts (finalise,
                                     written last: a store without it is unfinished)
-    finalize.lock                   empty; serialises finalisation between processes
+    finalize.lock, .claims/         the stage runner's locks (`soundscape_ssl.core.stage`)
 
 Why plain `.npy` shards: `np.load(mmap_mode="r")` gives zero-copy random access to any tile with
-no extra dependency, one file per work unit keeps each write atomic (tmp + rename) and lets a
-rerun skip finished units, and float16 halves the size (a 3 s tile is 64 KiB; dB values from
+no extra dependency, one file per work unit keeps each write atomic (temporary file + rename)
+and lets a rerun skip finished units, and float16 halves the size (a 3 s tile is 64 KiB; dB values from
 -100 to ~+60 keep ~0.03 dB resolution). Global order: tile_id increases with (unit, row), which
 is file order (by relpath) then time.
 """
@@ -45,7 +46,9 @@ CONFIG_FILE = "config.json"
 
 # One row per tile. Level statistics are computed on the tile's resampled waveform (rms, peak)
 # and on its mel power (flatness); mel_mean_db / mel_std_db on the stored float16 values, which
-# is what the normalisation statistics are combined from.
+# is what the normalisation statistics are combined from. valid_s: seconds of real audio in the
+# tile; padded: the tile runs past the end of its file and was zero-padded (the window rule of
+# soundscape_ssl.core.audio keeps such a tile when at least half of it is audio).
 UNIT_INDEX_SCHEMA = pa.schema([
     ("recorder", pa.string()),
     ("habitat", pa.string()),
@@ -53,6 +56,8 @@ UNIT_INDEX_SCHEMA = pa.schema([
     ("relpath", pa.string()),
     ("file_start_time", pa.timestamp("ns")),
     ("offset_s", pa.float64()),
+    ("valid_s", pa.float32()),
+    ("padded", pa.bool_()),
     ("timestamp", pa.timestamp("ns")),
     ("source_sample_rate_hz", pa.int32()),
     ("rms_dbfs", pa.float32()),
@@ -74,7 +79,7 @@ SKIPPED_SCHEMA = pa.schema([
     ("reason", pa.string()),       # machine-readable code, see soundscape_ssl.tiles.tiling.SKIP_REASONS
     ("detail", pa.string()),       # human-readable message
     ("offset_s", pa.float64()),    # start of the first lost tile; NaN when the file gave no tile
-    ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files shorter than a tile)
+    ("n_tiles_lost", pa.int64()),  # planned tiles lost (0 for files without tiles, damage notes)
 ])
 
 

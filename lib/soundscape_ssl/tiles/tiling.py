@@ -8,30 +8,35 @@ Run as a plain process, or on many processes and nodes under torchrun::
 Design (why it is safe to kill, rerun and scale):
 
 * Deterministic work units. Files are sorted by relpath (recorder folder, then the time stamp in
-  the name), their whole tiles are counted from the inventory (frames, sample rate) and packed
-  into units of at most `unit_max_tiles` consecutive tiles; a long file is split across units,
-  short ones share one. The plan depends on the inventory and the configs only, never on the
+  the name), their tiles are counted from the inventory (readable frames, sample rate) by the
+  one window rule of `soundscape_ssl.core.audio` (tiles every `tile_hop_s` from 0 s; a last
+  tile that runs past the end is zero-padded and kept when at least half of it is audio; the
+  index says so in `valid_s` and `padded`) and packed into units of at most `unit_max_tiles`
+  consecutive tiles; a long file is split across units, short ones share one. The plan depends on the inventory and the configs only, never on the
   world size, so unit k is the same work, and gives the same bytes, whichever rank does it.
   Unit k belongs to rank k % world_size (RANK / WORLD_SIZE as set by torchrun).
-* Atomic units. A unit streams its tiles into `units/unit-K.npy.tmp` (flat memory: nothing is
-  held beyond one decode block), then the shard is renamed into place, then its skip table,
-  then its tile index `unit-K.parquet`, whose presence alone means "unit K is done". A rerun
-  skips done units and redoes any other one from scratch, so a kill anywhere loses at most the
-  unit in flight and never leaves a tile twice. `plan.json` pins the configs and an input
-  fingerprint; a rerun with a different inventory or config is refused.
+* The stage runs on `core.stage` (claim, plan, units, done markers, resume, finalise). A unit
+  streams its tiles into a temporary file of its shard (flat memory: nothing is held beyond one
+  decode block), then writes its skip table and its tile index `unit-K.parquet`; the runner
+  renames them into place and writes `unit-K.done` (sizes and sha256 of the three), which alone
+  means "unit K is done". A rerun verifies the markers, skips done units and redoes any other
+  one from scratch, so a kill anywhere loses at most the unit in flight and never leaves a tile
+  twice. `plan.json` pins the configs and an input fingerprint; a rerun with a different
+  inventory or config is refused, naming what differs. A second writer on the same folder is
+  refused while the first is alive.
 * Finalise. Whichever process finds every unit done (the last rank to finish, or
   `finalize_store` / `--finalize-only`) concatenates the unit indexes in unit order into
   `index.parquet` with a global tile_id, gathers the skips, combines the per-tile dB means and
   variances (float64) into the global normalisation statistics and writes `config.json` last.
-  It is deterministic and writes through tmp + rename, so two ranks finalising at once, or a
-  rerun, produce the same bytes.
-* Decoding. soundfile reads blocks of `decode_block_s` (never a whole long file); channels are
-  averaged; blocks are resampled with context on both sides so block edges are seamless (see
-  `SincResampler`). Bad audio is isolated, not fatal: a decoder error makes us reopen the file
-  and retry the failed block in tile-sized pieces, NaN/inf samples are zeroed and flagged, and
-  only the tiles that touch bad samples (plus the resampler's reach) are dropped, with a reason
-  in the skip table. Files too short for a tile, and the remainders after a file's last whole
-  tile, are counted in config.json.
+  It is deterministic and runs once under a lock, so two ranks finishing together, or a rerun,
+  leave the same bytes.
+* Decoding. Through the one reader, `soundscape_ssl.core.audio`: blocks of `decode_block_s`
+  (never a whole long file), channels averaged, blocks resampled with context on both sides so
+  block edges are seamless, and bad audio isolated, not fatal: a decoder error costs only the
+  tiles whose pieces fail, NaN/inf samples are zeroed and only the tiles that touch them (plus
+  the resampler's reach) are dropped, with a reason in the skip table. A file the inventory
+  found damaged (cut short) is read up to the break and noted in the skip table with 0 tiles
+  lost. The audio after a file's last tile (a tail under half a tile) is counted in config.json.
 * Determinism. The bytes of a store depend on the inventory, the configs, the software versions
   and the device type only: not on the world size, on interruptions, or on the CPU thread count
   (per-tile statistics are reduced with numpy, whose summation order is fixed).
@@ -42,17 +47,14 @@ Design (why it is safe to kill, rerun and scale):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,39 +64,29 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import soundfile as sf
 import torch
 from tqdm.auto import tqdm
 
-try:
-    import fcntl   # POSIX; finalisation simply runs unlocked where it is missing
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
-from ..core.provenance import write_config_json
-from .spectrogram import LogMelFrontEnd, SpectrogramConfig, downmix, get_resampler
-from .store import (INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
+from ..core.audio import (LOSS_REASONS, AudioFile, AudioOpenError, DecodeBuffers, WindowBatch,
+                          WindowLoss, grid_windows)
+from ..core.cli import CommandParser, run_command
+from ..core.config import add_config_options, config_from_options, config_to_options
+from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_write, read_plan,
+                          resolve_device, torch_threads)
+from .spectrogram import LogMelFrontEnd, SpectrogramConfig
+from .store import (INDEX_FILE, INDEX_SCHEMA, SKIPPED_FILE, SKIPPED_SCHEMA, STAGE,
                     UNIT_INDEX_SCHEMA, UNITS_DIR, shard_path, unit_index_path, unit_skipped_path)
 
 logger = logging.getLogger(__name__)
 
-# Fault injection for the resume tests: a process that has committed this many units kills
-# itself (SIGKILL) in the middle of its next unit, after part of the shard is on disk.
-KILL_AFTER_UNITS_ENV = "SOUNDSCAPE_SSL_TILING_KILL_AFTER_UNITS"
-
 SKIP_REASONS = {
-    "unreadable": "the decoder could not open the file",
+    **LOSS_REASONS,   # unreadable, decode_error, non_finite_samples, truncated, outside_audio
     "unsupported_sample_rate": "sample rate outside the accepted input range",
     "header_mismatch": "sample rate differs from the inventory's (file changed since the scan)",
     "no_frames": "the file has no audio frames",
-    "shorter_than_tile": "the file is shorter than one tile",
-    "truncated": "the file ends before the inventory said it would",
-    "decode_error": "the decoder failed on these frames",
-    "non_finite_samples": "NaN or infinite samples",
 }
 
 REQUIRED_COLUMNS = ("path", "relpath", "sample_rate_hz", "frames")
-FINALIZE_LOCK_FILE = "finalize.lock"
 _INDEX_ROW_GROUP_ROWS = 65536
 
 
@@ -139,7 +131,9 @@ class _FileInfo:
     recorder: str | None
     habitat: str | None
     sample_rate_hz: int
-    frames: int
+    frames: int                   # readable frames (the inventory reads damaged files to the break)
+    damage: str | None = None     # the inventory's damage reason for a file read up to a break
+    damage_detail: str | None = None
 
 
 @dataclass
@@ -157,14 +151,17 @@ class FileTable:
     start_time: np.ndarray         # datetime64[ns], NaT when unknown
     sample_rate_hz: np.ndarray     # int64
     frames: np.ndarray             # int64
-    n_tiles: np.ndarray            # int64, whole tiles planned
+    n_tiles: np.ndarray            # int64, tiles planned (the window rule: whole + kept padded)
+    damage: np.ndarray             # object (str or None): the inventory's damage reason
+    damage_detail: np.ndarray      # object (str or None)
 
     def __len__(self) -> int:
         return len(self.path)
 
     def info(self, row: int) -> _FileInfo:
         return _FileInfo(self.path[row], self.relpath[row], self.recorder[row], self.habitat[row],
-                         int(self.sample_rate_hz[row]), int(self.frames[row]))
+                         int(self.sample_rate_hz[row]), int(self.frames[row]), self.damage[row],
+                         self.damage_detail[row])
 
 
 @dataclass
@@ -196,9 +193,13 @@ class TilingPlan:
         config = self.spectrogram
         frames, rates, tiles = self.files.frames, self.files.sample_rate_hz, self.files.n_tiles
         valid = (tiles > 0)
+        # Audio after the end of a file's last planned tile (tails under half a tile), exactly.
         covered_samples = (tiles - 1) * config.tile_hop_samples + config.tile_samples
         covered_units = np.where(valid, covered_samples * rates, 0)  # 1 / (rate_in * rate_out) s
-        leftover = np.where(valid, frames * config.sample_rate_hz - covered_units, 0)
+        leftover = np.where(valid, np.maximum(frames * config.sample_rate_hz - covered_units, 0), 0)
+        rule = config.window_rule
+        whole = np.array([rule.n_whole(int(f), int(r)) for f, r in zip(frames, rates)],
+                         dtype=np.int64).reshape(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
             duration_s = np.where(rates > 0, frames / np.maximum(rates, 1), 0.0)
             leftover_s = np.where(valid, leftover / np.maximum(rates * config.sample_rate_hz, 1), 0)
@@ -210,6 +211,7 @@ class TilingPlan:
             "n_units": len(self.units),
             "n_files": len(self.files),
             "n_tiles_planned": self.n_tiles,
+            "padded_tiles_planned": int(np.sum(np.where(valid, tiles - whole, 0))),
             "audio_s": float(np.sum(duration_s)),
             "files_without_tiles": int(np.sum(~valid)),
             "tail_remainders_dropped": int(np.sum(leftover > 0)),
@@ -238,30 +240,14 @@ class TilingSummary:
         return dataclasses.asdict(self)
 
 
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size) from the arguments, else RANK / WORLD_SIZE (torchrun), else (0, 1)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`cuda` means this process's GPU: cuda:LOCAL_RANK under torchrun."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning
 
 
 def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
                 tiling: TilingConfig) -> TilingPlan:
-    """Sort the files, count each one's whole tiles and pack them into work units."""
+    """Sort the files, count each one's tiles (the window rule of `core.audio`: whole tiles and
+    padded tails of at least half a tile) and pack them into work units."""
     missing = [column for column in REQUIRED_COLUMNS if column not in files.columns]
     if missing:
         raise ValueError(f"files table lacks columns {missing} (see soundscape_ssl.recordings.archive)")
@@ -288,12 +274,14 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
     start_time = (pd.to_datetime(files["start_time"]).to_numpy("datetime64[ns]")[order]
                   if "start_time" in files.columns
                   else np.full(n_rows, np.datetime64("NaT"), "datetime64[ns]"))
-    n_tiles = np.array([spectrogram.tile_count(int(f), int(r))
-                        if spectrogram.accepts_sample_rate(int(r)) else 0
-                        for f, r in zip(frames, rates)], dtype=np.int64)
+    rule = spectrogram.window_rule
+    n_tiles = np.array([rule.count(int(f), int(r)) if spectrogram.accepts_sample_rate(int(r))
+                        else 0 for f, r in zip(frames, rates)], dtype=np.int64).reshape(-1)
     file_table = FileTable(ordered_text(paths), ordered_text(relpaths),
                            ordered_text(text_column("recorder")),
-                           ordered_text(text_column("habitat")), start_time, rates, frames, n_tiles)
+                           ordered_text(text_column("habitat")), start_time, rates, frames, n_tiles,
+                           ordered_text(text_column("damage")),
+                           ordered_text(text_column("damage_detail")))
 
     units: list[WorkUnit] = []
     current: list[Segment] = []
@@ -315,9 +303,11 @@ def plan_tiling(files: pd.DataFrame, spectrogram: SpectrogramConfig,
         units.append(WorkUnit(len(units), tuple(current)))
 
     start_iso = [None if np.isnat(t) else str(t) for t in start_time]
+    # Each file's planned tile count is part of the identity: a store begun under another
+    # window rule (e.g. before padded tails were kept) is refused, never resumed into a mix.
     identity = list(zip(file_table.relpath.tolist(), file_table.path.tolist(), frames.tolist(),
                         rates.tolist(), file_table.recorder.tolist(),
-                        file_table.habitat.tolist(), start_iso))
+                        file_table.habitat.tolist(), start_iso, file_table.n_tiles.tolist()))
     digest = hashlib.sha256(json.dumps(
         [spectrogram.to_dict(), tiling.to_dict(), identity]).encode()).hexdigest()
     return TilingPlan(file_table, units, spectrogram, tiling, digest)
@@ -330,178 +320,14 @@ def _text_or_none(value: Any) -> str | None:
     return str(value)
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _ensure_plan(store_dir: Path, plan: TilingPlan) -> None:
-    """Write plan.json, or check that the store was started with the same plan."""
-    path = store_dir / PLAN_FILE
-    description = plan.description()
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("fingerprint") != description["fingerprint"]:
-            raise ValueError(
-                f"{store_dir} holds a tile store for a different inventory or config "
-                f"(plan fingerprint {existing.get('fingerprint', '?')[:12]} vs "
-                f"{description['fingerprint'][:12]}); use a new folder or delete it")
-        return
-    (store_dir / UNITS_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, description)
-
-
-def unit_is_done(store_dir: str | os.PathLike, unit_id: int) -> bool:
-    return unit_index_path(store_dir, unit_id).exists()
+def stage_plan(description: dict[str, Any]) -> StagePlan:
+    """The runner's view of a store's plan.json: units `units/unit-NNNNNN.*`."""
+    return StagePlan(STAGE, description, int(description["n_units"]), unit_noun="unit",
+                     units_dir=UNITS_DIR, title="a tile store")
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding
-
-
-class _BadSpan(NamedTuple):
-    start: int      # source frames [start, stop)
-    stop: int
-    reason: str
-    detail: str
-
-
-class _AudioSource:
-    """Mono float32 reads of any frame range of one file, zero outside the file, faults isolated.
-
-    Consecutive requests may overlap (resampling context); the overlap is served from the last
-    read so the file is decoded sequentially, once. 16-bit PCM is read as int16 and scaled by
-    2**-15 here, which is exactly what libsndfile's float conversion does, 3x faster.
-    """
-
-    def __init__(self, path: str, piece_s: float, buffers: "_BufferPair") -> None:
-        self.path = path
-        self._buffers = buffers
-        self._file = sf.SoundFile(path)
-        self.sample_rate_hz = int(self._file.samplerate)
-        self.channels = int(self._file.channels)
-        self.frames = int(self._file.frames)
-        self._read_int16 = self._file.subtype == "PCM_16"
-        # Granularity at which a decoder fault is localised: one tile hop keeps the good tiles.
-        self._piece_frames = max(1, round(piece_s * self.sample_rate_hz))
-        self._cache = np.zeros(0, np.float32)
-        self._cache_start = 0
-        self._dead_from: int | None = None   # frame from which the decoder can no longer go on
-
-    def close(self) -> None:
-        self._file.close()
-
-    def _reopen(self) -> bool:
-        try:
-            self._file.close()
-            self._file = sf.SoundFile(self.path)
-            return True
-        except (sf.LibsndfileError, RuntimeError, OSError):
-            return False
-
-    def _read_into(self, out: np.ndarray) -> int:
-        """Decode len(out) frames from the current position into `out` (mono); frames read."""
-        if self._read_int16:
-            data = self._file.read(len(out), dtype="int16", always_2d=True)
-            if self.channels == 1:
-                np.multiply(data[:, 0], np.float32(2.0 ** -15), out=out[:len(data)])
-            else:
-                out[:len(data)] = data.mean(axis=1, dtype=np.float32) * np.float32(2.0 ** -15)
-        elif self.channels == 1:
-            data = self._file.read(len(out), dtype="float32", out=out[:, None])
-        else:
-            data = self._file.read(len(out), dtype="float32", always_2d=True)
-            out[:len(data)] = downmix(data)
-        return len(data)
-
-    def _decode(self, start: int, out: np.ndarray) -> list[_BadSpan]:
-        """Fill `out` with frames [start, start + len(out)) of the file; faults -> zeros + spans."""
-        stop = start + len(out)
-        if self._dead_from is not None and start >= self._dead_from:
-            out[:] = 0.0
-            return [_BadSpan(start, stop, "decode_error", "decoder could not resume")]
-        try:
-            if self._file.tell() != start:
-                self._file.seek(start)
-            n_read = self._read_into(out)
-            if n_read < len(out):
-                out[n_read:] = 0.0
-                return [_BadSpan(start + n_read, stop, "truncated",
-                                 f"decoding ended at frame {start + n_read} of {self.frames}")]
-            return []
-        except (sf.LibsndfileError, RuntimeError) as error:
-            first_error = str(error)
-        # Localise the fault: a fresh handle per failing piece (a failed decoder may not seek).
-        bad: list[_BadSpan] = []
-        out[:] = 0.0
-        for piece_start in range(start, stop, self._piece_frames):
-            piece_stop = min(piece_start + self._piece_frames, stop)
-            if not self._reopen():
-                self._dead_from = piece_start
-                bad.append(_BadSpan(piece_start, stop, "decode_error",
-                                    f"{first_error}; could not reopen the file"))
-                break
-            piece = out[piece_start - start:piece_stop - start]
-            try:
-                self._file.seek(piece_start)
-                n_read = self._read_into(piece)
-                if n_read < len(piece):
-                    piece[n_read:] = 0.0
-                    bad.append(_BadSpan(piece_start + n_read, piece_stop, "decode_error",
-                                        first_error))
-            except (sf.LibsndfileError, RuntimeError) as error:
-                piece[:] = 0.0
-                bad.append(_BadSpan(piece_start, piece_stop, "decode_error", str(error)))
-        self._reopen()
-        return bad
-
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, list[_BadSpan]]:
-        """Frames [start, stop) (zeros outside the file) and the bad spans in them."""
-        out = self._buffers.next(stop - start)
-        bad: list[_BadSpan] = []
-        fresh_from = max(start, 0)
-        out[:fresh_from - start] = 0.0
-        cache_stop = self._cache_start + len(self._cache)
-        if self._cache_start <= start < cache_stop:   # overlap with the previous request
-            reuse_to = min(stop, cache_stop)
-            offset = start - self._cache_start
-            out[:reuse_to - start] = self._cache[offset:offset + reuse_to - start]
-            fresh_from = reuse_to
-        fresh_to = max(fresh_from, min(stop, self.frames))
-        out[fresh_to - start:] = 0.0
-        if fresh_to > fresh_from:
-            fresh = out[fresh_from - start:fresh_to - start]
-            bad = self._decode(fresh_from, fresh)
-            if not np.isfinite(fresh).all():
-                finite = np.isfinite(fresh)
-                bad += _runs_of(~finite, fresh_from, "non_finite_samples")
-                fresh[~finite] = 0.0
-        self._cache, self._cache_start = out, start
-        return out, bad
-
-
-class _BufferPair:
-    """Two reusable float32 decode buffers, handed out in turn (the previous read stays valid for
-    the overlap), so decoding allocates nothing per block."""
-
-    def __init__(self) -> None:
-        self._buffers = [np.empty(0, np.float32), np.empty(0, np.float32)]
-        self._turn = 0
-
-    def next(self, size: int) -> np.ndarray:
-        self._turn ^= 1
-        if len(self._buffers[self._turn]) < size:
-            self._buffers[self._turn] = np.empty(size, np.float32)
-        return self._buffers[self._turn][:size]
-
-
-def _runs_of(mask: np.ndarray, offset: int, reason: str) -> list[_BadSpan]:
-    """Spans of consecutive True values of `mask`, in absolute frames."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return [_BadSpan(offset + int(a), offset + int(b), reason,
-                     f"{int(b - a)} non-finite sample(s) from frame {offset + int(a)}")
-            for a, b in zip(edges[::2], edges[1::2])]
+# Decoding (through the one reader, soundscape_ssl.core.audio)
 
 
 class _TileBatch(NamedTuple):
@@ -512,12 +338,14 @@ class _TileBatch(NamedTuple):
     spectral_flatness: np.ndarray
     mel_mean_db: np.ndarray       # float64, of the float16 values
     mel_std_db: np.ndarray
+    valid_s: np.ndarray           # float32 seconds of real audio in the tile
+    padded: np.ndarray            # bool: the tile runs past the end of the audio (zero-padded)
 
 
 class _Skip(NamedTuple):
     reason: str
     detail: str
-    first_tile: int | None        # None: the file as a whole (no tile planned)
+    first_tile: int | None        # None: the file as a whole (no tile planned, or a damage note)
     n_tiles: int
 
 
@@ -531,7 +359,7 @@ class _SegmentTiler:
         self.front_end = front_end
         self.device = device
         self.progress = progress
-        self._buffers = _BufferPair()
+        self._buffers = DecodeBuffers()
 
     def _advance(self, samples: int) -> None:
         """Progress in whole samples at the model rate, so the bar ends exactly at its total."""
@@ -542,138 +370,73 @@ class _SegmentTiler:
             skips: list[_Skip]) -> Iterator[_TileBatch]:
         config = self.config
         planned = self.plan.segment_samples(segment)
+        if segment.first_tile == 0 and info.damage:
+            # Read up to the break (the inventory lists the readable frames); said once per file.
+            skips.append(_Skip(info.damage, info.damage_detail or "", None, 0))
         try:
-            source = _AudioSource(info.path, piece_s=config.tile_hop_s, buffers=self._buffers)
-        except (sf.LibsndfileError, RuntimeError, OSError) as error:
+            audio = AudioFile(info.path, frames=info.frames,
+                              piece_s=min(config.tile_hop_s, config.tile_s),
+                              buffers=self._buffers)
+        except AudioOpenError as error:
             skips.append(_Skip("unreadable", str(error), None if segment.n_tiles == 0
                                else segment.first_tile, segment.n_tiles))
             self._advance(planned)
             return
         try:
             if segment.n_tiles == 0:
-                skips.append(self._no_tile_reason(info, source))
+                skips.append(self._no_tile_reason(info, audio))
                 return
-            if source.sample_rate_hz != info.sample_rate_hz:
+            if audio.sample_rate_hz != info.sample_rate_hz:
                 skips.append(_Skip("header_mismatch",
-                                   f"file is {source.sample_rate_hz} Hz, inventory says "
+                                   f"file is {audio.sample_rate_hz} Hz, inventory says "
                                    f"{info.sample_rate_hz} Hz", segment.first_tile,
                                    segment.n_tiles))
                 self._advance(planned)
                 return
-            yield from self._tile(info, segment, source, skips)
+            yield from self._tile(segment, audio, skips)
         finally:
-            source.close()
+            audio.close()
 
-    def _no_tile_reason(self, info: _FileInfo, source: _AudioSource) -> _Skip:
+    def _no_tile_reason(self, info: _FileInfo, audio: AudioFile) -> _Skip:
         config = self.config
-        rate = source.sample_rate_hz
+        rate = audio.sample_rate_hz
         if not config.accepts_sample_rate(rate):
             return _Skip("unsupported_sample_rate",
                          f"{rate} Hz outside {config.min_input_sample_rate_hz}-"
                          f"{config.max_input_sample_rate_hz} Hz", None, 0)
-        if source.frames == 0 or info.frames == 0:
-            return _Skip("no_frames", "the file holds no audio frames", None, 0)
-        return _Skip("shorter_than_tile",
-                     f"{info.frames / max(info.sample_rate_hz, 1):.3f} s < {config.tile_s} s",
-                     None, 0)
+        # Any audio at all gives a first tile (the window rule), so only an empty file is left.
+        return _Skip("no_frames", "the file holds no audio frames", None, 0)
 
-    def _tile(self, info: _FileInfo, segment: Segment, source: _AudioSource,
+    def _tile(self, segment: Segment, audio: AudioFile,
               skips: list[_Skip]) -> Iterator[_TileBatch]:
         config = self.config
         planned = self.plan.segment_samples(segment)
-        rate_in, rate_out = source.sample_rate_hz, config.sample_rate_hz
-        hop, length = config.tile_hop_samples, config.tile_samples
-        first, end = segment.first_tile, segment.first_tile + segment.n_tiles
-        lost: dict[int, tuple[str, str]] = {}
-
-        # Tiles the decoder cannot reach because the file is shorter than the inventory said.
-        reachable_end = min(end, config.tile_count(source.frames, rate_in))
-        for j in range(max(first, reachable_end), end):
-            lost[j] = ("truncated",
-                       f"file has {source.frames} frames, inventory listed {info.frames}")
-        resampler = get_resampler(rate_in, rate_out, config.resample_lowpass_filter_width,
-                                  config.resample_rolloff, str(self.device))
-        orig, new, width = resampler.orig, resampler.new, resampler.width
         done = 0
-        if reachable_end > first:
-            out_start = first * hop
-            out_stop = (reachable_end - 1) * hop + length
-            frame_start, frame_stop = out_start // new, -(-out_stop // new)
-            # Blocks of whole tile hops (when the hop is a whole number of resampler frames) so
-            # that every block ends on a tile boundary and no samples are carried over.
-            aligned = math.lcm(hop, new) // new
-            frames_per_block = aligned * max(1, round(
-                self.plan.tiling.decode_block_s * rate_in / orig / aligned))
-            pending = torch.zeros(0, device=self.device)
-            pending_start = out_start              # absolute output sample of pending[0]
-            next_tile = first
-            for block_start in range(frame_start, frame_stop, frames_per_block):
-                block_stop = min(block_start + frames_per_block, frame_stop)
-                samples, bad = source.read(block_start * orig - width, block_stop * orig + width)
-                for span in bad:
-                    self._mark_lost(lost, span, width, rate_in, first, reachable_end)
-                resampled = resampler.resample_frames(torch.from_numpy(samples).to(self.device))
-                block_out = block_start * new                      # absolute index of resampled[0]
-                pending_end = pending_start + pending.shape[0]
-                if block_out + resampled.shape[0] > pending_end:
-                    take_from = max(0, pending_end - block_out)
-                    pending = (resampled[take_from:] if pending.shape[0] == 0
-                               else torch.cat([pending, resampled[take_from:]]))
-                available = pending.shape[0]
-                ready = 0 if available < length else min((available - length) // hop + 1,
-                                                         reachable_end - next_tile)
-                if ready > 0:
-                    numbers = np.arange(next_tile, next_tile + ready)
-                    keep = np.array([j not in lost for j in numbers])
-                    waveforms = pending.unfold(0, length, hop)[:ready]   # a view, no copy
-                    if not keep.all():
-                        waveforms = waveforms[torch.from_numpy(keep).to(self.device)]
-                    if keep.any():
-                        yield self._features(numbers[keep], waveforms)
-                    next_tile += ready
-                    consumed = min(ready * hop, available)
-                    pending = pending[consumed:]
-                    pending_start += ready * hop
-                block_samples = min((block_stop - block_start) * new, planned - done)
-                self._advance(block_samples)
-                done += block_samples
-                if next_tile >= reachable_end:
-                    break
-            for j in range(next_tile, reachable_end):   # not emitted: decoding ended early
-                lost.setdefault(j, ("truncated", "decoding ended before this tile"))
+
+        def advance(samples: int) -> None:
+            nonlocal done
+            step = min(samples, planned - done)
+            self._advance(step)
+            done += step
+
+        losses: list[WindowLoss] = []
+        for batch in grid_windows(audio, config.window_rule, segment.first_tile,
+                                  segment.first_tile + segment.n_tiles, losses,
+                                  block_s=self.plan.tiling.decode_block_s, device=self.device,
+                                  lowpass_filter_width=config.resample_lowpass_filter_width,
+                                  rolloff=config.resample_rolloff, on_progress=advance):
+            yield self._features(batch)
         self._advance(planned - done)
-        skips.extend(self._runs_of_lost(lost))
-
-    def _mark_lost(self, lost: dict[int, tuple[str, str]], span: _BadSpan, width: int,
-                   rate_in: int, first: int, end: int) -> None:
-        """Tiles whose audio (widened by the resampler's reach) overlaps a bad source span."""
-        config = self.config
-        hop, length, rate_out = config.tile_hop_samples, config.tile_samples, config.sample_rate_hz
-        low, high = span.start - width, span.stop + width           # source frames
-        # Tile j spans [j*hop, j*hop + length) / rate_out seconds; test overlap with
-        # [low, high) / rate_in in integers.
-        j_min = (low * rate_out - length * rate_in) // (hop * rate_in) + 1
-        j_max = -(-(high * rate_out) // (hop * rate_in)) - 1
-        for j in range(max(first, j_min), min(end - 1, j_max) + 1):
-            lost.setdefault(j, (span.reason, span.detail))
-
-    @staticmethod
-    def _runs_of_lost(lost: dict[int, tuple[str, str]]) -> list[_Skip]:
-        runs: list[_Skip] = []
-        for j in sorted(lost):
-            reason, detail = lost[j]
-            if runs and runs[-1].reason == reason and runs[-1].first_tile + runs[-1].n_tiles == j:
-                runs[-1] = runs[-1]._replace(n_tiles=runs[-1].n_tiles + 1)
-            else:
-                runs.append(_Skip(reason, detail, j, 1))
-        return runs
+        skips.extend(_Skip(loss.reason, loss.detail, int(loss.numbers[0]), len(loss.numbers))
+                     for loss in losses)
 
     @torch.no_grad()
-    def _features(self, numbers: np.ndarray, waveforms: torch.Tensor) -> _TileBatch:
-        features = self.front_end(waveforms)
+    def _features(self, batch: WindowBatch) -> _TileBatch:
+        features = self.front_end(batch.waveforms)
         log_mel_f16 = features.log_mel_db.to(torch.float16)
+        n = len(batch.numbers)
         if log_mel_f16.device.type == "cpu":   # numpy: summation order independent of threads
-            values = log_mel_f16.numpy().reshape(len(numbers), -1).astype(np.float64)
+            values = log_mel_f16.numpy().reshape(n, -1).astype(np.float64)
             mel_mean = values.sum(axis=1) / values.shape[1]
             second_moment = np.einsum("ij,ij->i", values, values) / values.shape[1]
             mel_std = np.sqrt(np.maximum(second_moment - mel_mean * mel_mean, 0.0))
@@ -682,9 +445,9 @@ class _SegmentTiler:
             mel_mean = as_float64.mean(dim=1).cpu().numpy()
             mel_std = as_float64.var(dim=1, correction=0).sqrt().cpu().numpy()
         return _TileBatch(
-            numbers, log_mel_f16.cpu().numpy(), features.rms_dbfs.cpu().numpy(),
+            batch.numbers, log_mel_f16.cpu().numpy(), features.rms_dbfs.cpu().numpy(),
             features.peak_dbfs.cpu().numpy(), features.spectral_flatness.cpu().numpy(),
-            mel_mean, mel_std)
+            mel_mean, mel_std, batch.valid_s.astype(np.float32), batch.padded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,18 +455,16 @@ class _SegmentTiler:
 
 
 class _ShardWriter:
-    """Streams float16 tiles into `<shard>.tmp` and renames it into place when complete.
+    """Streams float16 tiles into a shard's temporary file (the runner renames it into place).
 
     The .npy header is written first for zero tiles and rewritten with the final count: numpy
     pads headers so that the length of the first axis can grow in place (asserted).
     """
 
-    def __init__(self, path: Path, tile_shape: tuple[int, int]) -> None:
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, tmp: Path, tile_shape: tuple[int, int]) -> None:
         self.tile_shape = tile_shape
         self.n_tiles = 0
-        self._file = open(self.tmp, "wb")
+        self._file = open(tmp, "wb")
         self._header_bytes = self._write_header(0)
 
     def _write_header(self, n_tiles: int) -> int:
@@ -720,17 +481,13 @@ class _ShardWriter:
         self._file.write(np.ascontiguousarray(tiles, dtype="<f2").tobytes())
         self.n_tiles += len(tiles)
 
-    def commit(self) -> None:
+    def finish(self) -> None:
         if self._write_header(self.n_tiles) != self._header_bytes:
             raise RuntimeError("npy header changed length; cannot finish the shard in place")
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
+    def close(self) -> None:
         self._file.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
@@ -742,22 +499,20 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def _timestamps(start_ns: np.ndarray, offset_s: np.ndarray) -> np.ndarray:
     offsets = np.round(offset_s * 1e9).astype("timedelta64[ns]")
     return start_ns + offsets        # NaT stays NaT
 
 
-def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, tiler: _SegmentTiler,
-                  die_midway: bool) -> int:
-    """Tile one unit and commit it atomically; returns the number of tiles written."""
+def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, out: UnitOutput,
+                  tiler: _SegmentTiler) -> int:
+    """Tile one unit into its three files (shard, skip table, tile index), written through
+    `out` (the runner commits them together); returns the number of tiles written."""
     config = plan.spectrogram
-    writer = _ShardWriter(shard_path(store_dir, unit.unit_id), (config.n_mels, config.n_frames))
+    tile_shape = (config.n_mels, config.n_frames)
+    shard_bytes = unit.n_tiles * math.prod(tile_shape) * 2 + 128     # float16 + the npy header
+    writer = _ShardWriter(out.output(shard_path(store_dir, unit.unit_id),
+                                     expected_bytes=shard_bytes), tile_shape)
     rows = _UnitRows(unit.n_tiles)
     skip_rows: list[tuple[int, _Skip]] = []
     try:
@@ -767,24 +522,17 @@ def _process_unit(unit: WorkUnit, plan: TilingPlan, store_dir: Path, tiler: _Seg
             for batch in tiler.run(info, segment, skips):
                 writer.append(batch.log_mel_f16)
                 rows.add(segment.file_row, batch)
-                if die_midway:
-                    logger.error("fault injection (%s): killing this process mid-unit",
-                                 KILL_AFTER_UNITS_ENV)
-                    os.kill(os.getpid(), signal.SIGKILL)
             for skip in skips:
                 logger.warning("skip %s [%s] %s (%d tile(s))", info.relpath, skip.reason,
                                skip.detail, skip.n_tiles)
                 skip_rows.append((segment.file_row, skip))
-        if die_midway:
-            os.kill(os.getpid(), signal.SIGKILL)
-        index = _unit_index_table(plan, unit.unit_id, rows)
-        skipped = _unit_skipped_table(plan, unit.unit_id, skip_rows)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    _write_parquet_atomic(skipped, unit_skipped_path(store_dir, unit.unit_id))
-    _write_parquet_atomic(index, unit_index_path(store_dir, unit.unit_id))  # the "done" marker
+        writer.finish()
+    finally:
+        writer.close()
+    skipped = _unit_skipped_table(plan, unit.unit_id, skip_rows)
+    pq.write_table(skipped, out.output(unit_skipped_path(store_dir, unit.unit_id)))
+    pq.write_table(_unit_index_table(plan, unit.unit_id, rows),
+                   out.output(unit_index_path(store_dir, unit.unit_id)))
     return writer.n_tiles
 
 
@@ -799,7 +547,8 @@ class _UnitRows:
 
     TYPES = {"file_row": np.int64, "tile": np.int64, "rms_dbfs": np.float32,
              "peak_dbfs": np.float32, "spectral_flatness": np.float32,
-             "mel_mean_db": np.float64, "mel_std_db": np.float64}
+             "mel_mean_db": np.float64, "mel_std_db": np.float64, "valid_s": np.float32,
+             "padded": np.bool_}
 
     def __init__(self, capacity: int) -> None:
         self.n = 0
@@ -809,7 +558,8 @@ class _UnitRows:
         rows = slice(self.n, self.n + len(batch.tile_numbers))
         self._arrays["file_row"][rows] = file_row
         self._arrays["tile"][rows] = batch.tile_numbers
-        for name in ("rms_dbfs", "peak_dbfs", "spectral_flatness", "mel_mean_db", "mel_std_db"):
+        for name in ("rms_dbfs", "peak_dbfs", "spectral_flatness", "mel_mean_db", "mel_std_db",
+                     "valid_s", "padded"):
             self._arrays[name][rows] = getattr(batch, name)
         self.n = rows.stop
 
@@ -835,6 +585,8 @@ def _unit_index_table(plan: TilingPlan, unit_id: int, rows: _UnitRows) -> pa.Tab
         "relpath": strings("relpath"),
         "file_start_time": pa.array(start_ns, pa.timestamp("ns"), from_pandas=True),
         "offset_s": pa.array(offset_s, pa.float64()),
+        "valid_s": pa.array(rows["valid_s"], pa.float32()),
+        "padded": pa.array(rows["padded"], pa.bool_()),
         "timestamp": pa.array(_timestamps(start_ns, offset_s), pa.timestamp("ns"),
                               from_pandas=True),
         "source_sample_rate_hz": pa.array(files.sample_rate_hz[file_rows].astype(np.int32)),
@@ -889,80 +641,52 @@ def tile_archive(files_df: pd.DataFrame, store_dir: str | os.PathLike,
     small to split, and extra threads only spin (measured: 0.14 s with 1 thread, 0.4-2.3 s with
     2 on a busy 2-core machine, for the same 11 tiles). The bytes written do not depend on it.
     """
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _tile_archive(files_df, Path(store_dir), config or SpectrogramConfig(),
                              tiling or TilingConfig(), rank, world_size, device, show_progress)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous)
 
 
 def _tile_archive(files_df: pd.DataFrame, store_dir: Path, config: SpectrogramConfig,
                   tiling: TilingConfig, rank: int | None, world_size: int | None,
                   device: str | torch.device, show_progress: bool) -> TilingSummary:
     started = time.perf_counter()
-    rank, world_size = resolve_rank(rank, world_size)
     device = resolve_device(device)
     plan = plan_tiling(files_df, config, tiling)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_plan(store_dir, plan)
+    with StageRun(store_dir, stage_plan(plan.description()), rank, world_size) as run:
+        rank, world_size = run.rank, run.world_size
+        todo = [plan.units[k] for k in run.todo]
+        todo_samples = sum(plan.segment_samples(s) for unit in todo for s in unit.segments)
+        todo_hours = todo_samples / config.sample_rate_hz / 3600.0
+        logger.info("rank %d/%d: %d of %d units to do (%d already done), %.2f h of audio", rank,
+                    world_size, len(todo), len(run.assigned), len(run.assigned) - len(todo),
+                    todo_hours)
+        front_end = LogMelFrontEnd(config, device)
+        progress = tqdm(total=todo_samples, unit="h",
+                        unit_scale=1.0 / (3600 * config.sample_rate_hz),
+                        desc=f"tiling rank {rank}/{world_size}", dynamic_ncols=True,
+                        disable=not show_progress or rank != 0,
+                        bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} h audio "
+                                   "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        tiler = _SegmentTiler(plan, front_end, device, progress)
+        tiles_written = 0
+        try:
+            for unit in todo:
+                with run.unit(unit.unit_id) as out:
+                    tiles_written += _process_unit(unit, plan, store_dir, out, tiler)
+                progress.set_postfix(tiles=tiles_written, refresh=False)
+        finally:
+            progress.close()
 
-    assigned = plan.units_for_rank(rank, world_size)
-    todo = [unit for unit in assigned if not unit_is_done(store_dir, unit.unit_id)]
-    todo_samples = sum(plan.segment_samples(s) for unit in todo for s in unit.segments)
-    todo_hours = todo_samples / config.sample_rate_hz / 3600.0
-    logger.info("rank %d/%d: %d of %d units to do (%d already done), %.2f h of audio", rank,
-                world_size, len(todo), len(assigned), len(assigned) - len(todo), todo_hours)
-    kill_after = os.environ.get(KILL_AFTER_UNITS_ENV)
-    kill_after_units = int(kill_after) if kill_after else None
-
-    front_end = LogMelFrontEnd(config, device)
-    progress = tqdm(total=todo_samples, unit="h", unit_scale=1.0 / (3600 * config.sample_rate_hz),
-                    desc=f"tiling rank {rank}/{world_size}", dynamic_ncols=True,
-                    disable=not show_progress or rank != 0,
-                    bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} h audio "
-                               "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
-    tiler = _SegmentTiler(plan, front_end, device, progress)
-    tiles_written = 0
-    try:
-        for done, unit in enumerate(todo):
-            die_midway = kill_after_units is not None and done >= kill_after_units
-            tiles_written += _process_unit(unit, plan, store_dir, tiler, die_midway)
-            progress.set_postfix(tiles=tiles_written, refresh=False)
-    finally:
-        progress.close()
-
-    finalized = all(unit_is_done(store_dir, unit.unit_id) for unit in plan.units)
-    n_tiles_total = finalize_store(store_dir)["n_tiles"] if finalized else None
-    if not finalized:
-        logger.info("rank %d: my units are done; another rank finalises the store", rank)
-    return TilingSummary(str(store_dir), rank, world_size, len(plan.units), len(assigned),
-                         len(assigned) - len(todo), len(todo), tiles_written,
+        finalized = run.all_units_done()
+        n_tiles_total = None
+        if finalized:
+            n_tiles_total = run.finalize(lambda: _merge_units(store_dir))["counts"]["n_tiles"]
+        else:
+            logger.info("rank %d: my units are done; another rank finalises the store", rank)
+    return TilingSummary(str(store_dir), rank, world_size, len(plan.units), len(run.assigned),
+                         len(run.assigned) - len(todo), len(todo), tiles_written,
                          todo_hours * 3600.0, time.perf_counter() - started, finalized,
                          n_tiles_total)
-
-
-@contextlib.contextmanager
-def finalize_lock(store_dir: Path) -> Iterator[None]:
-    """Serialise finalisation between processes (two ranks may finish together). An flock is
-    released by the kernel when its holder dies, so a killed finalise never blocks a rerun;
-    where the file system has no flock we go on without (the outputs are identical anyway)."""
-    with open(store_dir / FINALIZE_LOCK_FILE, "a") as lock:
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as error:
-            logger.warning("no file lock on %s (%s); finalising unlocked", store_dir, error)
-        yield
 
 
 def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:
@@ -970,28 +694,26 @@ def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:
 
     Streams the unit tables (flat memory), assigns tile_id in unit order, combines per-tile
     float64 dB means and variances into the global normalisation, and writes config.json last.
-    Raises RuntimeError while units are missing.
+    A finished store is left as it is. Raises StageError (a RuntimeError) while units are missing.
     """
     store_dir = Path(store_dir)
-    with finalize_lock(store_dir):
-        return _finalize_locked(store_dir)
+    with StageRun(store_dir, stage_plan(read_plan(store_dir)), work=False) as run:
+        return run.finalize(lambda: _merge_units(store_dir))["counts"]
 
 
-def _finalize_locked(store_dir: Path) -> dict[str, Any]:
-    plan = json.loads((store_dir / PLAN_FILE).read_text())
+def _merge_units(store_dir: Path) -> dict[str, Any]:
+    """Write index.parquet and skipped.parquet from the done units; returns config.json's fields."""
+    plan = read_plan(store_dir)
     n_units = int(plan["n_units"])
-    missing = [unit_id for unit_id in range(n_units) if not unit_is_done(store_dir, unit_id)]
-    if missing:
-        raise RuntimeError(f"{len(missing)} of {n_units} units are not done yet (first: "
-                           f"{missing[:5]}); run the remaining ranks before finalising")
     spectrogram = SpectrogramConfig.from_dict(plan["spectrogram"])
     tile_shape = (spectrogram.n_mels, spectrogram.n_frames)
 
-    index_tmp = store_dir / f"{INDEX_FILE}.{os.getpid()}.tmp"
     sum_means, sum_second_moments, n_tiles = 0.0, 0.0, 0
+    valid_audio_s, n_padded = 0.0, 0
     pending: list[pa.Table] = []
     skipped_tables: list[pa.Table] = []
-    with pq.ParquetWriter(index_tmp, INDEX_SCHEMA) as writer:
+    with atomic_write(store_dir / INDEX_FILE) as index_tmp, \
+            pq.ParquetWriter(index_tmp, INDEX_SCHEMA) as writer:
         for unit_id in range(n_units):
             table = pq.read_table(unit_index_path(store_dir, unit_id), schema=UNIT_INDEX_SCHEMA)
             shape = _npy_shape(shard_path(store_dir, unit_id))
@@ -1002,6 +724,8 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
             stds = table.column("mel_std_db").to_numpy()
             sum_means += float(np.sum(means))
             sum_second_moments += float(np.sum(stds * stds + means * means))
+            valid_audio_s += float(np.sum(table.column("valid_s").to_numpy()))
+            n_padded += int(np.sum(table.column("padded").to_numpy()))
             tile_ids = pa.array(np.arange(n_tiles, n_tiles + table.num_rows, dtype=np.int64))
             pending.append(table.add_column(0, "tile_id", tile_ids))
             n_tiles += table.num_rows
@@ -1012,10 +736,10 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
                                                 schema=SKIPPED_SCHEMA))
         if pending or n_tiles == 0:
             writer.write_table(pa.concat_tables(pending) if pending else INDEX_SCHEMA.empty_table())
-    os.replace(index_tmp, store_dir / INDEX_FILE)
 
     skipped = pa.concat_tables(skipped_tables) if skipped_tables else SKIPPED_SCHEMA.empty_table()
-    _write_parquet_atomic(skipped, store_dir / SKIPPED_FILE)
+    with atomic_write(store_dir / SKIPPED_FILE) as skipped_tmp:
+        pq.write_table(skipped, skipped_tmp)
     reasons = skipped.column("reason").to_pylist()
     lost = skipped.column("n_tiles_lost").to_pylist()
     records_by_reason, lost_by_reason = Counter(reasons), Counter()
@@ -1038,7 +762,9 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
         "n_files": plan["n_files"],
         "n_tiles_planned": plan["n_tiles_planned"],
         "audio_s": plan["audio_s"],
-        "tiled_audio_s": n_tiles * spectrogram.tile_s,
+        "tiled_audio_s": n_tiles * spectrogram.tile_s,   # tile spans, padding and overlaps included
+        "valid_audio_s": valid_audio_s,                  # real audio in the tiles (overlaps counted twice)
+        "padded_tiles": n_padded,
         "files_without_tiles": plan["files_without_tiles"],
         "tail_remainders_dropped": plan["tail_remainders_dropped"],
         "tail_audio_dropped_s": plan["tail_audio_dropped_s"],
@@ -1046,55 +772,53 @@ def _finalize_locked(store_dir: Path) -> dict[str, Any]:
         "skipped_records": len(reasons),
         "tiles_lost": int(sum(lost)),
     }
-    write_config_json(store_dir, STAGE, spectrogram, tiling=plan["tiling"],
-                      normalization={"mean": mean, "std": std, "unit": "dB",
-                                     "over": "all values of all tiles (float16 as stored)"},
-                      counts=summary, skip_reasons=SKIP_REASONS, fingerprint=plan["fingerprint"],
-                      layout={"shards": f"{UNITS_DIR}/unit-NNNNNN.npy", "index": INDEX_FILE,
-                              "skipped": SKIPPED_FILE})
     logger.info("finalised %s: %d tiles in %d units, %d skip records", store_dir, n_tiles,
                 n_units, len(reasons))
-    return summary
+    return dict(config=spectrogram, tiling=plan["tiling"],
+                normalization={"mean": mean, "std": std, "unit": "dB",
+                               "over": "all values of all tiles (float16 as stored)"},
+                counts=summary, skip_reasons=SKIP_REASONS, fingerprint=plan["fingerprint"],
+                layout={"shards": f"{UNITS_DIR}/unit-NNNNNN.npy", "index": INDEX_FILE,
+                        "skipped": SKIPPED_FILE})
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_type: type, group_title: str) -> None:
-    group = parser.add_argument_group(group_title)
-    hints = typing.get_type_hints(config_type)
-    for field in dataclasses.fields(config_type):
-        hint = hints[field.name]
-        kind = {int: int, float: float, str: str}.get(hint, str)
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
-                           default=None, help=f"default: {field.default}"
-                           + (" ('none' for None)" if hint not in (int, float, str) else ""))
-
-
-def _config_from_args(args: argparse.Namespace, config_type: type) -> Any:
-    values = {}
-    for field in dataclasses.fields(config_type):
-        value = getattr(args, field.name)
-        if value is not None:
-            is_none = isinstance(value, str) and value.lower() == "none"
-            values[field.name] = None if is_none else value
-    return config_type(**values)
+def command_arguments(inventory: str | os.PathLike, out_dir: str | os.PathLike,
+                      config: SpectrogramConfig | None = None, tiling: TilingConfig | None = None,
+                      device: str = "cpu", show_progress: bool = False) -> list[str]:
+    """The arguments of `python -m soundscape_ssl.tiles.tiling` (e.g. under torchrun) that tile
+    `inventory` into `out_dir` with exactly these configs (every field given explicitly)."""
+    arguments = ["--inventory", str(inventory), "--out", str(out_dir), "--device", device,
+                 *config_to_options(config or SpectrogramConfig()),
+                 *config_to_options(tiling or TilingConfig())]
+    return arguments if show_progress else [*arguments, "--no-progress"]
 
 
 def _read_inventory(path: Path) -> pd.DataFrame:
-    path = path / "files.parquet" if path.is_dir() else path
-    if path.suffix == ".csv":
-        return pd.read_csv(path)   # start_time is parsed by plan_tiling
-    return pd.read_parquet(path)
+    """files.parquet (or its folder, or a CSV); a path that is none of these is a one-line error."""
+    if path.is_dir():
+        if not (path / "files.parquet").is_file():
+            raise FileNotFoundError(f"inventory folder {path} holds no files.parquet")
+        path = path / "files.parquet"
+    elif not path.is_file():
+        raise FileNotFoundError(f"inventory {path}: no such file or folder")
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)   # start_time is parsed by plan_tiling
+        return pd.read_parquet(path)
+    except (ValueError, OSError, pa.ArrowException) as error:
+        raise ValueError(f"inventory {path} is not a readable {'CSV' if path.suffix == '.csv' else 'Parquet'} "
+                         f"table: {' '.join(str(error).split())[:200]}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m soundscape_ssl.tiles.tiling`: tile an inventory (this rank's share) into a store."""
-    parser = argparse.ArgumentParser(
-        prog="python -m soundscape_ssl.tiles.tiling",
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog="soundscape-ssl tile",
         description="Tile an inventory into a log-mel tile store (resumable; run under torchrun "
-                    "to shard across processes and nodes).")
+                    "as python -m soundscape_ssl.tiles.tiling to shard across processes and nodes).")
     parser.add_argument("--inventory", type=Path,
                         help="files.parquet of soundscape_ssl.recordings.archive (or its folder, or a CSV)")
     parser.add_argument("--out", type=Path, required=True, help="tile store folder")
@@ -1107,20 +831,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--finalize-only", action="store_true",
                         help="only build index/config from finished units")
-    _add_config_flags(parser, SpectrogramConfig, "spectrogram")
-    _add_config_flags(parser, TilingConfig, "tiling")
+    add_config_options(parser, SpectrogramConfig, title="spectrogram")
+    add_config_options(parser, TilingConfig, title="tiling")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`soundscape-ssl tile` / `python -m soundscape_ssl.tiles.tiling`: tile an inventory (this
+    rank's share) into a store; prints a JSON summary. Returns the exit code; errors are one
+    line on stderr (`core.cli.run_command`)."""
+    return run_command("soundscape-ssl tile", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(SpectrogramConfig, args)  # the command is checked before any work
+    tiling = config_from_options(TilingConfig, args)
     if args.finalize_only:
         print(json.dumps(finalize_store(args.out), sort_keys=True))
         return 0
     if args.inventory is None:
         parser.error("--inventory is required unless --finalize-only")
-    summary = tile_archive(_read_inventory(args.inventory), args.out,
-                           config=_config_from_args(args, SpectrogramConfig),
-                           tiling=_config_from_args(args, TilingConfig), rank=args.rank,
-                           world_size=args.world_size, device=args.device,
+    summary = tile_archive(_read_inventory(args.inventory), args.out, config=config, tiling=tiling,
+                           rank=args.rank, world_size=args.world_size, device=args.device,
                            show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps(summary.as_dict(), sort_keys=True))
     return 0

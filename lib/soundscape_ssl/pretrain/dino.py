@@ -218,6 +218,10 @@ class DinoMethod(SSLMethod):
 
     name = "dino"
 
+    @property
+    def embedding_pooling(self) -> str:
+        return self.config.pooling
+
     def __init__(self, backbone_config: BackboneConfig, config: DinoConfig, augment: AugmentConfig,
                  normalization: Normalization, total_steps: int, steps_per_epoch: int) -> None:
         super().__init__()

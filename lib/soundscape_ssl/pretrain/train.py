@@ -93,6 +93,7 @@ class TrainConfig:
     mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
     vicreg: VicregConfig = dataclasses.field(default_factory=VicregConfig)
     epochs: int = 100  # the schedules span this many epochs (max_steps does not shorten them)
+    schedule_steps: int | None = None  # the schedules span this many steps instead (fixed-budget runs)
     batch_size_per_gpu: int = 64  # tiles per rank per step
     base_lr: float = 5e-4  # peak lr for an effective batch of 256 (linear scaling rule)
     min_lr: float = 1e-6  # cosine schedule's final lr
@@ -131,6 +132,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size_per_gpu", "log_every", "checkpoint_every_steps", "collapse_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be >= 1 or null, got {self.schedule_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -452,7 +455,7 @@ class _Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(data.dataset)} tiles do not fill one step of batch_size_per_gpu="
                              f"{config.batch_size_per_gpu} x {context.world_size} ranks")
-        self.total_steps = config.epochs * self.steps_per_epoch
+        self.total_steps = config.schedule_steps or config.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, config.max_steps or self.total_steps)
         warmup_steps = min(round(config.warmup_epochs * self.steps_per_epoch), self.total_steps)
         effective_batch = config.batch_size_per_gpu * context.world_size
@@ -538,7 +541,7 @@ class _Trainer:
             method_config=self.config.method_config(), train_config=self.config,
             spectrogram_config=self.data.spectrogram_config, normalization=self.data.normalization,
             model_state=self.method.state_dict(), backbone_state=self.method.export_backbone().state_dict(),
-            optimizer_state=self.optimizer.state_dict())
+            optimizer_state=self.optimizer.state_dict(), embedding_pooling=self.method.embedding_pooling)
         save_checkpoint(self.checkpoint_path, checkpoint)
 
     # -- logging and checks -------------------------------------------------------------------

@@ -106,6 +106,10 @@ class VicregMethod(SSLMethod):
 
     name = "vicreg"
 
+    @property
+    def embedding_pooling(self) -> str:
+        return self.config.pooling
+
     def __init__(self, backbone_config: BackboneConfig, config: VicregConfig, augment: AugmentConfig,
                  normalization: Normalization) -> None:
         super().__init__()

@@ -450,3 +450,37 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load(tmp_path / "out" / "checkpoint.pth")["step"] == 6
+
+
+def test_activity_selection_trains_on_the_tiles_where_calls_stand_out(tmp_path: Path) -> None:
+    """A recording whose odd seconds hold a loud warble over noise and whose even seconds hold the
+    noise alone: activity_top_fraction=0.5 keeps exactly the warble's tiles."""
+    import numpy as np
+    import soundfile
+
+    from soundscape_ssl.recordings.archive import scan_archive
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+    from soundscape_ssl.tiles.store import TileStore, activity_above_floor_db
+    from soundscape_ssl.tiles.tiling import tile_archive
+
+    rate = 32000
+    times_s = np.arange(16 * rate) / rate
+    warble = np.sin(2 * np.pi * (3000 + 500 * np.sin(2 * np.pi * 3 * times_s)) * times_s)
+    calls = (times_s % 2.0 >= 1.0) & (times_s % 0.25 < 0.12)        # chirps in every odd second
+    noise = 0.01 * np.random.default_rng(1).standard_normal(times_s.size)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    soundfile.write(archive / "REC1_20200101_050000.wav", (0.3 * warble * calls + noise).astype(np.float32), rate)
+    store_dir = tmp_path / "tiles"
+    tile_archive(scan_archive(archive, show_progress=False).files, store_dir, show_progress=False,
+                 config=SpectrogramConfig(n_mels=32, tile_s=1.0, tile_hop_s=1.0, hop_length=500))
+    store = TileStore(store_dir)
+    activity = activity_above_floor_db(store.read_range(0, len(store)), store.config)
+    odd = store.index["offset_s"].to_numpy() % 2.0 == 1.0
+    assert activity[odd].min() > activity[~odd].max() + 3.0            # calls stand out by > 3 dB
+
+    data = train.with_active_tiles(train.tile_store_data(str(store_dir)), str(store_dir), 0.5, (1000.0, 8000.0))
+    assert list(data.dataset.indices) == np.flatnonzero(odd).tolist()
+    assert train.with_active_tiles(data, str(store_dir), 1.0, (1000.0, 8000.0)) is data
+    with pytest.raises(ValueError, match="activity_top_fraction"):
+        _tiny_config(tmp_path, activity_top_fraction=0.0).validate()

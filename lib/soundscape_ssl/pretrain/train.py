@@ -46,10 +46,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from .augment import AugmentConfig, Normalization
@@ -117,6 +118,10 @@ class TrainConfig:
     # tiles.store.remove_background), applied to each view after mixing and gain, on the whole tile;
     # recorded in the checkpoint so every inference path does the same.
     background_removal: str = "none"
+    # Train on the tiles with the most in-band activity above their own noise floor
+    # (tiles.store.activity_above_floor_db, no label involved): this share of the store; 1 = all.
+    activity_top_fraction: float = 1.0
+    activity_band_hz: tuple[float, float] = (1000.0, 8000.0)
 
     def method_config(self) -> DinoConfig | MaeConfig | VicregConfig:
         return getattr(self, self.method)
@@ -140,6 +145,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if not 0.0 < self.activity_top_fraction <= 1.0:
+            raise ValueError(f"activity_top_fraction must be in (0, 1], got {self.activity_top_fraction}")
+        if not 0.0 <= self.activity_band_hz[0] < self.activity_band_hz[1]:
+            raise ValueError(f"activity_band_hz must be (low, high) Hz, got {self.activity_band_hz}")
         if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
         from ..tiles.store import BACKGROUND_REMOVALS  # lazily, like every tiles import here (see tile_store_data)
@@ -206,6 +215,27 @@ def with_background_removal(data: TrainData, background: str) -> TrainData:
         return data
     normalization = input_normalization(data.normalization or {"mean": 0.0, "std": 1.0}, background)
     return TrainData(data.dataset, normalization, data.spectrogram_config)
+
+
+def with_active_tiles(data: TrainData, store_dir: str, top_fraction: float,
+                      band_hz: tuple[float, float]) -> TrainData:
+    """`data` restricted to the `top_fraction` of the store's tiles with the most in-band activity
+    above their noise floor (`tiles.store.activity_above_floor_db`), in tile order; ties broken
+    by tile id, so the choice is deterministic. 1.0 keeps everything."""
+    if top_fraction >= 1.0:
+        return data
+    from ..tiles.store import TileStore, store_activity_db
+
+    activity = store_activity_db(TileStore(store_dir), *band_hz)
+    if len(activity) != len(data.dataset):
+        raise ValueError(f"activity selection needs the tile store's tiles: {len(activity)} tiles in "
+                         f"{store_dir}, {len(data.dataset)} in the dataset")
+    n_keep = max(1, round(top_fraction * len(activity)))
+    keep = np.sort(np.argsort(-activity, kind="stable")[:n_keep])
+    logger.info("training on the %d most active of %d tiles (%.0f%%; activity >= %.2f dB above the "
+                "floor in %g-%g Hz)", n_keep, len(activity), 100 * top_fraction, float(activity[keep].min()),
+                *band_hz)
+    return TrainData(Subset(data.dataset, keep.tolist()), data.normalization, data.spectrogram_config)
 
 
 def tile_store_data(store_dir: str) -> TrainData:
@@ -664,6 +694,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
         claim = claim_folder(out_dir) if context.is_main else None
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
         data = with_background_removal(data, config.background_removal)
+        data = with_active_tiles(data, config.store_dir, config.activity_top_fraction, config.activity_band_hz)
         _check_tile_shape(data, config.model)
         trainer = _Trainer(config, context, data)
         trainer.resume_if_possible()

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .spectrogram import SpectrogramConfig
+from .spectrogram import SpectrogramConfig, mel_bin_centres_hz
 
 STAGE = "tiles"
 PLAN_FILE = "plan.json"
@@ -231,6 +231,48 @@ def band_median(tiles: ArrayOrTensor) -> ArrayOrTensor:
         tensor = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         return tensor.median(dim=-1, keepdim=True).values.numpy()
     return tiles.median(dim=-1, keepdim=True).values
+
+
+def _band_bins(config: SpectrogramConfig, f_low_hz: float, f_high_hz: float) -> np.ndarray:
+    centres = mel_bin_centres_hz(config)
+    band = (centres >= f_low_hz) & (centres <= f_high_hz)
+    if not band.any():
+        raise ValueError(f"no mel bin centre lies in {f_low_hz}-{f_high_hz} Hz")
+    return band
+
+
+def in_band_energy_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz: float,
+                      f_high_hz: float) -> np.ndarray:
+    """Mean mel power (dB) of each tile over the bins whose centre lies in [f_low_hz, f_high_hz].
+
+    The mean is taken on power, not on dB, so a loud song in part of the window counts as loud.
+    """
+    band = _band_bins(config, f_low_hz, f_high_hz)
+    power = np.power(10.0, np.asarray(tiles_db, dtype=np.float64)[:, band, :] / 10.0)
+    return (10.0 * np.log10(power.mean(axis=(1, 2)))).astype(np.float32)
+
+
+def activity_above_floor_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz: float = 1000.0,
+                            f_high_hz: float = 8000.0) -> np.ndarray:
+    """Unsupervised activity of each tile: its in-band mean power over its in-band noise floor, in dB.
+
+    The floor is each band's `band_median` over the tile (its steady level); the ratio of the band's
+    mean power to the floor's mean power is ~0 dB for steady noise, wind or silence and rises with
+    every call that stands out of it, whatever the recorder's gain. No label is involved.
+    """
+    band = _band_bins(config, f_low_hz, f_high_hz)
+    in_band = np.asarray(tiles_db, dtype=np.float32)[:, band, :]
+    power = np.power(10.0, in_band.astype(np.float64) / 10.0)
+    floor = np.power(10.0, band_median(in_band).astype(np.float64) / 10.0)
+    return (10.0 * np.log10(power.mean(axis=(1, 2)) / floor.mean(axis=(1, 2)))).astype(np.float32)
+
+
+def store_activity_db(store: "TileStore", f_low_hz: float = 1000.0, f_high_hz: float = 8000.0,
+                      batch_tiles: int = 1024) -> np.ndarray:
+    """`activity_above_floor_db` of every tile of a store, read in contiguous batches."""
+    return np.concatenate([activity_above_floor_db(store.read_range(start, start + batch_tiles), store.config,
+                                                   f_low_hz, f_high_hz)
+                           for start in range(0, len(store), batch_tiles)] or [np.zeros(0, np.float32)])
 
 
 def remove_band_background(tiles: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a method's TrainConfig field (YAML value), e.g. dino.dino.pooling=band; "
                              "'all.FIELD=VALUE' sets it for every method")
     parser.add_argument("--budget-min", type=float, default=20.0, help="training minutes per method")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per method (instead of a budget)")
+    parser.add_argument("--steps", default=None,
+                        help="training steps per method instead of a budget: N for every method, or "
+                             "METHOD=N,... (methods not named use the budget)")
     parser.add_argument("--calibration-steps", type=int, default=6)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch, OpenMP, MKL)")
@@ -144,6 +146,16 @@ def tile_pool(data: Path, out: Path, max_files: int | None) -> tuple[Path, dict[
 # Training for a budget
 
 
+def fixed_steps(text: str | None, method: str) -> int | None:
+    """`--steps`: "N" for every method, or "dino=500,vicreg=1000"; None where the budget applies."""
+    if not text:
+        return None
+    if "=" not in text:
+        return int(text)
+    named = dict(part.split("=", 1) for part in text.split(","))
+    return int(named[method]) if method in named else None
+
+
 def train_steps_per_s(method: str, settings: dict[str, Any], overrides: dict[str, Any], scratch: Path) -> float:
     """Median training steps per second of `method`'s recipe on this machine, from a short run
     (the first two steps, which include start-up, left out)."""
@@ -162,8 +174,9 @@ def train_method(method: str, settings: dict[str, Any], overrides: dict[str, Any
     """Train (or resume) one method for the budget; what the JSON reports about it."""
     record: dict[str, Any] = {}
     existing = out_dir / "checkpoint.pth"
-    if ARGS.steps:
-        steps = ARGS.steps
+    fixed = fixed_steps(ARGS.steps, method)
+    if fixed is not None:
+        steps = fixed
     elif existing.is_file():   # a rerun resumes the budget it calibrated before
         steps = int(load_checkpoint(existing)["train_config"]["schedule_steps"])
         record["resumed_budget"] = True
@@ -313,7 +326,7 @@ def main() -> int:
     result = {
         "benchmark": "species", "command": [sys.executable, *sys.argv], **git_state(REPO),
         "profile": ARGS.profile, "overrides": overrides, "device": ARGS.device, "threads": ARGS.threads,
-        "budget_min": None if ARGS.steps else ARGS.budget_min, "pool": pool, "methods": trained,
+        "budget_min": ARGS.budget_min, "steps_given": ARGS.steps, "pool": pool, "methods": trained,
         "sets": sets, "out": str(run_dir), "wall_s": round(time.perf_counter() - started, 1),
         "torch": torch.__version__, "packages": {k: v for k, v in package_versions().items()
                                                  if k in ("timm", "scikit-learn", "numpy")},

@@ -47,9 +47,13 @@ BENCH_ARGS_inventory := --n-files 500 --n-recorders 5 --baseline-files 100 --thr
 BENCH_ARGS_pretrain := --model vit_tiny --depth 2 --batch-size 4 --dino-out-dim 1024 --local-crops 2 \
 	--steps 2 --repeats 1 --loader-batches 2 --matmul-size 256
 BENCH_ARGS_tiling := --minutes 1 --file-s 30 --repeats 1 --png-repeats 1 --png-minutes 0.25 --skip-memory
+# species: a sliver of the pool, two steps, one labelled set (its own default is 20 min per method).
+BENCH_ARGS_species := --pool-max-files 4 --steps 2 --methods vicreg --sets xeno-canto-phoebe-10sp \
+	--no-birdnet --n-bootstrap 40 --out runs/species-quick
 BENCH_DEVICE_ARGS_embed := --device $(BENCH_DEVICE)
 BENCH_DEVICE_ARGS_pretrain := --device $(BENCH_DEVICE)
 BENCH_DEVICE_ARGS_tiling := --device $(BENCH_DEVICE)
+BENCH_DEVICE_ARGS_species := --device $(BENCH_DEVICE)
 
 bench: $(VENV)/.bench-installed
 	$(foreach name,$(BENCHMARKS),$(PY) benchmarks/$(name).py $(BENCH_DEVICE_ARGS_$(name)) \

@@ -27,7 +27,7 @@ test: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# The `bench` extra (librosa, scikit-maad: the baselines the benchmarks measure against).
+# The `bench` extra (librosa: a baseline the benchmarks measure against; scikit-maad, the other, is a runtime dependency).
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check -e ".[test,bench]"
 	touch $@

@@ -249,12 +249,16 @@ def stage_plan(description: dict[str, Any]) -> StagePlan:
                      units_dir=UNITS_DIR, title="acoustic indices")
 
 
-def store_windows(store_dir: str | os.PathLike) -> tuple[pd.DataFrame, int, float]:
-    """(windows, sample_rate_hz, tile_s) of a finished tile store: its index and its config."""
+def store_windows(store_dir: str | os.PathLike, every: int = 1) -> tuple[pd.DataFrame, int, float]:
+    """(windows, sample_rate_hz, tile_s) of a finished tile store: its index (every `every`-th
+    tile, from tile 0: a systematic subsample that keeps every recorder and hour) and its config."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
     metadata = read_store_metadata(store_dir)
     windows = pq.read_table(Path(store_dir) / TILE_INDEX_FILE, columns=list(WINDOW_COLUMNS)).to_pandas()
     spectrogram = metadata["config"]
-    return windows, int(spectrogram["sample_rate_hz"]), float(spectrogram["tile_s"])
+    return (windows.iloc[::every].reset_index(drop=True), int(spectrogram["sample_rate_hz"]),
+            float(spectrogram["tile_s"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,10 +379,10 @@ def compute_indices(windows: pd.DataFrame, out_dir: str | os.PathLike, config: I
 
 
 def compute_store_indices(store_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                          config: IndicesConfig | None = None, **options: Any) -> IndicesSummary:
-    """`compute_indices` for every tile of a finished tile store, at its rate and tile length
-    unless `config` sets them."""
-    windows, sample_rate_hz, tile_s = store_windows(store_dir)
+                          config: IndicesConfig | None = None, every: int = 1, **options: Any) -> IndicesSummary:
+    """`compute_indices` for every tile (or every `every`-th tile) of a finished tile store, at its
+    rate and tile length unless `config` sets them."""
+    windows, sample_rate_hz, tile_s = store_windows(store_dir, every)
     return compute_indices(windows, out_dir, (config or IndicesConfig()).resolved(sample_rate_hz, tile_s),
                            **options)
 
@@ -410,10 +414,11 @@ def read_indices(out_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def command_arguments(store_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      config: IndicesConfig | None = None, show_progress: bool = False) -> list[str]:
+                      config: IndicesConfig | None = None, every: int = 1, show_progress: bool = False) -> list[str]:
     """Arguments of `python -m soundscape_ssl.analysis.indices` (e.g. under torchrun) that compute
-    the indices of `store_dir` into `out_dir` with exactly `config` (every field given)."""
-    arguments = ["--store", str(store_dir), "--out", str(out_dir), *config_to_options(config or IndicesConfig())]
+    the indices of `store_dir` (every `every`-th tile) into `out_dir` with exactly `config`."""
+    arguments = ["--store", str(store_dir), "--out", str(out_dir), "--every", str(every),
+                 *config_to_options(config or IndicesConfig())]
     return arguments if show_progress else [*arguments, "--no-progress"]
 
 
@@ -426,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--rank", type=int, default=None, help="default: $RANK or 0")
     parser.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE or 1")
+    parser.add_argument("--every", type=int, default=1, help="every n-th tile only (a systematic subsample)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per process")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_options(parser, IndicesConfig, title="indices")
@@ -440,7 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_options(IndicesConfig, args)
-    summary = compute_store_indices(args.store, args.out, config, rank=args.rank, world_size=args.world_size,
+    if args.every < 1:
+        raise ValueError(f"--every must be >= 1, got {args.every}")
+    summary = compute_store_indices(args.store, args.out, config, every=args.every, rank=args.rank, world_size=args.world_size,
                                     show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps(summary.as_dict(), sort_keys=True))
     return 0

@@ -104,6 +104,10 @@ def test_index_effects_and_diel_tracking_find_the_planted_index():
     assert tracking.loc[0, "index"] == "follows" and tracking.loc[0, "spearman_rho"] == pytest.approx(1.0, abs=1e-3)
     assert tracking.loc[0, "n_hours"] == 24
     assert isinstance(fingerprint_plots.plot_index_effects(effects, "t"), Figure)
+    profiles = fingerprints.index_diel_profiles(tracking_values, ["follows", "noise"], hours, ["follows", "absent"])
+    assert list(profiles.columns) == ["follows", "n_tiles"] and profiles["n_tiles"].sum() == len(hours)
+    assert profiles["follows"].mean() == pytest.approx(0.0) and profiles["follows"].std(ddof=0) == pytest.approx(1.0)
+    assert profiles["follows"].idxmax() == 6                                 # sin peaks at a quarter day
 
 
 def test_fingerprint_figures_draw_panels_and_curves():

@@ -219,6 +219,20 @@ def index_cluster_effects(values: np.ndarray, names: Sequence[str], cluster_labe
     return pd.DataFrame(rows).sort_values("eta_squared", ascending=False, ignore_index=True)
 
 
+def index_diel_profiles(values: np.ndarray, names: Sequence[str], hours: Sequence[Any],
+                        wanted: Sequence[str]) -> pd.DataFrame:
+    """Hourly median of each `wanted` index (those in `names`), as z-scores across the hours (so
+    that indices of different units share one axis), with the tiles per hour in n_tiles."""
+    hours = pd.Series(hours).reset_index(drop=True).astype("Int64")
+    frame = pd.DataFrame(np.asarray(values), columns=list(names)).assign(hour=hours).dropna(subset=["hour"])
+    chosen = [name for name in wanted if name in names]
+    hourly = frame.groupby("hour")[chosen].median()
+    spread = hourly.std(ddof=0).replace(0.0, np.nan)
+    profiles = (hourly - hourly.mean()) / spread
+    profiles["n_tiles"] = frame.groupby("hour").size()
+    return profiles.sort_index()
+
+
 def index_diel_tracking(values: np.ndarray, names: Sequence[str], hours: Sequence[Any],
                         curve: pd.Series) -> pd.DataFrame:
     """Spearman correlation, over the hours, between each index's hourly median and `curve` (a diel

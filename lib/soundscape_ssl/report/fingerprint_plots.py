@@ -50,8 +50,10 @@ def plot_activity_heatmaps(shares: pd.DataFrame, title: str, max_categories: int
     return figure
 
 
-def plot_diel_curves(curves: pd.DataFrame, title: str) -> Figure:
-    """The share of each hour's tiles in each group (lines) and the tiles per hour (grey bars)."""
+def plot_diel_curves(curves: pd.DataFrame, title: str, ylabel: str = "share of the hour's tiles",
+                     shares: bool = True) -> Figure:
+    """The share of each hour's tiles in each group (lines) and the tiles per hour (grey bars);
+    with `shares` False, any per-hour values (e.g. z-scored index medians) on a free axis."""
     figure = Figure(figsize=(7.5, 3.6), layout="constrained")
     axes = figure.subplots()
     counts = axes.twinx()
@@ -65,9 +67,10 @@ def plot_diel_curves(curves: pd.DataFrame, title: str) -> Figure:
         axes.plot(hours, curves[name].to_numpy(float), marker="o", markersize=3, color=colour, label=name)
     axes.set_xlim(-0.5, 23.5)
     axes.set_xticks(range(0, 24, 3))
-    axes.set_ylim(0, 1)
+    if shares:
+        axes.set_ylim(0, 1)
     axes.set_xlabel("hour of day")
-    axes.set_ylabel("share of the hour's tiles")
+    axes.set_ylabel(ylabel)
     axes.legend(fontsize=8, loc="upper left", ncols=2)
     axes.set_title(title, fontsize=10)
     return figure

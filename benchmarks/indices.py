@@ -16,6 +16,13 @@ each kind after one untimed warm-up:
 
 Every rate is tiles per second on one core. The last line printed is one JSON object.
 
+Measured (default sizes, 40 tiles, medians of 3, one thread, on the 2-core machine while other
+jobs held a load of about 6): indices 1.61 tiles/s (622 ms a tile), scikit-maad file by file 1.97
+(ratio 0.82: the reader, units and merge cost 18 % on top of scikit-maad), tiling 125, ViT-S/16
+embedding 8.5. The indices stage is the slowest CPU stage per tile: about 70 % of scikit-maad's
+time per tile goes to its regions of interest (`region_of_interest_index`, nROI and aROI; profiled
+on demo tiles: 0.12 of 0.17 s), which `all_spectral_alpha_indices` always computes.
+
     python benchmarks/indices.py                 # ~2 min on one core
     python benchmarks/indices.py --files 2 --file-s 15 --repeats 1 --embed-batches 1
 """

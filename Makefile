@@ -36,7 +36,7 @@ test: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# The `bench` extra (librosa, scikit-maad: the baselines the benchmarks measure against).
+# The `bench` extra (librosa: a baseline the benchmarks measure against; scikit-maad, the other, is a runtime dependency).
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check -e ".[test,bench]"
 	touch $@
@@ -52,13 +52,18 @@ BENCH_ARGS_cluster := --n-rows 5000 --dims 64 --components 10 --n-clusters 10 --
 	--repeats 1 --umap-rows 2000 --umap-subsample 500 --umap-repeats 1
 BENCH_ARGS_embed := --base-tiles 40 --copies 2 --repeats 1 --model-batches 2 --batch-size 16 \
 	--chunk-tiles 32 --num-workers 1
+BENCH_ARGS_indices := --files 2 --file-s 15 --repeats 1 --embed-batches 1
 BENCH_ARGS_inventory := --n-files 500 --n-recorders 5 --baseline-files 100 --threads 1,2 --repeats 1 --modes warm
 BENCH_ARGS_pretrain := --model vit_tiny --depth 2 --batch-size 4 --dino-out-dim 1024 --local-crops 2 \
 	--steps 2 --repeats 1 --loader-batches 2 --matmul-size 256
 BENCH_ARGS_tiling := --minutes 1 --file-s 30 --repeats 1 --png-repeats 1 --png-minutes 0.25 --skip-memory
+# species: a sliver of the pool, two steps, one labelled set (its own default is 20 min per method).
+BENCH_ARGS_species := --pool-max-files 4 --steps 2 --methods vicreg --sets xeno-canto-phoebe-10sp \
+	--no-birdnet --n-bootstrap 40 --out runs/species-quick
 BENCH_DEVICE_ARGS_embed := --device $(BENCH_DEVICE)
 BENCH_DEVICE_ARGS_pretrain := --device $(BENCH_DEVICE)
 BENCH_DEVICE_ARGS_tiling := --device $(BENCH_DEVICE)
+BENCH_DEVICE_ARGS_species := --device $(BENCH_DEVICE)
 
 bench: $(VENV)/.bench-installed
 	$(foreach name,$(BENCHMARKS),$(PY) benchmarks/$(name).py $(BENCH_DEVICE_ARGS_$(name)) \

@@ -234,7 +234,7 @@ def test_excluded_fields_get_no_flag() -> None:
 def test_field_defaults_show_in_help() -> None:
     help_text = _parser(TrainConfig).format_help()
     assert "--dino.out-dim" in help_text and "(default: 65536)" in help_text
-    assert "--compile {true,false}" in help_text
+    assert "--compile [{true,false}]" in help_text
 
 
 def test_stage_configs_cover_every_config_dataclass_with_flags() -> None:
@@ -242,3 +242,11 @@ def test_stage_configs_cover_every_config_dataclass_with_flags() -> None:
     assert {type(c) for c in STAGE_CONFIGS.values()} >= {SpectrogramConfig, TilingConfig, EmbedConfig,
                                                           ValidateConfig, SynthConfig, TrainConfig}
     assert all(dataclasses.is_dataclass(c) for c in STAGE_CONFIGS.values())
+
+
+def test_a_bare_boolean_flag_means_true():
+    parser = _parser(ValidateConfig)
+    assert config_from_options(ValidateConfig, parser.parse_args(["--allow-outside-paths"])).allow_outside_paths
+    assert not config_from_options(ValidateConfig, parser.parse_args(["--allow-outside-paths", "false"])
+                                   ).allow_outside_paths
+    assert not config_from_options(ValidateConfig, parser.parse_args([])).allow_outside_paths

@@ -33,7 +33,7 @@ BACKBONE = BackboneConfig(arch="vit_tiny", depth=2, embed_dim=32, num_heads=2, n
                           n_frames=64, drop_path_rate=0.0)
 EMBED_DIM = 32
 # Chunks of 5 tiles cut across the store's shards of 7 tiles; batches of 2 across neither.
-CPU_CONFIG = EmbedConfig(batch_size=2, chunk_tiles=5, device="cpu", num_workers=0)
+CPU_CONFIG = EmbedConfig(pooling="both", batch_size=2, chunk_tiles=5, device="cpu", num_workers=0)
 # (relative path, sample rate, seconds, seed): whole tiles 9 + 7 + 6 = 22; the tails (0.4 s,
 # 0.2 s) are under half a tile, so the window rule adds no padded tile.
 ARCHIVE_FILES = (("R1/R1_20210524_050000.wav", 16000, 9.0, 1),
@@ -161,7 +161,7 @@ def test_embeddings_are_deterministic_across_runs_workers_and_ranks(store, check
 
     with_reader_thread = tmp_path / "worker"
     embed_store(store[1], checkpoint, with_reader_thread,
-                EmbedConfig(batch_size=2, chunk_tiles=5, device="cpu", num_workers=1),
+                EmbedConfig(pooling="both", batch_size=2, chunk_tiles=5, device="cpu", num_workers=1),
                 show_progress=False)
     assert array_bytes(with_reader_thread) == expected
 
@@ -233,7 +233,7 @@ def test_store_command_line(store, checkpoint, reference, tmp_path, capsys):
     out = tmp_path / "cli"
     arguments = ["--checkpoint", str(checkpoint), "--store", str(store[1]), "--out", str(out),
                  "--device", "cpu", "--batch-size", "2", "--chunk-tiles", "5", "--num-workers", "0",
-                 "--no-progress"]
+                 "--no-progress", "--pooling", "both"]
     assert main(arguments) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["finished"] and summary["n_tiles"] == 22 and summary["tiles_embedded"] == 22
@@ -322,7 +322,7 @@ def test_audio_command_embeds_every_span_of_files_of_any_rate_and_length(store, 
     out = tmp_path / "out" / "EMB.npy"
 
     code = main(["--checkpoint", str(checkpoint), "--audio", str(clips), str(archive), "--out",
-                 str(out), "--device", "cpu", "--batch-size", "4", "--no-progress"])
+                 str(out), "--device", "cpu", "--batch-size", "4", "--no-progress", "--pooling", "both"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = pd.read_csv(out.with_suffix(".csv"))
@@ -450,3 +450,25 @@ def test_audio_command_on_real_recorder_files_and_labelled_mp3s(tmp_path):
         assert len(ours) > 1
         np.testing.assert_allclose(ours["offset_s"], 3.0 * np.arange(len(ours)))
         assert (ours["valid_s"].iloc[:-1] == 3.0).all() and 1.5 <= ours["valid_s"].iloc[-1] <= 3.0
+
+
+def test_without_pooling_the_embedding_is_the_one_the_method_trained(store, checkpoint, tmp_path):
+    """`soundscape-ssl embed` with no --pooling writes the checkpoint's `embedding_pooling`
+    (a VICReg trained on bands: EMB.npy is the band embedding); an older checkpoint that
+    records none gets the mean of the patch tokens."""
+    import torch
+
+    banded = tmp_path / "banded.pth"
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["embedding_pooling"] = "band"
+    torch.save(payload, banded)
+    clip = store[0] / "R1" / "R1_20210524_050000.wav"
+    assert main(["--checkpoint", str(banded), "--audio", str(clip), "--out", str(tmp_path / "B.npy"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["--checkpoint", str(banded), "--audio", str(clip), "--out", str(tmp_path / "A.npy"),
+                 "--device", "cpu", "--no-progress", "--pooling", "all"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "B.npy"), np.load(tmp_path / "A.band.npy"))
+    assert json.loads((tmp_path / "B.json").read_text())["config"]["pooling"] == "band"
+    assert main(["--checkpoint", str(checkpoint), "--audio", str(clip), "--out", str(tmp_path / "M.npy"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "M.json").read_text())["config"]["pooling"] == "mean"

@@ -117,3 +117,19 @@ def test_training_environment_fixes_threads_on_cpu_only(monkeypatch) -> None:
     assert launch.training_environment("auto", 3) == cpu
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert launch.training_environment("auto", 3) == {}
+
+
+def test_a_profiles_recipe_gives_the_same_train_config_to_notebook_and_script(tmp_path):
+    """benchmarks/species.py reads notebook 03's parameters from a profile and builds each method's
+    config with the function the notebook calls: the real_pool recipe's VICReg, checked."""
+    from soundscape_ssl.pipeline.runner import profile_parameters
+
+    params = profile_parameters("real_pool", "03")
+    assert params["arch"] == "vit_tiny" and params["epochs"] == 1 and params["seed"] == 0   # profile, default
+    settings = launch.train_settings_from_parameters(tmp_path / "tiles", **params)
+    config = launch.method_train_config("vicreg", settings, params["method_overrides"], tmp_path / "vicreg",
+                                        extra={"schedule_steps": 7, "max_steps": 7})
+    overrides = params["method_overrides"]["vicreg"]
+    assert config.vicreg.pooling == overrides["vicreg"]["pooling"]
+    assert config.epochs == overrides["epochs"] and config.schedule_steps == config.max_steps == 7
+    assert config.model.arch == "vit_tiny" and config.store_dir == str(tmp_path / "tiles")

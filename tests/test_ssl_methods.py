@@ -188,7 +188,7 @@ def test_dino_centre_is_an_ema_of_teacher_outputs() -> None:
     tiles = torch.randn(4, 1, 32, 64)
     method(tiles, 0, _generator())
     with torch.no_grad():
-        teacher_logits = method.teacher(augmented_views(tiles, 2, 48, method.augment, NORMALIZATION, _generator()))
+        teacher_logits = method.teacher(augmented_views(tiles, 2, 48, method.augment, NORMALIZATION, _generator()))[0]
     torch.testing.assert_close(method.center, 0.1 * teacher_logits.mean(dim=0, keepdim=True))
 
 
@@ -345,3 +345,90 @@ def test_loss_falls_on_a_fixed_batch(build) -> None:
         losses.append(output.loss.item())
         assert all(math.isfinite(value.item()) for value in output.metrics.values())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_views_get_the_background_removal_of_inference_after_mixing_and_gain() -> None:
+    """A view is a crop of the *whole* tile's model input: band medians over all frames, computed
+    after the gain, so a gain cancels exactly and the crop equals the crop of normalize_tiles'."""
+    from soundscape_ssl.tiles.store import normalize_tiles
+
+    tiles_db = -60.0 + 12.0 * torch.randn(3, 1, 32, 64)
+    normalization = Normalization(mean_db=-60.0, std_db=12.0, background="band_median")
+    tiles = (tiles_db - normalization.mean_db) / normalization.std_db
+    config = AugmentConfig(gain_db=6.0, mix_probability=0.0, time_masks=0, frequency_masks=0)
+    views = augmented_views(tiles, 2, 64, config, normalization, _generator())
+    expected = normalize_tiles(tiles_db, {"mean": -60.0, "std": 12.0, "background": "band_median"})
+    torch.testing.assert_close(views, expected.repeat(2, 1, 1, 1), atol=1e-5, rtol=0)
+    crops = augmented_views(tiles, 1, 16, config, normalization, _generator(1))
+    starts = [next(s for s in range(64 - 16 + 1)
+                   if torch.allclose(crop, expected[i, ..., s:s + 16], atol=1e-5)) for i, crop in enumerate(crops)]
+    assert len(starts) == 3   # every crop is a window of the whole tile's model input
+
+
+def test_mae_reconstructs_the_model_input() -> None:
+    normalization = Normalization(mean_db=-60.0, std_db=12.0, background="band_median")
+    method = MaeMethod(BACKBONE, MaeConfig(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+                       normalization)
+    seen = []
+    method.encoder.embed_tokens = lambda tiles, f=method.encoder.embed_tokens: seen.append(tiles) or f(tiles)
+    tiles = torch.randn(2, 1, 32, 64)
+    method(tiles, 0, _generator())
+    from soundscape_ssl.tiles.store import remove_band_background
+
+    torch.testing.assert_close(seen[0], remove_band_background(tiles))
+
+
+def test_vicreg_expands_each_view_on_its_own() -> None:
+    """Batch norm statistics of one view never mix with the other view's (as in the reference)."""
+    method = _tiny_vicreg()
+    batches = []
+    method.expander.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
+    method(torch.randn(6, 1, 32, 64), 0, _generator())
+    assert batches == [6, 6]
+
+
+def test_dino_head_scores_in_float32_under_bf16_autocast() -> None:
+    method = _tiny_dino()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = method.teacher(torch.randn(4, 1, 32, 48))
+    assert logits.dtype == torch.float32
+
+
+def test_sinkhorn_knopp_targets_share_the_batch_equally() -> None:
+    from soundscape_ssl.pretrain.dino import sinkhorn_knopp_targets
+
+    logits = torch.randn(64, 16) * 3 + torch.linspace(0, 5, 16)  # prototype 15 favoured everywhere
+    targets = sinkhorn_knopp_targets(logits, 0.5, iterations=50)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(targets.mean(dim=0), torch.full((16,), 1 / 16), atol=2e-3, rtol=0)
+    plain = torch.softmax(logits / 0.5, dim=1).mean(dim=0)
+    assert plain.max() > 4 / 16   # without balancing the favoured prototype takes four shares
+
+
+def test_koleo_is_lower_for_spread_embeddings() -> None:
+    from soundscape_ssl.pretrain.dino import koleo_loss
+
+    spread = torch.eye(8)
+    clumped = torch.eye(8) * 0.01 + torch.ones(8, 8)
+    assert koleo_loss(spread) < koleo_loss(clumped)
+    torch.testing.assert_close(koleo_loss(spread), -torch.log(torch.tensor(math.sqrt(2.0))))
+
+
+@pytest.mark.parametrize("changes", [{"pooling": "band"}, {"centering": "sinkhorn_knopp"}, {"koleo_weight": 0.1}])
+def test_dino_options_train(changes) -> None:
+    method = _tiny_dino(**changes)
+    if changes.get("pooling") == "band":
+        assert method.student.head.mlp[0].in_features == 4 * 64
+    optimizer = torch.optim.AdamW(method.student.parameters(), lr=1e-3)
+    tiles = torch.randn(8, 1, 32, 64)
+    losses = []
+    for step in range(6):
+        output = method(tiles, step, _generator(step))
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step)
+        losses.append(float(output.loss))
+    assert all(math.isfinite(loss) for loss in losses)
+    if changes.get("koleo_weight"):
+        assert float(output.metrics["koleo"]) != 0.0

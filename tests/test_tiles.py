@@ -482,4 +482,36 @@ def test_normalize_tiles_applies_the_recorded_background_removal() -> None:
     with pytest.raises(ValueError, match="background removal must be one of"):
         input_normalization({"mean": 0.0, "std": 1.0}, "spectral_subtraction")
     with pytest.raises(ValueError, match="background removal must be one of"):
-        normalize_tiles(tiles_db, {"mean": 0.0, "std": 1.0, "background": "pcen"})
+        normalize_tiles(tiles_db, {"mean": 0.0, "std": 1.0, "background": "wiener"})
+
+
+def test_pcen_matches_its_recursive_definition_and_zeroes_a_steady_band() -> None:
+    import math
+
+    from soundscape_ssl.tiles.store import (PCEN_BIAS, PCEN_EPS, PCEN_GAIN, PCEN_POWER,
+                                            PCEN_TIME_CONSTANT_FRAMES, band_median, pcen)
+
+    tiles_db = 10.0 * torch.randn(2, 3, 64, dtype=torch.float64)
+    tiles_db[0, 1, 20:30] += 30.0   # a call
+    power = 10.0 ** (tiles_db / 10.0)
+    t = PCEN_TIME_CONSTANT_FRAMES
+    b = (math.sqrt(1 + 4 * t * t) - 1) / (2 * t * t)
+    smoothed = band_median(power).squeeze(-1)
+    expected = torch.empty_like(power)
+    for k in range(64):   # the textbook recursion, frame by frame
+        smoothed = (1 - b) * smoothed + b * power[..., k]
+        ratio = power[..., k] / (PCEN_EPS + smoothed) ** PCEN_GAIN
+        expected[..., k] = ((ratio + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
+                            - ((1 + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER))
+    torch.testing.assert_close(pcen(tiles_db), expected.float(), atol=1e-5, rtol=1e-5)
+    assert pcen(tiles_db)[0, 1, 20:30].mean() > pcen(tiles_db)[0, 1, 40:64].mean() + 1.0
+    steady = pcen(torch.zeros(1, 2, 32))
+    torch.testing.assert_close(steady, torch.zeros_like(steady), atol=1e-6, rtol=0)
+
+
+def test_normalize_tiles_applies_pcen_relative_to_the_archive_level() -> None:
+    from soundscape_ssl.tiles.store import normalize_tiles, pcen
+
+    tiles_db = -60.0 + 8.0 * torch.randn(2, 16, 32)
+    normalization = {"mean": -60.0, "std": 8.0, "background": "pcen"}
+    torch.testing.assert_close(normalize_tiles(tiles_db, normalization), pcen(tiles_db + 60.0))

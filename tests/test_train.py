@@ -237,18 +237,29 @@ def test_trains_on_a_real_tile_store(tmp_path: Path) -> None:
     assert checkpoint["normalization"] == pytest.approx(TileStore(store_dir).normalization)
 
 
-def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Path) -> None:
+def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Path, monkeypatch) -> None:
     from soundscape_ssl.tiles.store import remove_band_background
 
     data = train.with_background_removal(tiny_tile_data("in-memory"), "band_median")
     assert data.normalization == {**NORMALIZATION, "background": "band_median"}
     plain = _RandomTiles()
-    for index in (0, 5):
-        assert torch.equal(data.dataset[index], remove_band_background(plain[index]))
+    for index in (0, 5):   # the data stay as stored; each augmented view gets the removal
+        assert torch.equal(data.dataset[index], plain[index])
     assert train.with_background_removal(tiny_tile_data("in-memory"), "none").normalization == NORMALIZATION
 
+    seen = []
+    original = train.build_method
+
+    def recording_build_method(config, normalization, *args):
+        seen.append(normalization)
+        return original(config, normalization, *args)
+
+    monkeypatch.setattr(train, "build_method", recording_build_method)
     run(_tiny_config(tmp_path, "vicreg", max_steps=2, background_removal="band_median"),
         data_factory=tiny_tile_data)
+    assert seen[0].background == "band_median"
+    tile = plain[0][None]
+    torch.testing.assert_close(seen[0].model_input(tile), remove_band_background(tile))
     assert _load(tmp_path / "checkpoint.pth")["normalization"] == {**NORMALIZATION, "background": "band_median"}
     with pytest.raises(ValueError, match="background_removal must be one of"):
         _tiny_config(tmp_path, background_removal="median").validate()
@@ -439,3 +450,37 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load(tmp_path / "out" / "checkpoint.pth")["step"] == 6
+
+
+def test_activity_selection_trains_on_the_tiles_where_calls_stand_out(tmp_path: Path) -> None:
+    """A recording whose odd seconds hold a loud warble over noise and whose even seconds hold the
+    noise alone: activity_top_fraction=0.5 keeps exactly the warble's tiles."""
+    import numpy as np
+    import soundfile
+
+    from soundscape_ssl.recordings.archive import scan_archive
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+    from soundscape_ssl.tiles.store import TileStore, activity_above_floor_db
+    from soundscape_ssl.tiles.tiling import tile_archive
+
+    rate = 32000
+    times_s = np.arange(16 * rate) / rate
+    warble = np.sin(2 * np.pi * (3000 + 500 * np.sin(2 * np.pi * 3 * times_s)) * times_s)
+    calls = (times_s % 2.0 >= 1.0) & (times_s % 0.25 < 0.12)        # chirps in every odd second
+    noise = 0.01 * np.random.default_rng(1).standard_normal(times_s.size)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    soundfile.write(archive / "REC1_20200101_050000.wav", (0.3 * warble * calls + noise).astype(np.float32), rate)
+    store_dir = tmp_path / "tiles"
+    tile_archive(scan_archive(archive, show_progress=False).files, store_dir, show_progress=False,
+                 config=SpectrogramConfig(n_mels=32, tile_s=1.0, tile_hop_s=1.0, hop_length=500))
+    store = TileStore(store_dir)
+    activity = activity_above_floor_db(store.read_range(0, len(store)), store.config)
+    odd = store.index["offset_s"].to_numpy() % 2.0 == 1.0
+    assert activity[odd].min() > activity[~odd].max() + 3.0            # calls stand out by > 3 dB
+
+    data = train.with_active_tiles(train.tile_store_data(str(store_dir)), str(store_dir), 0.5, (1000.0, 8000.0))
+    assert list(data.dataset.indices) == np.flatnonzero(odd).tolist()
+    assert train.with_active_tiles(data, str(store_dir), 1.0, (1000.0, 8000.0)) is data
+    with pytest.raises(ValueError, match="activity_top_fraction"):
+        _tiny_config(tmp_path, activity_top_fraction=0.0).validate()

@@ -40,7 +40,7 @@ def run_stage(name: str, inputs: dict, out_dir: str) -> None:
         from soundscape_ssl.analysis.embed import EmbedConfig, embed_store
 
         embed_store(inputs["store"], inputs["checkpoint"], out_dir,
-                    EmbedConfig(batch_size=3, chunk_tiles=8, device="cpu", num_workers=1),
+                    EmbedConfig(pooling="both", batch_size=3, chunk_tiles=8, device="cpu", num_workers=1),
                     rank=0, world_size=1, show_progress=False)
     elif name == "birdnet_tiles":
         index = pd.read_parquet(Path(inputs["store"]) / "index.parquet").iloc[::2]

@@ -59,7 +59,8 @@ from ..core.config import config_from_mapping
 logger = logging.getLogger(__name__)
 
 NO_DETECTION = "none"                       # pseudo-label of a scored tile without a confident detection
-KNN_TASKS = ("species", "recorder", "habitat", "hour")
+KNN_TASKS = ("species", "recorder", "habitat", "hour")   # BirdNET comparison (notebook 06)
+SEPARATION_TASKS = ("recorder", "habitat", "hour", "week")  # the sequel's separation table (notebook 08)
 CLUSTER_METRICS = ("nmi", "ari", "v_measure", "homogeneity", "completeness", "purity")
 
 
@@ -84,9 +85,10 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
-        unknown = set(self.knn_tasks) - set(KNN_TASKS)
+        unknown = set(self.knn_tasks) - set(KNN_TASKS) - set(SEPARATION_TASKS)
         if unknown:
-            raise ValueError(f"unknown kNN tasks {sorted(unknown)}; choose from {KNN_TASKS}")
+            raise ValueError(f"unknown kNN tasks {sorted(unknown)}; choose from "
+                             f"{sorted(set(KNN_TASKS) | set(SEPARATION_TASKS))}")
         if not 1 <= self.hour_bin_h <= 24 or 24 % self.hour_bin_h:
             raise ValueError(f"hour_bin_h must divide 24, got {self.hour_bin_h}")
         for name in ("knn_min_groups_per_class", "min_labelled_tiles", "n_top_clusters", "min_cluster_tiles"):
@@ -133,6 +135,14 @@ def hour_of_day(timestamps: Any, bin_h: int = 1) -> pd.Series:
     """Hour-of-day class of each timestamp (floor(hour / bin_h) * bin_h, nullable Int64; NA for NaT)."""
     hours = pd.to_datetime(pd.Series(timestamps).reset_index(drop=True), errors="coerce").dt.hour
     return (hours // bin_h * bin_h).astype("Int64")
+
+
+def iso_week(timestamps: Any) -> pd.Series:
+    """ISO year and week of each timestamp ("2024-W21"; NA for NaT): weeks never mix two years."""
+    times = pd.to_datetime(pd.Series(timestamps).reset_index(drop=True), errors="coerce")
+    calendar = times.dt.isocalendar()
+    text = calendar["year"].astype(str) + "-W" + calendar["week"].astype(str).str.zfill(2)
+    return text.where(times.notna(), pd.NA).astype(object)
 
 
 def tile_labels(tile_index: pd.DataFrame, detections: pd.DataFrame,
@@ -292,8 +302,11 @@ class _KnnTask:
     note: str = ""
 
 
-def _prepare_knn_task(task: str, labels: pd.DataFrame, config: CompareConfig) -> _KnnTask:
-    """Which comparable tiles enter a kNN task, with which labels and groups; or why it is skipped."""
+def prepare_knn_task(task: str, labels: pd.DataFrame, config: CompareConfig) -> _KnnTask:
+    """Which comparable tiles enter a kNN task, with which labels and groups; or why it is skipped.
+
+    `labels` holds a column named after the task (pseudo_label for species), `group` and
+    `recorder_task_group` (as `tile_labels` makes them)."""
     column = {"species": "pseudo_label", "hour": "hour"}.get(task, task)
     group_source, group_column = (("recorder_task_group", config.recorder_group_column) if task == "recorder"
                                   else ("group", config.group_column))
@@ -332,7 +345,7 @@ def _prepare_knn_task(task: str, labels: pd.DataFrame, config: CompareConfig) ->
     return _KnnTask(task, grouping, None, None, None, note)
 
 
-def _score_knn(space: np.ndarray, task: _KnnTask, config: KnnConfig) -> tuple[dict[str, Any], str]:
+def score_knn(space: np.ndarray, task: _KnnTask, config: KnnConfig) -> tuple[dict[str, Any], str]:
     row = _nan_knn(task.name)
     row[f"knn_{task.name}_grouping"] = task.grouping
     if task.rows is None:
@@ -416,7 +429,7 @@ def compare_output_spaces(spaces: Mapping[str, Any], tile_index: pd.DataFrame, d
     if not keep.any():
         raise ValueError("no tile is comparable: BirdNET scored none, or every space has NaN rows")
     kept = labels[keep].reset_index(drop=True)
-    tasks = [_prepare_knn_task(task, kept, config) for task in config.knn_tasks]
+    tasks = [prepare_knn_task(task, kept, config) for task in config.knn_tasks]
     cluster_labels = dict(cluster_labels or {})
     missing = {name: space for name, space in spaces.items() if name not in cluster_labels}
     if missing:
@@ -436,7 +449,7 @@ def compare_output_spaces(spaces: Mapping[str, Any], tile_index: pd.DataFrame, d
         cluster_row, notes = _score_clusters(clusters, kept, config)
         row.update(cluster_row)
         for task in tasks:
-            knn_row, note = _score_knn(space_kept, task, config.knn)
+            knn_row, note = score_knn(space_kept, task, config.knn)
             row.update(knn_row)
             if note:
                 notes.append(note)

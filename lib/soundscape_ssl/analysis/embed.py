@@ -38,7 +38,10 @@ Two entry points share one forward path (normalise, backbone, pool):
 
 Choices:
 
-* Pooling, default "both" (one array per pooling): "mean" and "cls". All poolings come from the
+* Pooling, default "checkpoint": the pooling the checkpoint's method trained (its recorded
+  `embedding_pooling`: VICReg's and DINO's `pooling`, MAE's mean of the patch tokens), so a
+  scientist who embeds their own clips gets the space the method learned without knowing its
+  internals; "mean" for older checkpoints that record none. All poolings come from the
   same final tokens, so each costs no compute, only disk: float32 is 1.5 KiB per tile for a
   ViT-Ti's "mean" or "cls", 2.3 % of the 64 KiB float16 tile it summarises. Which pooling is
   better depends on the method and is an open question of the study: for MAE the mean of the
@@ -49,8 +52,7 @@ Choices:
   Acrocephalus set it raised a CPU-trained VICReg's kNN accuracy from 0.46 (mean) to 0.58
   (notebook 07). `pooling` is one name, "both" (mean, cls), "all" (mean, cls, band) or a comma
   list. Storing several lets every later step compare them without a second pass over the
-  archive. Where one array is read by default (`load_embeddings`, the `EMB.npy` of the audio
-  command) it is the mean of the patch tokens.
+  archive. `EMB.npy` of the audio command holds the first pooling asked for (POOLINGS order).
 * Output dtype, default float32. float16 would halve a file that is already small next to the
   tile store and is read by KMeans / UMAP in float32 anyway; float32 keeps the CPU (fp32)
   results exact and rules out float16 overflow. float16 is available for very large archives
@@ -117,6 +119,7 @@ logger = logging.getLogger(__name__)
 STAGE = "embed"
 AUDIO_STAGE = "embed_audio"
 PRECISIONS = ("auto", "bf16", "fp32")
+CHECKPOINT_POOLING = "checkpoint"
 OUTPUT_DTYPES = ("float32", "float16")
 NORMALIZATIONS = ("checkpoint", "store")
 CHUNKS_DIR = "chunks"
@@ -129,7 +132,9 @@ AUDIO_EXTENSIONS = tuple(DEFAULT_EXTENSIONS) + (".ogg", ".oga", ".aif", ".aiff")
 class EmbedConfig:
     """How tiles are embedded. Serialisable with `dataclasses.asdict`; see the module docstring."""
 
-    pooling: str = "both"            # "mean" (patch tokens), "cls" (class token), "band"
+    pooling: str = "checkpoint"      # "checkpoint": the pooling the checkpoint's method trained
+                                     # (its `embedding_pooling`; "mean" when it records none);
+                                     # or "mean" (patch tokens), "cls" (class token), "band"
                                      # (per-frequency-row means), "both" (mean, cls), "all" or
                                      # a comma list such as "mean,band"
     batch_size: int = 512            # tiles per forward pass
@@ -142,7 +147,8 @@ class EmbedConfig:
     compile: bool = False            # torch.compile the forward pass (GPU; a minute of warm-up)
 
     def __post_init__(self) -> None:
-        parse_poolings(self.pooling)  # a clear error for an unknown name, at construction
+        if self.pooling != CHECKPOINT_POOLING:
+            parse_poolings(self.pooling)  # a clear error for an unknown name, at construction
         if self.batch_size <= 0 or self.chunk_tiles <= 0:
             raise ValueError(f"batch_size and chunk_tiles must be positive, got "
                              f"{self.batch_size}, {self.chunk_tiles}")
@@ -158,8 +164,22 @@ class EmbedConfig:
 
     @property
     def poolings(self) -> tuple[str, ...]:
-        """The poolings computed, in POOLINGS order."""
+        """The poolings computed, in POOLINGS order (resolve "checkpoint" with `for_checkpoint`)."""
+        if self.pooling == CHECKPOINT_POOLING:
+            raise ValueError('pooling "checkpoint" names no pooling until a checkpoint is known: '
+                             "use EmbedConfig.for_checkpoint(metadata)")
         return parse_poolings(self.pooling)
+
+    def for_checkpoint(self, metadata: dict[str, Any]) -> "EmbedConfig":
+        """This config with pooling "checkpoint" replaced by the pooling the checkpoint's method
+        trained (`embedding_pooling`), or "mean" for a checkpoint that records none."""
+        if self.pooling != CHECKPOINT_POOLING:
+            return self
+        recorded = metadata.get("embedding_pooling")
+        if recorded is None:
+            logger.info("the checkpoint records no trained pooling (older checkpoint): embedding "
+                        "the mean of the patch tokens")
+        return dataclasses.replace(self, pooling=recorded or "mean")
 
 
 def pooling_dims(model: SpectrogramViT, poolings: Sequence[str]) -> dict[str, int]:
@@ -527,6 +547,7 @@ def embed_store(store_dir: str | os.PathLike, checkpoint: str | os.PathLike,
     out_dir = Path(out_dir)
     store = TileStore(store_dir)
     loaded = _load_checkpoint(checkpoint)
+    config = config.for_checkpoint(loaded.metadata)
     _check_tile_shape(loaded.model, store.tile_shape, f"store {store_dir}")
     _check_spectrogram_config(store, loaded.metadata)
     normalization = _resolve_normalization(config, store, loaded.metadata)
@@ -860,6 +881,7 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
         raise ValueError(f"--out must name a .npy file, got {out_path}")
     device, precision = resolve_compute(config)
     loaded = _load_checkpoint(checkpoint)
+    config = config.for_checkpoint(loaded.metadata)
     spectrogram, normalization = _audio_configs(loaded)
     embedder = TileEmbedder(loaded.model, device, precision, config.poolings, normalization,
                             config.compile)

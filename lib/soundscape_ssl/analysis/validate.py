@@ -108,7 +108,8 @@ from ..core.provenance import to_jsonable, write_config_json
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text
 from ..pretrain.pooling import POOLINGS
 from ..recordings.archive import probe_recording
-from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig, mel_bin_centres_hz
+from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
+from ..tiles.store import in_band_energy_db
 
 logger = logging.getLogger(__name__)
 
@@ -396,20 +397,6 @@ def read_labelled_recordings(labels: str | os.PathLike | pd.DataFrame, audio_dir
 
 # ----------------------------------------------------------------------------------------------
 # Windows: the grid, its in-band energy and log-mel tiles
-
-
-def in_band_energy_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz: float,
-                      f_high_hz: float) -> np.ndarray:
-    """Mean mel power (dB) of each tile over the bins whose centre lies in [f_low_hz, f_high_hz].
-
-    The mean is taken on power, not on dB, so a loud song in part of the window counts as loud.
-    """
-    centres = mel_bin_centres_hz(config)
-    band = (centres >= f_low_hz) & (centres <= f_high_hz)
-    if not band.any():
-        raise ValueError(f"no mel bin centre lies in {f_low_hz}-{f_high_hz} Hz")
-    power = np.power(10.0, np.asarray(tiles_db, dtype=np.float64)[:, band, :] / 10.0)
-    return (10.0 * np.log10(power.mean(axis=(1, 2)))).astype(np.float32)
 
 
 def window_table(recordings: pd.DataFrame, config: ValidateConfig

@@ -286,7 +286,7 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                        title: str | None = None, exclude: Sequence[str] = ()) -> None:
     """Add one `--field-name` option per field of `cls` (`--section.field-name` for nested ones).
 
-    Booleans take an explicit `true` or `false`; tuples take their values one after the other
+    Booleans take `true` or `false`, and a bare `--flag` means true; tuples take their values one after the other
     (`--adam-betas 0.9 0.95`; a variable-length tuple may take none); a None-able field reads
     `none` as None. An option not given keeps the dataclass default (or the value of a base
     mapping, see `config_from_options`). Fields named in `exclude` get no option.
@@ -302,15 +302,18 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             args = typing.get_args(base)
             nargs = len(args) if typing.get_origin(base) is tuple and args and args[-1] is not Ellipsis else "*"
             item = _item_type(base)
+        const = None
         if item is bool:
             metavar = "{true,false}"
+            if nargs is None:   # a bare `--flag` means true; `--flag false` still says false
+                nargs, const = "?", True
         else:   # the field's name, not argparse's default (the namespaced dest)
             metavar = option.dotted.rsplit(".", 1)[-1].upper()
         required = option.default is dataclasses.MISSING
         shown = "required" if required else f"default: {_flag_text(option.default)}"
         target.add_argument(option.flag, dest=_dest(cls, option), default=argparse.SUPPRESS,
                             type=_text_parser(item, none_ok=_is_optional(annotation)), nargs=nargs,
-                            metavar=metavar, help=f"({shown})")
+                            const=const, metavar=metavar, help=f"({shown})")
 
 
 def config_from_options(cls: type[T], args: argparse.Namespace, base: Mapping[str, Any] | None = None,

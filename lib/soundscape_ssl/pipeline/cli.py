@@ -73,7 +73,8 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
 # as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
-                        "validate": "soundscape_ssl.analysis.validate"}
+                        "validate": "soundscape_ssl.analysis.validate",
+                        "indices": "soundscape_ssl.analysis.indices"}
 # subcommands whose parser is built here
 OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures")
 
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(options: soundscape-ssl tile --help; also python -m soundscape_ssl.tiles.tiling)")
     commands.add_parser("embed", help="embed a tile store or any audio files with a checkpoint's backbone "
                                       "(options: soundscape-ssl embed --help; also python -m soundscape_ssl.analysis.embed)")
+    commands.add_parser("indices", help="acoustic indices (scikit-maad) of every tile of a tile store "
+                                        "(options: soundscape-ssl indices --help; also python -m soundscape_ssl.analysis.indices)")
     commands.add_parser("validate", help="score output spaces on labelled recordings "
                                          "(options: soundscape-ssl validate --help; also python -m soundscape_ssl.analysis.validate)")
     return parser

@@ -318,6 +318,21 @@ def select_notebooks(notebooks: list[Path], only: list[str] | None = None,
     return selected
 
 
+def profile_parameters(profile: str, notebook: str, repo_root: Path | None = None) -> dict[str, Any]:
+    """Every parameter of one notebook (its number, e.g. "03", or stem) as a profile sets it: the
+    parameters cell's defaults, then the profile's checked values (`check_profile`). Scripts that
+    do a notebook's work outside papermill (`benchmarks/species.py`) read a recipe this way."""
+    repo_root = find_repo_root(repo_root)
+    data, path = load_profile(profile, repo_root)
+    notebooks = list_notebooks(repo_root)
+    matches = [p for p in notebooks if notebook in (p.name[:2], p.stem)]
+    if not matches:
+        raise ValueError(f"no notebook {notebook!r}; have {[p.stem for p in notebooks]}")
+    checked = check_profile(data, notebooks, where=str(path))
+    defaults = {name: parameter.default for name, parameter in read_parameters(matches[0]).items()}
+    return {**defaults, **checked.get(matches[0].stem, {})}
+
+
 def notebook_parameters(checked: Mapping[str, dict[str, Any]], notebook: Path, run_dir: Path,
                         archive_dir: Path) -> dict[str, Any]:
     """What papermill gives `notebook`: its checked profile values (`check_profile`), then the

@@ -61,16 +61,27 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """How tiles were normalised: value = (level_db - mean_db) / std_db (the tile store's statistics)."""
+    """How tiles were normalised, value = (level_db - mean_db) / std_db (the tile store's
+    statistics), and the background removal that turns a normalised tile into the model's input
+    (`tiles.store.remove_background`; "none" leaves it as it is)."""
 
     mean_db: float = 0.0
     std_db: float = 1.0
+    background: str = "none"
 
     def to_db(self, tiles: torch.Tensor) -> torch.Tensor:
         return tiles * self.std_db + self.mean_db
 
     def from_db(self, level_db: torch.Tensor) -> torch.Tensor:
         return (level_db - self.mean_db) / self.std_db
+
+    def model_input(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Normalised whole tiles (..., n_mels, n_frames) -> what the backbone sees, exactly as
+        every inference path makes it (`tiles.store.normalize_tiles`)."""
+        from ..tiles.store import remove_background
+
+        return remove_background(tiles, {"mean": self.mean_db, "std": self.std_db,
+                                         "background": self.background})
 
 
 def _uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -164,20 +175,32 @@ def spec_augment(tiles: torch.Tensor, config: AugmentConfig, generator: torch.Ge
     return tiles.masked_fill(hidden[:, None], 0.0)
 
 
+def roll_time(tiles: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotate each tile along time by its own random number of frames (a new alignment)."""
+    batch, channels, n_mels, n_frames = tiles.shape
+    offsets = _random_integers(n_frames - 1, (batch,), tiles, generator)
+    frame_index = (offsets[:, None] + torch.arange(n_frames, device=tiles.device)) % n_frames
+    return tiles.gather(3, frame_index[:, None, None, :].expand(batch, channels, n_mels, n_frames))
+
+
 def augmented_views(tiles: torch.Tensor, n_views: int, crop_frames: int, config: AugmentConfig,
                     normalization: Normalization, generator: torch.Generator | None = None) -> torch.Tensor:
     """`n_views` independently augmented time crops of every tile, stacked view-major.
 
     Returns (n_views * batch, 1, n_mels, crop_frames); rows [v * batch, (v + 1) * batch) are view v
-    of every tile. The background for mixing is the next tile of the batch (a random other tile,
-    since batches are shuffled), cropped at its own random offset. No masking here: see
-    `spec_augment`, which only the student's views get.
+    of every tile. The order follows the signal path: what happens to sound (mixing with another
+    tile of the batch, at a random time alignment, and a gain) happens on whole normalised tiles;
+    then the tile becomes the model's input as at inference (`Normalization.model_input`, e.g. the
+    band-median background removal over all 256 frames, so a view never sees a background level
+    that inference would not compute); then the crop and the frequency shift. No masking here:
+    see `spec_augment`.
     """
     views = tiles.repeat(n_views, 1, 1, 1)
-    views = random_time_crop(views, crop_frames, generator)
     if config.mix_probability > 0:
-        background = random_time_crop(tiles.roll(1, dims=0).repeat(n_views, 1, 1, 1), crop_frames, generator)
+        background = roll_time(tiles.roll(1, dims=0).repeat(n_views, 1, 1, 1), generator)
         views = mix_with_background(views, background, config.mix_probability, config.mix_attenuation_db,
                                     normalization, generator)
     views = apply_random_gain(views, config.gain_db, normalization, generator)
+    views = normalization.model_input(views)
+    views = random_time_crop(views, crop_frames, generator)
     return shift_frequency(views, config.frequency_shift_bins, generator)

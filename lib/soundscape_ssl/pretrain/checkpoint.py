@@ -45,8 +45,12 @@ _TENSOR_KEYS = ("model", "backbone", "optimizer")
 def build_checkpoint(*, method: str, step: int, epoch: int, world_size: int, backbone_config: Any,
                      method_config: Any, train_config: Any, spectrogram_config: Any,
                      normalization: dict[str, Any] | None, model_state: dict[str, torch.Tensor],
-                     backbone_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> dict[str, Any]:
-    """Assemble a checkpoint dict; configs (dataclasses or dicts) become plain JSON-like dicts."""
+                     backbone_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                     embedding_pooling: str | None = None) -> dict[str, Any]:
+    """Assemble a checkpoint dict; configs (dataclasses or dicts) become plain JSON-like dicts.
+
+    `embedding_pooling` names the pooling the method trained (`pooling.POOLINGS`): the embedding
+    a scientist gets from `soundscape-ssl embed` when they name none."""
     return {
         "format": CHECKPOINT_FORMAT,
         "package_version": __version__,
@@ -59,6 +63,7 @@ def build_checkpoint(*, method: str, step: int, epoch: int, world_size: int, bac
         "train_config": to_jsonable(train_config),
         "spectrogram_config": to_jsonable(spectrogram_config),
         # numbers as floats; "background" (the input's background removal) stays a name
+        "embedding_pooling": embedding_pooling,
         "normalization": None if normalization is None else {
             key: value if isinstance(value, str) else float(value) for key, value in normalization.items()},
         "git": git_state(),
@@ -205,5 +210,6 @@ def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.P
         method="untrained", step=0, epoch=0, world_size=1, backbone_config=backbone_config,
         method_config={}, train_config=origin,
         spectrogram_config=checkpoint["spectrogram_config"], normalization=checkpoint["normalization"],
-        model_state={}, backbone_state=model.state_dict(), optimizer_state={})
+        model_state={}, backbone_state=model.state_dict(), optimizer_state={},
+        embedding_pooling=checkpoint.get("embedding_pooling"))
     return save_checkpoint(out_path, untrained)

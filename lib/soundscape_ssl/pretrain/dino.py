@@ -6,6 +6,21 @@ is trained to match the teacher's sharpened, centred output distribution for eve
 different views. Centring (subtracting a running mean of teacher outputs) stops one output
 dimension from dominating; sharpening (a low teacher temperature) stops the uniform solution;
 together they avoid collapse without negative pairs. See `augment` for why these views.
+
+Options measured for the study's open question (does DINO find species?), off by default so the
+original method stays the reference:
+
+* `pooling`: what the head reads. DINO's class token by default; "band" (the per-frequency-row
+  means of the patch tokens, see `models.PooledEmbeddings`) makes the teacher's targets depend on
+  where in frequency a sound lies, a species cue that a class token may ignore.
+* `centering="sinkhorn_knopp"`: the teacher's targets are balanced over the batch by three
+  Sinkhorn-Knopp iterations (DINOv2, after SwAV) instead of a running centre; every prototype gets
+  an equal share of each batch, which rules out the one-prototype collapse by construction.
+* `koleo_weight`: the KoLeo regulariser (DINOv2) on the student's pooled global views: minus the
+  mean log distance of each embedding to its nearest neighbour in the batch, which spreads them.
+
+The head's last layer and the teacher's softmax run in float32 even under bf16 autocast: the
+logits are divided by a temperature of 0.04, which would magnify bf16's rounding 25 times.
 """
 
 from __future__ import annotations
@@ -21,7 +36,11 @@ from torch import nn
 
 from .augment import AugmentConfig, Normalization, augmented_views, spec_augment
 from .models import BackboneConfig, MethodOutput, SpectrogramViT, SSLMethod, build_backbone
+from .pooling import POOLINGS
 from .schedules import CosineSchedule, LinearWarmupSchedule
+
+
+CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 @dataclasses.dataclass
@@ -37,6 +56,10 @@ class DinoConfig:
     global_crop_frames: int = 224  # of 256: ~2.6 s of a 3 s tile
     local_crops: int = 8
     local_crop_frames: int = 96  # ~1.1 s: about one song phrase
+    pooling: str = "cls"  # what the head reads: "cls", "mean" or "band" (see the module docstring)
+    centering: str = "center"  # teacher targets: "center" (running centre) or "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0  # KoLeo spreading term on the student's global views; 0 = off
     student_temp: float = 0.1
     teacher_temp: float = 0.04  # after warm-up
     warmup_teacher_temp: float = 0.04
@@ -60,6 +83,12 @@ class DinoConfig:
                                  f"{patch_size} and at most the tile width {n_frames}")
         if self.out_dim < 2:
             raise ValueError("out_dim must be >= 2")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"dino.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.centering not in CENTERINGS:
+            raise ValueError(f"dino.centering must be one of {CENTERINGS}, got {self.centering!r}")
+        if self.sinkhorn_iterations < 1 or self.koleo_weight < 0:
+            raise ValueError("dino.sinkhorn_iterations must be >= 1 and dino.koleo_weight >= 0")
 
 
 class WeightNormLinear(nn.Module):
@@ -96,20 +125,72 @@ class DinoHead(nn.Module):
         self.last_layer = WeightNormLinear(config.head_bottleneck_dim, config.out_dim, config.norm_last_layer)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(embeddings), dim=-1))
+        bottleneck = self.mlp(embeddings)
+        # The prototype scores in float32 (see the module docstring): autocast off for this layer.
+        with torch.autocast(bottleneck.device.type, enabled=False):
+            return self.last_layer(F.normalize(bottleneck.float(), dim=-1))
 
 
 class DinoNetwork(nn.Module):
-    """Backbone + head over groups of crops; crops of one width go through the backbone together."""
+    """Backbone + head over groups of crops; crops of one width go through the backbone together.
 
-    def __init__(self, backbone: SpectrogramViT, head: DinoHead) -> None:
+    `pooling` names what the head reads (`pooling.POOLINGS`); `forward` returns the logits and
+    the pooled embeddings they were computed from.
+    """
+
+    def __init__(self, backbone: SpectrogramViT, head: DinoHead, pooling: str = "cls") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pooling = pooling
 
-    def forward(self, *crop_groups: torch.Tensor) -> torch.Tensor:
-        embeddings = torch.cat([self.backbone(group) for group in crop_groups if group.shape[0] > 0])
-        return self.head(embeddings)
+    def forward(self, *crop_groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = torch.cat([getattr(self.backbone.embed(group), self.pooling)
+                                for group in crop_groups if group.shape[0] > 0])
+        return self.head(embeddings), embeddings
+
+
+def head_input_dim(backbone: SpectrogramViT, pooling: str) -> int:
+    return backbone.band_dim if pooling == "band" else backbone.embed_dim
+
+
+@torch.no_grad()
+def sinkhorn_knopp_targets(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int) -> torch.Tensor:
+    """Teacher targets (batch, out_dim) whose prototypes share the batch equally (DINOv2 / SwAV).
+
+    Alternately normalises the prototypes' total mass to 1/out_dim and each row to 1/batch
+    (sums over all ranks), starting from exp(logits / temperature); rows sum to 1 at the end.
+    """
+    scores = (teacher_logits.float() - teacher_logits.float().max()) / teacher_temp
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # a shared maximum keeps every rank's exponentials on one scale
+        peak = teacher_logits.float().max().clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        scores = (teacher_logits.float() - peak) / teacher_temp
+    q = torch.exp(scores).t()  # (out_dim, batch)
+    batch = q.shape[1] * (dist.get_world_size() if distributed else 1)
+    n_prototypes = q.shape[0]
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(per_prototype)
+        q /= per_prototype.clamp_min(1e-30) * n_prototypes
+        q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30) * batch
+    return (q * batch).t()
+
+
+def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo: -mean log distance of each L2-normalised embedding to its nearest other one."""
+    normalized = F.normalize(embeddings.float(), dim=-1)
+    similarity = normalized @ normalized.t()
+    similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+    nearest = similarity.argmax(dim=1)
+    distances = (normalized - normalized[nearest]).norm(dim=-1)
+    return -torch.log(distances + eps).mean()
 
 
 def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
@@ -137,6 +218,10 @@ class DinoMethod(SSLMethod):
 
     name = "dino"
 
+    @property
+    def embedding_pooling(self) -> str:
+        return self.config.pooling
+
     def __init__(self, backbone_config: BackboneConfig, config: DinoConfig, augment: AugmentConfig,
                  normalization: Normalization, total_steps: int, steps_per_epoch: int) -> None:
         super().__init__()
@@ -144,10 +229,11 @@ class DinoMethod(SSLMethod):
         augment.validate()
         self.config, self.augment, self.normalization = config, augment, normalization
         student_backbone = build_backbone(backbone_config)
-        self.student = DinoNetwork(student_backbone, DinoHead(student_backbone.embed_dim, config))
+        head = DinoHead(head_input_dim(student_backbone, config.pooling), config)
+        self.student = DinoNetwork(student_backbone, head, config.pooling)
         # The teacher has no stochastic depth (as in DINO) and starts as a copy of the student.
         teacher_backbone = build_backbone(dataclasses.replace(backbone_config, drop_path_rate=0.0))
-        self.teacher = DinoNetwork(teacher_backbone, copy.deepcopy(self.student.head))
+        self.teacher = DinoNetwork(teacher_backbone, copy.deepcopy(self.student.head), config.pooling)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, config.out_dim))
@@ -170,14 +256,24 @@ class DinoMethod(SSLMethod):
             local_views = augmented_views(tiles, config.local_crops, config.local_crop_frames,
                                           self.augment, self.normalization, generator)
         with torch.no_grad():
-            teacher_logits = self.teacher(global_views).float()
-        student_logits = self.student(spec_augment(global_views, self.augment, generator),
-                                      spec_augment(local_views, self.augment, generator)).float()
+            teacher_logits = self.teacher(global_views)[0].float()
+        student_logits, student_embeddings = self.student(spec_augment(global_views, self.augment, generator),
+                                                          spec_augment(local_views, self.augment, generator))
+        student_logits = student_logits.float()
 
         teacher_temp = self.teacher_temp(step)
-        teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
+        if config.centering == "sinkhorn_knopp":
+            teacher_probs = sinkhorn_knopp_targets(teacher_logits, teacher_temp, config.sinkhorn_iterations)
+        else:
+            teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
         loss = dino_cross_entropy(student_logits, teacher_probs, config.student_temp,
                                   config.global_crops + config.local_crops, config.global_crops)
+        koleo = torch.zeros((), device=loss.device)
+        if config.koleo_weight > 0:
+            n_global = global_views.shape[0] // config.global_crops
+            koleo = sum(koleo_loss(view) for view in
+                        student_embeddings[:global_views.shape[0]].split(n_global)) / config.global_crops
+            loss = loss + config.koleo_weight * koleo
         self._update_center(teacher_logits)
 
         with torch.no_grad():
@@ -189,6 +285,7 @@ class DinoMethod(SSLMethod):
                 "center_norm": self.center.norm(),
                 "teacher_temp": torch.tensor(teacher_temp),
                 "teacher_momentum": torch.tensor(self.teacher_momentum(step)),
+                "koleo": koleo.detach(),
             }
         return MethodOutput(loss, metrics)
 

@@ -55,14 +55,42 @@ def write_train_configs(pretrain_dir: str | os.PathLike, methods: Sequence[str],
     from .train import METHODS
 
     check_keys({method: None for method in methods}, METHODS, "methods")
-    method_overrides = method_overrides or {}
-    check_method_overrides(method_overrides)
     pretrain_dir = Path(pretrain_dir)
-    configs = {method: _train_config(merge_mappings(
-                   {**settings, "method": method, "out_dir": str(pretrain_dir / method)},
-                   method_overrides.get(method) or {}), f"{method} settings")
+    configs = {method: method_train_config(method, settings, method_overrides, pretrain_dir / method)
                for method in methods}
     return {method: _write_train_config(pretrain_dir / method, config) for method, config in configs.items()}
+
+
+def train_settings_from_parameters(store_dir: str | os.PathLike, *, arch: str, depth: int, epochs: int,
+                                   max_steps: int, batch_size_per_gpu: int, base_lr: float,
+                                   warmup_epochs: float, device: str, num_workers: int, compile: bool,
+                                   seed: int, n_threads: int, background_removal: str, dino_out_dim: int,
+                                   dino_local_crops: int, mae_mask_ratio: float, mae_masking: str,
+                                   **_other_parameters: Any) -> dict[str, Any]:
+    """The TrainConfig fields every method shares, from notebook 03's parameters (nested sections
+    as mappings; 0 for `depth` and `max_steps` means "the architecture's" and "all epochs").
+
+    Notebook 03 and `benchmarks/species.py` both call it, so a profile's recipe trains the same
+    way in either; the notebook's other parameters (methods, launch settings) are ignored here.
+    """
+    return {
+        "store_dir": str(store_dir), "model": {"arch": arch, "depth": depth or None},
+        "epochs": epochs, "max_steps": max_steps or None, "batch_size_per_gpu": batch_size_per_gpu,
+        "base_lr": base_lr, "warmup_epochs": warmup_epochs, "device": device, "num_workers": num_workers,
+        "compile": compile, "seed": seed, "cpu_threads": n_threads, "background_removal": background_removal,
+        "dino": {"out_dim": dino_out_dim, "local_crops": dino_local_crops},
+        "mae": {"mask_ratio": mae_mask_ratio, "masking": mae_masking},
+    }
+
+
+def method_train_config(method: str, settings: Mapping[str, Any], method_overrides: Mapping[str, Any] | None,
+                        out_dir: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Any:
+    """One method's validated TrainConfig: `settings`, its method and out_dir, its entry of
+    `method_overrides`, then `extra` (e.g. a fixed budget's steps), nested sections merged."""
+    check_method_overrides(method_overrides or {})
+    merged = merge_mappings({**settings, "method": method, "out_dir": str(out_dir)},
+                            (method_overrides or {}).get(method) or {})
+    return _train_config(merge_mappings(merged, extra or {}), f"{method} settings")
 
 
 def _train_config(settings: Mapping[str, Any], section: str) -> Any:

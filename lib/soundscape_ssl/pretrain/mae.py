@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .augment import Normalization
 from .models import BackboneConfig, MethodOutput, SpectrogramViT, SSLMethod, build_backbone, patchify
 
 MASKING_MODES = ("random", "time")
@@ -84,10 +85,12 @@ class MaeMethod(SSLMethod):
 
     name = "mae"
 
-    def __init__(self, backbone_config: BackboneConfig, config: MaeConfig) -> None:
+    def __init__(self, backbone_config: BackboneConfig, config: MaeConfig,
+                 normalization: Normalization | None = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
+        self.normalization = normalization or Normalization()
         self.patch_size = backbone_config.patch_size
         self.encoder = build_backbone(backbone_config)
         self.grid_hw = self.encoder.patch_grid_hw
@@ -108,6 +111,7 @@ class MaeMethod(SSLMethod):
         expected = (self.encoder.config.n_mels, self.encoder.config.n_frames)
         if tuple(tiles.shape[-2:]) != expected:
             raise ValueError(f"MAE trains on whole {expected[0]}x{expected[1]} tiles, got {tuple(tiles.shape[-2:])}")
+        tiles = self.normalization.model_input(tiles)   # what the encoder sees at inference too
         batch = tiles.shape[0]
         order, n_visible = patch_keep_order(batch, self.grid_hw, self.config.mask_ratio, self.config.masking,
                                             generator, tiles.device)

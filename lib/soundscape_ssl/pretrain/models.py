@@ -280,6 +280,13 @@ class SSLMethod(torch.nn.Module):
 
     name: str = ""
 
+    @property
+    def embedding_pooling(self) -> str:
+        """The pooling of the final tokens this method trains (`pooling.POOLINGS`), recorded in
+        the checkpoint as the embedding to use by default; the mean of the patch tokens unless
+        the method's loss reads another one."""
+        return "mean"
+
     def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
         """The loss for a batch of normalised tiles (batch, 1, n_mels, n_frames) at optimizer step `step`."""
         raise NotImplementedError

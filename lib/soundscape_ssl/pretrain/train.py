@@ -46,10 +46,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from .augment import AugmentConfig, Normalization
@@ -93,6 +94,7 @@ class TrainConfig:
     mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
     vicreg: VicregConfig = dataclasses.field(default_factory=VicregConfig)
     epochs: int = 100  # the schedules span this many epochs (max_steps does not shorten them)
+    schedule_steps: int | None = None  # the schedules span this many steps instead (fixed-budget runs)
     batch_size_per_gpu: int = 64  # tiles per rank per step
     base_lr: float = 5e-4  # peak lr for an effective batch of 256 (linear scaling rule)
     min_lr: float = 1e-6  # cosine schedule's final lr
@@ -113,8 +115,13 @@ class TrainConfig:
     collapse_patience: int = 3  # consecutive log records showing collapse before stopping
     cpu_threads: int | None = None  # torch intra-op threads per process; None = torch's default
     # "band_median": the model sees each tile minus its mel bands' medians, floored at 0 (see
-    # tiles.remove_band_background); recorded in the checkpoint so every inference path does the same.
+    # tiles.store.remove_background), applied to each view after mixing and gain, on the whole tile;
+    # recorded in the checkpoint so every inference path does the same.
     background_removal: str = "none"
+    # Train on the tiles with the most in-band activity above their own noise floor
+    # (tiles.store.activity_above_floor_db, no label involved): this share of the store; 1 = all.
+    activity_top_fraction: float = 1.0
+    activity_band_hz: tuple[float, float] = (1000.0, 8000.0)
 
     def method_config(self) -> DinoConfig | MaeConfig | VicregConfig:
         return getattr(self, self.method)
@@ -130,12 +137,18 @@ class TrainConfig:
         for name in ("epochs", "batch_size_per_gpu", "log_every", "checkpoint_every_steps", "collapse_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be >= 1 or null, got {self.schedule_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if not 0.0 < self.activity_top_fraction <= 1.0:
+            raise ValueError(f"activity_top_fraction must be in (0, 1], got {self.activity_top_fraction}")
+        if not 0.0 <= self.activity_band_hz[0] < self.activity_band_hz[1]:
+            raise ValueError(f"activity_band_hz must be (low, high) Hz, got {self.activity_band_hz}")
         if self.num_workers < 0 or self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError("num_workers and warmup_epochs must be >= 0 and base_lr > 0")
         from ..tiles.store import BACKGROUND_REMOVALS  # lazily, like every tiles import here (see tile_store_data)
@@ -192,29 +205,37 @@ class TrainData:
     spectrogram_config: dict[str, Any] | None  # the tile store's SpectrogramConfig as a dict
 
 
-class BackgroundRemoved(Dataset):
-    """Items of a dataset of normalised tiles with `tiles.remove_band_background` applied."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from ..tiles.store import remove_band_background
-
-        return remove_band_background(self.dataset[index])
-
-
 def with_background_removal(data: TrainData, background: str) -> TrainData:
-    """`data` as the model sees it under `background` removal; the checkpoint records it."""
+    """`data` with `background` recorded in its normalisation: the methods apply it to each
+    augmented view (`augment.Normalization.model_input`), and the checkpoint carries it so that
+    every inference path (`tiles.store.normalize_tiles`) makes the same input."""
     from ..tiles.store import input_normalization
 
     if background == "none":
         return data
     normalization = input_normalization(data.normalization or {"mean": 0.0, "std": 1.0}, background)
-    return TrainData(BackgroundRemoved(data.dataset), normalization, data.spectrogram_config)
+    return TrainData(data.dataset, normalization, data.spectrogram_config)
+
+
+def with_active_tiles(data: TrainData, store_dir: str, top_fraction: float,
+                      band_hz: tuple[float, float]) -> TrainData:
+    """`data` restricted to the `top_fraction` of the store's tiles with the most in-band activity
+    above their noise floor (`tiles.store.activity_above_floor_db`), in tile order; ties broken
+    by tile id, so the choice is deterministic. 1.0 keeps everything."""
+    if top_fraction >= 1.0:
+        return data
+    from ..tiles.store import TileStore, store_activity_db
+
+    activity = store_activity_db(TileStore(store_dir), *band_hz)
+    if len(activity) != len(data.dataset):
+        raise ValueError(f"activity selection needs the tile store's tiles: {len(activity)} tiles in "
+                         f"{store_dir}, {len(data.dataset)} in the dataset")
+    n_keep = max(1, round(top_fraction * len(activity)))
+    keep = np.sort(np.argsort(-activity, kind="stable")[:n_keep])
+    logger.info("training on the %d most active of %d tiles (%.0f%%; activity >= %.2f dB above the "
+                "floor in %g-%g Hz)", n_keep, len(activity), 100 * top_fraction, float(activity[keep].min()),
+                *band_hz)
+    return TrainData(Subset(data.dataset, keep.tolist()), data.normalization, data.spectrogram_config)
 
 
 def tile_store_data(store_dir: str) -> TrainData:
@@ -309,7 +330,7 @@ def build_method(config: TrainConfig, normalization: Normalization, total_steps:
     if config.method == "dino":
         return DinoMethod(config.model, config.dino, config.augment, normalization, total_steps, steps_per_epoch)
     if config.method == "mae":
-        return MaeMethod(config.model, config.mae)
+        return MaeMethod(config.model, config.mae, normalization)
     return VicregMethod(config.model, config.vicreg, config.augment, normalization)
 
 
@@ -464,7 +485,7 @@ class _Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(data.dataset)} tiles do not fill one step of batch_size_per_gpu="
                              f"{config.batch_size_per_gpu} x {context.world_size} ranks")
-        self.total_steps = config.epochs * self.steps_per_epoch
+        self.total_steps = config.schedule_steps or config.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, config.max_steps or self.total_steps)
         warmup_steps = min(round(config.warmup_epochs * self.steps_per_epoch), self.total_steps)
         effective_batch = config.batch_size_per_gpu * context.world_size
@@ -491,7 +512,8 @@ class _Trainer:
         if data.normalization is None:
             logger.warning("the dataset states no normalisation: augmentations treat tile values as dB")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.method = build_method(config, Normalization(normalization["mean"], normalization["std"]),
+        self.method = build_method(config, Normalization(normalization["mean"], normalization["std"],
+                                                         normalization.get("background") or "none"),
                                    self.total_steps, self.steps_per_epoch).to(device)
         if context.distributed and device.type == "cuda":
             # VICReg's expander normalises over the global batch, as in its reference code (no-op for DINO/MAE).
@@ -549,7 +571,7 @@ class _Trainer:
             method_config=self.config.method_config(), train_config=self.config,
             spectrogram_config=self.data.spectrogram_config, normalization=self.data.normalization,
             model_state=self.method.state_dict(), backbone_state=self.method.export_backbone().state_dict(),
-            optimizer_state=self.optimizer.state_dict())
+            optimizer_state=self.optimizer.state_dict(), embedding_pooling=self.method.embedding_pooling)
         save_checkpoint(self.checkpoint_path, checkpoint)
 
     # -- logging and checks -------------------------------------------------------------------
@@ -672,6 +694,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
         claim = claim_folder(out_dir) if context.is_main else None
         data = (data_factory or resolve_data_factory(config.dataset_factory))(config.store_dir)
         data = with_background_removal(data, config.background_removal)
+        data = with_active_tiles(data, config.store_dir, config.activity_top_fraction, config.activity_band_hz)
         _check_tile_shape(data, config.model)
         trainer = _Trainer(config, context, data)
         trainer.resume_if_possible()

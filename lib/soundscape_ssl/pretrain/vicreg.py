@@ -106,6 +106,10 @@ class VicregMethod(SSLMethod):
 
     name = "vicreg"
 
+    @property
+    def embedding_pooling(self) -> str:
+        return self.config.pooling
+
     def __init__(self, backbone_config: BackboneConfig, config: VicregConfig, augment: AugmentConfig,
                  normalization: Normalization) -> None:
         super().__init__()
@@ -126,7 +130,9 @@ class VicregMethod(SSLMethod):
         if self.config.spec_mask:
             views = spec_augment(views, self.augment, generator)
         representations = self._represent(views)
-        z_a, z_b = self.expander(representations).float().chunk(2)
+        # Each view through the expander on its own, as in the reference: its batch normalisation
+        # then standardises one view over the batch, never the two views of a tile together.
+        z_a, z_b = (self.expander(part).float() for part in representations.chunk(2))
         invariance, variance, covariance = vicreg_terms(z_a, z_b)
         config = self.config
         loss = (config.invariance_weight * invariance + config.variance_weight * variance

@@ -74,6 +74,22 @@ FIGURES: tuple[FigureEntry, ...] = (
                 "UMAP of the scored windows coloured by label, with each space's kNN accuracy and NMI."),
     FigureEntry("07_knn_confusion", "Which species are confused with which?",
                 "Out-of-fold kNN confusion matrices, rows normalised: the diagonal is each label's recall."),
+    FigureEntry("08_fingerprint_recorder_hour", "What is each recorder's acoustic fingerprint over the day?",
+                "Share of each recorder's tiles per cluster group and hour of day: the diel fingerprint."),
+    FigureEntry("08_fingerprint_habitat_week", "Does a habitat's soundscape change from week to week?",
+                "Share of each habitat's tiles per cluster group and week, where the archive spans weeks."),
+    FigureEntry("08_fingerprint_habitat_hour", "How does each habitat's soundscape change over the day?",
+                "Share of each habitat's tiles per cluster group and hour of day."),
+    FigureEntry("08_diel_curves", "When are birds, insects, rain and silence heard?",
+                "Diel activity curves: the share of each hour's tiles in bird, insect, rain and silence "
+                "cluster groups."),
+    FigureEntry("08_separation", "Do embeddings or acoustic indices tell recorder, habitat, hour and week apart?",
+                "Grouped kNN accuracy of each task read off the SSL space, the index vector and log-mel "
+                "statistics, with intervals; chance dotted."),
+    FigureEntry("08_index_cluster_effects", "Which acoustic indices differ most between clusters?",
+                "Rank effect size (eta squared) of each scikit-maad index across the main space's clusters."),
+    FigureEntry("08_index_diel_profiles", "Do the classic indices follow the bird clusters over the day?",
+                "Hourly medians of six classic indices (z-scored) beside the bird clusters' diel curve."),
 )
 
 # The published set: figure names of the demo's reference run copied into `figures/` by
@@ -89,6 +105,8 @@ PUBLISHED: tuple[str, ...] = (
     "06_detection_rate_per_cluster",
     "07_knn_accuracy",
     "07_knn_confusion",
+    "08_fingerprint_recorder_hour",
+    "08_separation",
 )
 
 

@@ -23,6 +23,7 @@ is file order (by relpath) then time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .spectrogram import SpectrogramConfig
+from .spectrogram import SpectrogramConfig, mel_bin_centres_hz
 
 STAGE = "tiles"
 PLAN_FILE = "plan.json"
@@ -204,7 +205,15 @@ class TileStore:
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 # What `normalize_tiles` does after (x - mean) / std; recorded in every checkpoint's normalisation.
-BACKGROUND_REMOVALS = ("none", "band_median")
+BACKGROUND_REMOVALS = ("none", "band_median", "pcen")
+# PCEN (per-channel energy normalisation, Wang et al. 2017; Lostanlen et al. 2019) on the stored
+# log-mel power: a smoother with a 0.4 s time constant (34 frames of a 3 s, 256-frame tile, the
+# librosa default), gain exponent 0.98, bias 2 and root 0.5 (librosa's defaults).
+PCEN_TIME_CONSTANT_FRAMES = 34.0
+PCEN_GAIN = 0.98
+PCEN_BIAS = 2.0
+PCEN_POWER = 0.5
+PCEN_EPS = 1e-12
 
 
 def band_median(tiles: ArrayOrTensor) -> ArrayOrTensor:
@@ -222,6 +231,48 @@ def band_median(tiles: ArrayOrTensor) -> ArrayOrTensor:
         tensor = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         return tensor.median(dim=-1, keepdim=True).values.numpy()
     return tiles.median(dim=-1, keepdim=True).values
+
+
+def _band_bins(config: SpectrogramConfig, f_low_hz: float, f_high_hz: float) -> np.ndarray:
+    centres = mel_bin_centres_hz(config)
+    band = (centres >= f_low_hz) & (centres <= f_high_hz)
+    if not band.any():
+        raise ValueError(f"no mel bin centre lies in {f_low_hz}-{f_high_hz} Hz")
+    return band
+
+
+def in_band_energy_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz: float,
+                      f_high_hz: float) -> np.ndarray:
+    """Mean mel power (dB) of each tile over the bins whose centre lies in [f_low_hz, f_high_hz].
+
+    The mean is taken on power, not on dB, so a loud song in part of the window counts as loud.
+    """
+    band = _band_bins(config, f_low_hz, f_high_hz)
+    power = np.power(10.0, np.asarray(tiles_db, dtype=np.float64)[:, band, :] / 10.0)
+    return (10.0 * np.log10(power.mean(axis=(1, 2)))).astype(np.float32)
+
+
+def activity_above_floor_db(tiles_db: np.ndarray, config: SpectrogramConfig, f_low_hz: float = 1000.0,
+                            f_high_hz: float = 8000.0) -> np.ndarray:
+    """Unsupervised activity of each tile: its in-band mean power over its in-band noise floor, in dB.
+
+    The floor is each band's `band_median` over the tile (its steady level); the ratio of the band's
+    mean power to the floor's mean power is ~0 dB for steady noise, wind or silence and rises with
+    every call that stands out of it, whatever the recorder's gain. No label is involved.
+    """
+    band = _band_bins(config, f_low_hz, f_high_hz)
+    in_band = np.asarray(tiles_db, dtype=np.float32)[:, band, :]
+    power = np.power(10.0, in_band.astype(np.float64) / 10.0)
+    floor = np.power(10.0, band_median(in_band).astype(np.float64) / 10.0)
+    return (10.0 * np.log10(power.mean(axis=(1, 2)) / floor.mean(axis=(1, 2)))).astype(np.float32)
+
+
+def store_activity_db(store: "TileStore", f_low_hz: float = 1000.0, f_high_hz: float = 8000.0,
+                      batch_tiles: int = 1024) -> np.ndarray:
+    """`activity_above_floor_db` of every tile of a store, read in contiguous batches."""
+    return np.concatenate([activity_above_floor_db(store.read_range(start, start + batch_tiles), store.config,
+                                                   f_low_hz, f_high_hz)
+                           for start in range(0, len(store), batch_tiles)] or [np.zeros(0, np.float32)])
 
 
 def remove_band_background(tiles: torch.Tensor) -> torch.Tensor:
@@ -260,19 +311,59 @@ def normalize_tiles(tiles: np.ndarray | torch.Tensor,
     else:
         tensor = tiles.to(torch.float32)
     tensor = (tensor - normalization["mean"]) / normalization["std"]
+    return remove_background(tensor, normalization)
+
+
+def remove_background(tiles: torch.Tensor, normalization: Mapping[str, Any]) -> torch.Tensor:
+    """Normalised whole tiles (..., n_mels, n_frames) -> the model's input under
+    `normalization["background"]` (absent = "none"); `mean`/`std` give the dB scale PCEN needs.
+
+    The one place a background removal is applied: `normalize_tiles` (every inference path) and
+    training's views (`pretrain.augment.Normalization.model_input`) both call it, on whole tiles.
+    """
     background = normalization.get("background") or "none"
     if background == "band_median":
-        return remove_band_background(tensor)
+        return remove_band_background(tiles)
+    if background == "pcen":
+        return pcen(tiles * normalization["std"])   # dB relative to the archive's mean level
     if background != "none":
         raise ValueError(f"background removal must be one of {BACKGROUND_REMOVALS}, got {background!r}")
-    return tensor
+    return tiles
+
+
+def pcen(tiles_db: torch.Tensor) -> torch.Tensor:
+    """PCEN of log-mel tiles (..., n_mels, n_frames) in dB relative to a reference level (the
+    model input uses the archive's mean level), shifted so a steady band at the reference gives 0.
+
+    E = 10^(dB/10); M is E smoothed along time by a one-pole filter whose state starts at the
+    band's median power (so the tile's first frames need no warm-up); the output is
+    (E / (eps + M)^0.98 + 2)^0.5 - 2^0.5 - ((1 + 2)^0.5 - 2^0.5): a sound's ratio to its band's
+    recent level, compressed. A steady band gives E / M^0.98 = E^0.02, i.e. 0 at the reference
+    level and within 0.1 of 0 for 25 dB either side, like `remove_band_background`'s floor.
+    Computed in float64 as a closed-form cumulative sum (no per-frame loop); float32 out.
+    """
+    power = torch.pow(10.0, tiles_db.to(torch.float64) / 10.0)
+    n_frames = power.shape[-1]
+    t = PCEN_TIME_CONSTANT_FRAMES
+    smoothing = (math.sqrt(1.0 + 4.0 * t * t) - 1.0) / (2.0 * t * t)   # librosa's b for hop 1
+    keep = 1.0 - smoothing
+    steps = torch.arange(n_frames, dtype=torch.float64, device=power.device)
+    # M[k] = keep^(k+1) M0 + smoothing * sum_{j<=k} keep^(k-j) E[j]
+    decay = keep ** steps
+    start = band_median(power)
+    smoothed = (keep * decay * start
+                + smoothing * decay * torch.cumsum(power / decay, dim=-1))
+    ratio = power / (PCEN_EPS + smoothed) ** PCEN_GAIN
+    compressed = (ratio + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
+    steady = (1.0 + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
+    return (compressed - steady).to(torch.float32)
 
 
 class TileDataset(torch.utils.data.Dataset):
     """Training view of a store: item i is a float32 tensor (1, n_mels, n_frames).
 
-    Normalised with the store's global mean/std (dB) when `normalize` is true (training adds a
-    background removal on top when configured: `train.with_background_removal`).
+    Normalised with the store's global mean/std (dB) when `normalize` is true. Training applies the
+    configured background removal to each augmented view (`pretrain.augment.augmented_views`).
     """
 
     def __init__(self, store_dir: str | os.PathLike, normalize: bool = True) -> None:

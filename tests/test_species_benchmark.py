@@ -1,0 +1,41 @@
+"""benchmarks/species.py end to end on a sliver of the real data: pool, budget, scores, JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path):
+    if not (DATA / "labelled" / "xeno-canto-phoebe-10sp" / "labels.csv").is_file():
+        pytest.skip(f"{DATA / 'labelled'} not present")
+    out = tmp_path / "species"
+    command = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--data", str(DATA), "--out", str(out),
+               "--pool-max-files", "4", "--steps", "2", "--methods", "vicreg", "--sets", "xeno-canto-phoebe-10sp",
+               "--no-birdnet", "--n-bootstrap", "40", "--set", "vicreg.log_every=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == json.loads((out / "species.json").read_text())
+    assert result["methods"]["vicreg"]["steps"] == 2 and result["methods"]["vicreg"]["stopped"] is None
+    assert result["overrides"]["vicreg"]["log_every"] == 1            # --set reached the config
+    assert (out / "vicreg" / "checkpoint.pth").is_file() and (out / "untrained_vicreg.pth").is_file()
+    scored = result["sets"]["xeno-canto-phoebe-10sp"]
+    assert scored["grouping"] == "recordist" and scored["n_labels"] == 10 and scored["n_recordings"] == 100
+    vicreg = scored["methods"]["vicreg"]
+    assert vicreg["pooling"] == "band"                                 # the pooling VICReg trained
+    # A paired difference is the space's score minus the reference's, on the same windows.
+    assert vicreg["vs_logmel"]["knn"] == pytest.approx(vicreg["knn"] - scored["logmel"]["knn"], abs=2e-4)
+    assert vicreg["vs_untrained"]["knn"] == pytest.approx(vicreg["knn"] - vicreg["untrained"]["knn"], abs=2e-4)
+    low, high = vicreg["vs_logmel"]["knn_interval"]
+    assert low <= high and 0.0 <= vicreg["vs_logmel"]["knn_share_not_better"] <= 1.0
+    assert set(vicreg["other_poolings"]) == {"mean", "cls"}

@@ -6,7 +6,7 @@ PROFILE ?= demo
 RUN_ID ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab bench clean-runs
+.PHONY: setup demo test lab bench figures clean-runs
 
 # The stamp is rebuilt whenever pyproject.toml changes, so a `git pull` that adds a
 # dependency reinstalls on the next make.
@@ -20,6 +20,15 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/soundscape-ssl run --profile $(PROFILE) $(if $(RUN_ID),--run-id $(RUN_ID))
+
+# `make figures`: the published set in figures/. Reruns the demo's reference run from scratch
+# (~15 min on 2 CPU cores), then copies its curated PNGs and writes figures/README.md
+# (report/published.py); the same commit gives the same files.
+FIGURES_RUN_ID ?= reference
+figures: setup
+	rm -rf runs/$(FIGURES_RUN_ID)
+	$(VENV)/bin/soundscape-ssl run --profile demo --run-id $(FIGURES_RUN_ID)
+	$(VENV)/bin/soundscape-ssl figures runs/$(FIGURES_RUN_ID) --out figures
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -99,3 +99,15 @@ def stage_inputs(tmp_path_factory) -> dict:
     return {"files_parquet": str(root / "files.parquet"), "audio": str(root / "archive"),
             "spectrogram": spectrogram.to_dict(), "tiling": tiling.to_dict(),
             "store": str(root / "store"), "checkpoint": str(checkpoint), "n_tiles": len(store)}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """configs/smoke.yaml through the real driver, once per session: every notebook, then the
+    report. The run folder (runs_root/smoke); the tests that need a whole run share it."""
+    from pathlib import Path
+
+    from soundscape_ssl.pipeline.runner import run_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    return run_pipeline("smoke", run_id="smoke", repo_root=repo, runs_root=tmp_path_factory.mktemp("runs"))

@@ -442,12 +442,14 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     pixel_truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM)
     figure = plot_head_maps(tiles_db, result.maps, SPECTROGRAM, boxes=pixel_truth.boxes, heads=[0, 2],
                             tile_titles=tiles["tile_id"].astype(str).tolist())
-    assert isinstance(figure, Figure) and len(figure.axes) == 4 * 3
+    assert isinstance(figure, Figure) and len(figure.axes) == 4 * 3 + 2   # + level and attention colour bars
+    assert [axes.get_ylabel() for axes in figure.axes[-2:]] == ["dB re tile max",
+                                                                "attention (share of the map's maximum)"]
     masks = np.concatenate([attention_mass_mask(result.maps, 0.6), energy_threshold_mask(tiles_db, 16)[:, None]],
                            axis=1)
     overlay = plot_mask_overlays(tiles_db, masks, SPECTROGRAM, boxes=pixel_truth.boxes,
                                  source_names=["head 0", "head 1", "head 2", "head 3", "energy"])
-    assert len(overlay.axes) == 4 * 5
+    assert len(overlay.axes) == 4 * 5 + 1   # + the level colour bar
     # Truth boxes are drawn as rectangles on every panel: tile 0 has one (the whistle), in 5 panels.
     assert sum(len(axes.patches) for axes in overlay.axes[:5]) == 5
     png_path, pdf_path = save_figure(overlay, tmp_path / "figures", "attention_masks")

@@ -73,6 +73,10 @@ def _fails(argv: list[str], capsys, code: int) -> str:
      "rec0.wav is not a soundscape-ssl checkpoint: it is a WAV audio file"),
     (["validate", "--labels", "{csv}", "--audio-dir", "{folder}", "--out", "{out}", "--n-folds", "x"], 2,
      "argument --n-folds: expected int, got 'x'"),
+    (["report", "{folder}"], 1, "{folder} is not a run folder: it has no manifest.json"),
+    (["report", "{folder}", "--central-tiles", "0"], 2, "need central_tiles >= 1"),
+    (["report", "{folder}", "--clips.audio-format", "mp3"], 2, "audio_format must be one of ['flac', 'ogg']"),
+    (["figures", "{folder}"], 1, "{folder} is not a run folder"),
 ])
 def test_every_subcommand_turns_bad_input_into_one_line(argv, code, expected, files, capsys) -> None:
     def real(token: str) -> str:

@@ -32,7 +32,8 @@ def test_map_panels_legend_for_few_categories_colourbar_for_numbers() -> None:
     }, "map")
     habitat_axes, cluster_axes, level_axes = figure.axes[:3]
     assert [t.get_text() for t in habitat_axes.get_legend().get_texts()] == ["canopy", "grassland"]
-    assert cluster_axes.get_legend() is None  # 30 categories: no legend
+    assert cluster_axes.get_legend() is None  # 30 categories: no legend, and the title says why
+    assert cluster_axes.get_title() == "cluster (30 of them: too many for a legend)"
     hours = cluster_report.plot_map_panels(coords, {"hour": pd.Series([12, 4, 21, 5, 0] * 10)}, "map")
     assert [t.get_text() for t in hours.axes[0].get_legend().get_texts()] == ["0", "4", "5", "12", "21"]
     assert len(figure.axes) == 4  # three panels + the level colour bar
@@ -45,4 +46,10 @@ def test_contingency_heatmap_and_gallery_draw() -> None:
     assert np.allclose(image.sum(axis=1), 1.0)  # rows normalised
     tiles = [[np.zeros((128, 256))] * 2, [np.ones((128, 256))]]
     gallery = cluster_report.plot_cluster_gallery(tiles, ["c0", "c1"], SpectrogramConfig())
-    assert len(gallery.axes) == 4
+    assert len(gallery.axes) == 5   # 2 x 2 panels + the shared level colour bar
+    gallery.canvas.draw()
+    first, second, third = gallery.axes[0], gallery.axes[1], gallery.axes[2]
+    assert first.get_ylabel() == "c0" and third.get_ylabel() == "c1"
+    assert [t.get_text() for t in first.get_yticklabels()][:2] == ["0.5", "1"]   # kHz on the first column
+    assert not any(t.get_text() for t in first.get_xticklabels())   # c1 is below it
+    assert any(t.get_text() for t in second.get_xticklabels())      # nothing below: time labelled

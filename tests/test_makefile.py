@@ -32,3 +32,14 @@ def test_make_bench_installs_the_bench_extra_and_runs_every_benchmark_quickly(tm
         quick_line = next(line for line in re.split(r" && |\n", runs) if f"benchmarks/{script.name} " in line)
         full_line = next(line for line in re.split(r" && |\n", full) if f"benchmarks/{script.name} " in line)
         assert len(quick_line.split()) > len(full_line.split()), script.name
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_figures_reruns_the_reference_run_from_scratch_then_publishes(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    plan = subprocess.run(["make", "-n", "figures", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.splitlines()
+    steps = [line for line in plan if "reference" in line]
+    assert steps == ["rm -rf runs/reference",
+                     f"{venv}/bin/soundscape-ssl run --profile demo --run-id reference",
+                     f"{venv}/bin/soundscape-ssl figures runs/reference --out figures"]

@@ -36,13 +36,11 @@ def test_notebook_has_one_parameters_cell_with_run_dir(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smoke_run_of_every_notebook(tmp_path: Path) -> None:
+def test_smoke_run_of_every_notebook(smoke_run: Path) -> None:
     """configs/smoke.yaml through the real driver: every notebook executes and leaves its products."""
     import json
 
-    from soundscape_ssl.pipeline.runner import run_pipeline
-
-    run_dir = run_pipeline("smoke", run_id="smoke", repo_root=REPO, runs_root=tmp_path)
+    run_dir = smoke_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "ok"
     assert [n["notebook"] for n in manifest["notebooks"]] == [p.stem for p in NOTEBOOKS]
@@ -53,6 +51,43 @@ def test_smoke_run_of_every_notebook(tmp_path: Path) -> None:
     figures = {p.name for p in (run_dir / "figures").iterdir()}
     assert "01_coverage_recorder_by_day.png" in figures and "01_coverage_recorder_by_day.pdf" in figures
     assert (run_dir / "inventory" / "files.parquet").is_file()
+    # the report is the run's last step, recorded in the manifest
+    assert manifest["report"]["status"] == "ok" and (run_dir / "report" / "index.html").is_file()
+
+
+def _shown_outputs(notebook: dict) -> tuple[int, int]:
+    """(images, figures shown as text) among an executed notebook's display outputs."""
+    images = texts = 0
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if output.get("output_type") not in ("display_data", "execute_result"):
+                continue
+            if "image/png" in data:
+                images += 1
+            elif "".join(data.get("text/plain", "")).startswith("<Figure size"):
+                texts += 1
+    return images, texts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_saved_figure_is_shown_as_an_image_in_its_executed_notebook_and_html(smoke_run: Path,
+                                                                                  path: Path) -> None:
+    """Issue 18.0: figures built without pyplot used to print `<Figure size 1260x760 with 7 Axes>`
+    under papermill. Each figure a notebook saves (`NN_*.png`) is one embedded PNG in the executed
+    notebook and in its HTML copy; none is shown as text, none twice (pyplot's inline backend
+    would add a second copy of a pyplot figure at the end of its cell)."""
+    import json
+
+    executed = smoke_run / "notebooks" / path.name
+    saved = sorted(p.name for p in (smoke_run / "figures").glob(f"{path.name[:2]}_*.png"))
+    images, texts = _shown_outputs(json.loads(executed.read_text()))
+    assert saved, f"{path.name} saved no figure in the smoke run"
+    assert (images, texts) == (len(saved), 0), f"{path.name}: saved {saved}"
+    html = executed.with_suffix(".html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(saved)
+    assert "&lt;Figure size" not in html
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

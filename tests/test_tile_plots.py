@@ -43,9 +43,14 @@ def test_gallery_and_statistics_figures_draw() -> None:
     config = SpectrogramConfig()
     tiles = [np.random.default_rng(i).normal(-60, 10, (128, 256)).astype(np.float16) for i in range(5)]
     figure = tile_plots.plot_tile_gallery(tiles, [f"t{i}" for i in range(5)], config, n_cols=3)
-    assert len(figure.axes) == 6 and figure.axes[0].get_title() == "t0"
+    assert len(figure.axes) == 7 and figure.axes[0].get_title() == "t0"   # 6 panels + one colour bar
     labels = [t.get_text() for t in figure.axes[3].get_yticklabels()]
     assert labels == ["0.5", "1", "2", "4", "8", "12"]  # kHz at the bands' real centres
+    assert figure.axes[-1].get_ylabel() == tile_plots.LEVEL_LABEL
+    figure.canvas.draw()
+    # time tick labels on the last tile of each column only (t3, t4 and t2 above the empty slot)
+    has_time_labels = [any(t.get_text() for t in axes.get_xticklabels()) for axes in figure.axes[:5]]
+    assert has_time_labels == [False, False, True, True, True]
     stats_figure = tile_plots.plot_tile_statistics(_index(), near_silent_rms_dbfs=-60)
     assert len(stats_figure.axes) == 3
 
@@ -65,7 +70,11 @@ def test_draw_tile_puts_time_in_seconds_and_overlays_in_the_same_coordinates() -
     config = SpectrogramConfig()  # 3 s, 256 frames of 375 samples at 32 kHz
     axes = Figure().subplots()
     tile = np.random.default_rng(0).normal(-60, 10, (128, 256))
-    tile_plots.draw_tile(axes, tile, config, cmap="Greys")
+    image = tile_plots.draw_tile(axes, tile, config, cmap="Greys")
+    # drawn relative to the tile's own maximum, on the shared [-80, 0] dB scale
+    assert image.get_clim() == (-80.0, 0.0)
+    assert float(image.get_array().max()) == 0.0
+    assert float(image.get_array().min()) == pytest.approx(float(tile.min() - tile.max()), abs=1e-3)
     frame_s = 375 / 32000
     assert tile_plots.tile_extent(config) == pytest.approx((-0.5 * frame_s, 255.5 * frame_s, -0.5, 127.5))
     assert axes.get_xlim() == pytest.approx((-0.5 * frame_s, 255.5 * frame_s))
@@ -80,3 +89,36 @@ def test_draw_tile_puts_time_in_seconds_and_overlays_in_the_same_coordinates() -
     assert bird.get_linestyle() == "-" and other.get_linestyle() == "--"
     tile_plots.draw_cells(axes, np.zeros((128, 256)), config, alpha=0.5)
     assert axes.images[-1].get_extent() == pytest.approx(list(tile_plots.tile_extent(config)))
+
+
+def test_thumbnails_drawn_over_a_saved_background_equal_a_full_draw(tmp_path) -> None:
+    """`TileThumbnails` redraws only the tile, its frame and its title over a background drawn
+    once; the result must be what a full draw of the same figure gives, but for the antialiased
+    edges of the tick marks where they touch the tile (a few pixels of the frame's columns)."""
+    import io
+
+    from PIL import Image
+
+    config = SpectrogramConfig()
+    thumbnails = tile_plots.TileThumbnails(config, dpi=80)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        tile = rng.normal(-50, 12, (128, 256)).astype(np.float32)
+        fast = thumbnails.render(tile, f"tile {k}")
+        thumbnails.canvas.draw()                                     # everything, the slow way
+        full = np.asarray(thumbnails.canvas.buffer_rgba())[..., :3]
+        assert fast.shape == (round(1.9 * 80), round(3.0 * 80), 3)
+        differs = np.abs(fast.astype(int) - full.astype(int)).max(axis=2)
+        rows, columns = np.nonzero(differs)
+        assert differs.max() <= 12 and len(rows) <= 12, k
+        frame = thumbnails.axes.get_window_extent()
+        height = full.shape[0]
+        assert set(columns) <= {int(frame.x0), int(frame.x0) + 1}, k     # the left frame, at tick marks
+        assert all(height - frame.y1 - 2 <= r <= height - frame.y0 + 2 for r in rows), k
+    buffer = io.BytesIO()
+    thumbnails.write_png(tile, buffer, "tile 2")
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    assert image.mode == "P" and image.size == (240, 152)            # a palette PNG of the thumbnail
+    again = io.BytesIO()
+    thumbnails.write_png(tile, again, "tile 2")
+    assert again.getvalue() == buffer.getvalue()

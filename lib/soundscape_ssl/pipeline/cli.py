@@ -52,13 +52,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ..report.site import ReportConfig, build_report
+
+    summary = build_report(Path(args.run_dir), config_from_options(ReportConfig, args))
+    print(f"{summary.index} ({summary.n_clusters} clusters, {summary.n_clips} clips, "
+          f"{summary.n_bytes / 1e6:.1f} MB, {summary.wall_s:.1f} s)")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from ..report.published import publish_figures
+    from .runner import find_repo_root
+
+    readme = publish_figures(Path(args.run_dir), Path(args.out), repo_root=find_repo_root())
+    print(readme)
+    return 0
+
+
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
 # as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
                         "validate": "soundscape_ssl.analysis.validate",
                         "indices": "soundscape_ssl.analysis.indices"}
 # subcommands whose parser is built here
-OWN_COMMANDS = ("run", "synth-archive", "inventory")
+OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     inventory.add_argument("--sites-csv", default=None, help="recorder, habitat, lat, lon (default: ARCHIVE/sites.csv)")
     inventory.add_argument("--out", default=None, help="folder for files.parquet, quarantine.parquet, config.json")
     inventory.set_defaults(handler=_cmd_inventory)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/: a static site of the run (every figure "
+                                                "and score table, a page per cluster with its tiles' audio)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/<run_id>)")
+    from ..report.site import ReportConfig
+
+    add_config_options(report, ReportConfig)
+    report.set_defaults(handler=_cmd_report)
+
+    figures = commands.add_parser("figures", help="copy a run's published figures into a folder with a README "
+                                                  "table (`make figures`)")
+    figures.add_argument("run_dir", metavar="RUN_DIR", help="the reference run (runs/reference)")
+    figures.add_argument("--out", default="figures", help="the published folder (default: figures)")
+    figures.set_defaults(handler=_cmd_figures)
 
     # Listed for --help only: main() hands their arguments to the module's own parser.
     commands.add_parser("tile", help="tile an inventory into a log-mel tile store "

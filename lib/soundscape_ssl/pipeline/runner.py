@@ -14,7 +14,8 @@ The driver then prepares the archive (generating and caching the synthetic one w
 `archive_dir` is `synthetic`), writes `params.yaml` and `manifest.json`, and runs each notebook
 with papermill into `runs/<run_id>/notebooks/` plus an HTML copy. A failing notebook stops the
 run with a non-zero exit that names the notebook and the cell; the partially executed notebook
-stays for inspection.
+stays for inspection. Last, whatever the notebooks' outcome, it writes the run's report
+(`runs/<run_id>/report/index.html`, `report.site`) and records it in the manifest.
 """
 
 from __future__ import annotations
@@ -514,6 +515,31 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
     manifest["status"] = "failed" if failure else "ok"
     manifest["wall_s"] = round(time.perf_counter() - t0, 2)
     _write_json(manifest_path, manifest)
+    report_error = build_run_report(run_dir, manifest, manifest_path)
     if failure:
         raise failure
+    if report_error:
+        raise report_error
     return run_dir
+
+
+def build_run_report(run_dir: Path, manifest: dict[str, Any], manifest_path: Path) -> Exception | None:
+    """The last step of every run: `RUN_DIR/report/` (`report.site`), a failed run's included (it
+    shows what ran). The outcome goes into the manifest as `report`; an error is returned, not
+    raised, so that a notebook's failure stays the one reported first."""
+    log.info("building the report of %s", run_dir)
+    started = time.perf_counter()   # what the report adds to a run, its imports included
+    try:
+        from ..report.site import build_report
+
+        summary = build_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - recorded, then raised by the caller
+        log.error("the report of %s failed: %s", run_dir, error)
+        manifest["report"] = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        _write_json(manifest_path, manifest)
+        return error
+    manifest["report"] = {"status": "ok", "index": str(summary.index.relative_to(run_dir)),
+                          "wall_s": round(time.perf_counter() - started, 2), "n_bytes": summary.n_bytes,
+                          "n_clusters": summary.n_clusters, "n_clips": summary.n_clips}
+    _write_json(manifest_path, manifest)
+    return None

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..tiles.spectrogram import SpectrogramConfig
-from .tile_plots import draw_tile
+from .tile_plots import add_level_colorbar, draw_tile
 
 MAX_LEGEND_ENTRIES = 20
 
@@ -60,8 +60,9 @@ def plot_map_panels(coords: np.ndarray, colour_by: Mapping[str, pd.Series], titl
 
     Numeric values with more than 20 distinct values get a colour bar; anything else (strings,
     a categorical dtype, numbers with few values) counts as categories: distinct colours and, up to
-    20 of them, a legend (a legend of 100 clusters helps nobody). Pass cluster ids as a
-    categorical, or they read as a continuous scale.
+    20 of them, a legend. Beyond that the panel says how many categories it colours instead (a
+    legend of 100 clusters helps nobody; the report's overview page shows each cluster). Pass
+    cluster ids as a categorical, or they read as a continuous scale.
     """
     n_panels = len(colour_by)
     columns = min(3, n_panels)
@@ -75,17 +76,22 @@ def plot_map_panels(coords: np.ndarray, colour_by: Mapping[str, pd.Series], titl
         if continuous:
             image = axes.scatter(coords[:, 0], coords[:, 1], c=values.to_numpy(dtype=float), s=point_size,
                                  cmap="viridis", rasterized=True, linewidths=0)
-            figure.colorbar(image, ax=axes, shrink=0.8)
+            figure.colorbar(image, ax=axes, shrink=0.8).set_label(name, fontsize=8)
+            panel_title = name
         else:
             categories = pd.Categorical(values)  # natural order: hours 4 < 12, not "12" < "4"
             colours = _category_colours(len(categories.categories))
             axes.scatter(coords[:, 0], coords[:, 1], c=colours[categories.codes], s=point_size,
                          rasterized=True, linewidths=0)
-            if len(categories.categories) <= MAX_LEGEND_ENTRIES:
+            n_categories = len(categories.categories)
+            panel_title = name
+            if n_categories <= MAX_LEGEND_ENTRIES:
                 handles = [Line2D([], [], marker="o", linestyle="", color=colours[i], label=str(label), markersize=4)
                            for i, label in enumerate(categories.categories)]
                 axes.legend(handles=handles, fontsize=6, frameon=False, loc="best")
-        axes.set_title(name, fontsize=9)
+            else:
+                panel_title = f"{name} ({n_categories} of them: too many for a legend)"
+        axes.set_title(panel_title, fontsize=9)
         axes.set_xticks([])
         axes.set_yticks([])
     for axes in list(grid.flat)[n_panels:]:
@@ -96,10 +102,12 @@ def plot_map_panels(coords: np.ndarray, colour_by: Mapping[str, pd.Series], titl
 
 def plot_cluster_gallery(tiles_of: Sequence[Sequence[np.ndarray]], cluster_titles: Sequence[str],
                          config: SpectrogramConfig, suptitle: str | None = None) -> Figure:
-    """One row per cluster: its most central tiles (nearest the centroid first)."""
+    """One row per cluster: its most central tiles (nearest the centroid first), the cluster's
+    title left of its row. Frequency (kHz) is labelled on the first column, time (s) on the bottom
+    row; one colour bar serves every tile."""
     n_rows = len(tiles_of)
     n_cols = max((len(t) for t in tiles_of), default=1)
-    figure = Figure(figsize=(2.0 * n_cols + 1.0, 1.35 * n_rows + 0.6), layout="constrained")
+    figure = Figure(figsize=(2.0 * n_cols + 2.2, 1.35 * n_rows + 0.9), layout="constrained")
     grid = figure.subplots(n_rows, n_cols, squeeze=False)
     for row, (tiles, title) in enumerate(zip(tiles_of, cluster_titles)):
         for col in range(n_cols):
@@ -107,11 +115,15 @@ def plot_cluster_gallery(tiles_of: Sequence[Sequence[np.ndarray]], cluster_title
             if col >= len(tiles):
                 axes.axis("off")
                 continue
-            draw_tile(axes, tiles[col], config, label_axes=False)
-            axes.set_yticks([])
-            axes.set_xticks([])
+            last_in_column = row == n_rows - 1 or col >= len(tiles_of[row + 1])
+            draw_tile(axes, tiles[col], config, label_axes=False, time_tick_labels=last_in_column,
+                      frequency_tick_labels=col == 0)
+            axes.tick_params(labelsize=6, length=2)
             if col == 0:
-                axes.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+                axes.set_ylabel(title, fontsize=7)
+    figure.supxlabel("time (s)", fontsize=8)
+    figure.supylabel("frequency (kHz)", fontsize=8)
+    add_level_colorbar(figure, grid)
     if suptitle:
         figure.suptitle(suptitle)
     return figure

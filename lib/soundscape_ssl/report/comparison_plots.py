@@ -1,7 +1,8 @@
 """Figures of notebook 06: BirdNET's detections over the archive, and how output spaces gather them.
 
-Each function takes the tables `analysis.compare` computes and returns a Figure (saved by
-`report.figures.save_figure`).
+Each function takes the tables `analysis.compare` computes and returns a `matplotlib.figure.Figure`
+(no pyplot state: pyplot's inline backend would show each figure a second time at the end of the
+cell), saved by `report.figures.save_figure`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from matplotlib.figure import Figure
 def plot_detection_summary(labels: pd.DataFrame, max_species: int = 15, threshold: float | None = None) -> Figure:
     """Left: share of scored tiles with a detection by hour of day, one line per recorder.
     Right: the most detected species (tiles at or above the threshold)."""
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0), constrained_layout=True,
-                                      gridspec_kw={"width_ratios": [1.2, 1.0]})
+    fig = Figure(figsize=(11.0, 4.0), layout="constrained")
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1.0]})
     scored = labels[labels["scored"] & labels["hour"].notna()]
     for recorder, part in scored.groupby(scored["recorder"].astype(object).fillna("unknown"), sort=True):
         rate = part.groupby(part["hour"].astype(int))["detected"].mean()
@@ -44,22 +43,22 @@ def plot_detection_summary(labels: pd.DataFrame, max_species: int = 15, threshol
         right.text(0.5, 0.5, "no confident detection", ha="center", va="center", transform=right.transAxes)
         right.set_yticks([])
     right.set_xlabel("tiles with a confident detection")
-    if threshold is not None:
-        fig.suptitle(f"BirdNET detections (top confidence >= {threshold:g})", fontsize=10)
+    fig.suptitle("BirdNET detections" + (f" (top confidence >= {threshold:g})" if threshold is not None else ""),
+                 fontsize=10)
     return fig
 
 
 def plot_detection_rates(rates_by_space: Mapping[str, pd.DataFrame], overall_rate: float,
-                         min_tiles: int = 1) -> Figure:
+                         min_tiles: int = 1, title: str = "Per-cluster BirdNET detection rate, every output space"
+                         ) -> Figure:
     """Per-cluster BirdNET detection rates, clusters ranked highest first, one line per space.
 
     rates_by_space: name -> `metrics.detection_rate_per_cluster` table. Clusters with fewer than
     `min_tiles` tiles are left out. The dashed line is the rate over all tiles: a space that
     gathers BirdNET's detections has a few clusters far above it and many near zero.
     """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.0), constrained_layout=True)
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = fig.subplots()
     for name, rates in rates_by_space.items():
         eligible = rates[rates["n_tiles"] >= min_tiles].sort_values("detection_rate", ascending=False)
         ax.plot(np.arange(1, len(eligible) + 1), eligible["detection_rate"].to_numpy(), marker=".",
@@ -69,6 +68,7 @@ def plot_detection_rates(rates_by_space: Mapping[str, pd.DataFrame], overall_rat
     ax.set_ylabel("share of the cluster's tiles with a BirdNET detection")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -78,12 +78,11 @@ def plot_cluster_species_heatmap(shares: pd.DataFrame, title: str = "",
 
     cluster_sizes: tiles per cluster, shown beside each cluster (a share of 1.0 in a 3-tile
     cluster is not a finding)."""
-    import matplotlib.pyplot as plt
-
     n_rows, n_cols = shares.shape
     width_in = float(np.clip(3.0 + 0.45 * n_cols, 6.0, 16.0))
     height_in = float(np.clip(2.0 + 0.3 * n_rows, 3.5, 14.0))
-    fig, ax = plt.subplots(figsize=(width_in, height_in), constrained_layout=True)
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(shares.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                       interpolation="nearest")
     ax.set_xticks(np.arange(n_cols))

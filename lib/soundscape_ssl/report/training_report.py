@@ -54,23 +54,43 @@ def training_summary(logs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_training_curves(logs: Mapping[str, pd.DataFrame]) -> Figure:
-    """Loss, learning rate and throughput against step, one column per run (losses differ in scale)."""
+def plot_training_curves(logs: Mapping[str, pd.DataFrame],
+                         title: str = "Pretraining: loss and learning rate per method") -> Figure:
+    """Loss and learning rate against step, one column per run (losses differ in scale).
+
+    Throughput is a measurement of the machine, not of the training: it has its own figure
+    (`plot_throughput`), so that this one is the same for the same training on any machine."""
     names = [name for name, table in logs.items() if not table.empty]
-    figure = Figure(figsize=(3.6 * max(1, len(names)), 7.0), layout="constrained")
-    grid = figure.subplots(3, max(1, len(names)), squeeze=False)
+    figure = Figure(figsize=(3.6 * max(1, len(names)), 5.0), layout="constrained")
+    grid = figure.subplots(2, max(1, len(names)), squeeze=False)
     for column, name in enumerate(names):
         table = logs[name]
-        loss_axes, lr_axes, speed_axes = grid[:, column]
+        loss_axes, lr_axes = grid[:, column]
         loss_axes.plot(table["step"], table["loss"], color="C0")
         loss_axes.set_title(name)
         loss_axes.set_ylabel("loss")
         lr_axes.plot(table["step"], table["lr"], color="C1")
         lr_axes.set_ylabel("learning rate")
         lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        speed_axes.plot(table["step"], table["tiles_per_s"], color="C2")
-        speed_axes.set_ylabel("tiles / s")
-        speed_axes.set_xlabel("optimizer step")
+        lr_axes.set_xlabel("optimizer step")
+    figure.suptitle(title)
+    return figure
+
+
+def plot_throughput(logs: Mapping[str, pd.DataFrame],
+                    title: str = "Pretraining throughput on this machine") -> Figure:
+    """Tiles per second (over all processes) against step, one line per run."""
+    figure = Figure(figsize=(6.0, 3.2), layout="constrained")
+    axes = figure.subplots()
+    for name, table in logs.items():
+        if not table.empty:
+            axes.plot(table["step"], table["tiles_per_s"], marker=".", label=name)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("tiles / s")
+    axes.set_ylim(bottom=0)
+    if axes.get_lines():
+        axes.legend(fontsize=8)
+    figure.suptitle(title)
     return figure
 
 
@@ -81,7 +101,7 @@ def plot_monitors(table: pd.DataFrame, columns: list[str], title: str) -> Figure
     axes_row = figure.subplots(1, max(1, len(present)), squeeze=False)[0]
     for axes, column in zip(axes_row, present):
         axes.plot(table["step"], table[column])
-        axes.set_title(column, fontsize=9)
+        axes.set_title(column.replace("_", " "), fontsize=9)
         axes.set_xlabel("optimizer step")
     figure.suptitle(title)
     return figure

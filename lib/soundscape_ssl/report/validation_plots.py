@@ -8,6 +8,7 @@ Each function returns a `matplotlib.figure.Figure` (no pyplot state), saved with
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ def label_colours(labels: Sequence[Any]) -> dict[Any, np.ndarray]:
     return {name: np.asarray(palette(i % palette.N)) for i, name in enumerate(names)}
 
 
-def plot_knn_accuracy(scores: pd.DataFrame, chance: float | None = None) -> Figure:
+def plot_knn_accuracy(scores: pd.DataFrame, chance: float | None = None,
+                      title: str = "kNN accuracy of every output space") -> Figure:
     """kNN accuracy of every scored space (rows of `validate` scores with metric "knn_accuracy"),
     lowest first, with its interval; `chance` (e.g. the most frequent label's share) dotted.
 
@@ -47,14 +49,15 @@ def plot_knn_accuracy(scores: pd.DataFrame, chance: float | None = None) -> Figu
         axes.legend(loc="lower right", fontsize=8)
     axes.set_yticks(positions, knn["space"] + " · " + knn["pooling"])
     first = knn.iloc[0]
-    axes.set_xlabel(f"kNN accuracy, folds grouped by {first['grouping']}\n"
-                    f"{first['interval_level']:.0%} {first['interval_method']}", fontsize=8)
+    interval = textwrap.fill(f"{first['interval_level']:.0%} {first['interval_method']}", 80)
+    axes.set_xlabel(f"kNN accuracy, folds grouped by {first['grouping']}\n{interval}", fontsize=8)
     axes.set_xlim(0, 1)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
 def plot_label_maps(spaces: Mapping[str, SpaceScores], labels: Sequence[Any], seed: int = 0,
-                    n_neighbors: int = 15) -> Figure:
+                    n_neighbors: int = 15, title: str = "UMAP of the labelled windows") -> Figure:
     """A UMAP of each space's rows (title -> space), coloured by label, with the space's kNN
     accuracy and NMI in its title. A map is a picture of neighbourhoods, not a score."""
     labels = np.asarray(labels)
@@ -71,10 +74,12 @@ def plot_label_maps(spaces: Mapping[str, SpaceScores], labels: Sequence[Any], se
         axes.set_yticks([])
     if spaces:
         grid[len(spaces) - 1].legend(fontsize=7, markerscale=1.5, loc="best")
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
-def plot_knn_confusion(spaces: Mapping[str, SpaceScores], shorten: Mapping[str, str] | None = None) -> Figure:
+def plot_knn_confusion(spaces: Mapping[str, SpaceScores], shorten: Mapping[str, str] | None = None,
+                       title: str = "Out-of-fold kNN confusion") -> Figure:
     """Each space's out-of-fold kNN confusion matrix (title -> space), rows normalised: the
     diagonal is each label's recall. `shorten` replaces prefixes of label names for the ticks
     (e.g. {"Acrocephalus ": "A. "})."""
@@ -102,4 +107,5 @@ def plot_knn_confusion(spaces: Mapping[str, SpaceScores], shorten: Mapping[str, 
         axes.set_title(title, fontsize=9)
     if image is not None:
         figure.colorbar(image, ax=list(grid), shrink=0.8, label="share of the true label's windows")
+    figure.suptitle(title, fontsize=10)
     return figure

@@ -387,11 +387,86 @@ def test_vicreg_expands_each_view_on_its_own() -> None:
     assert batches == [6, 6]
 
 
+def _vicreg_terms_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of a gloo group: VICReg's terms and the gradient of the loss on its half of the batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        z_a, z_b = (part.chunk(world_size)[rank].clone().requires_grad_(True) for part in _vicreg_batch())
+        invariance, variance, covariance = vicreg_terms(z_a, z_b)
+        (25 * invariance + 25 * variance + covariance).backward()
+        torch.save({"terms": torch.stack([invariance, variance, covariance]).detach(),
+                    "grad_a": z_a.grad, "grad_b": z_b.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _vicreg_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    z_a = torch.randn(16, 12, generator=generator) * torch.linspace(0.2, 2.0, 12)   # some dims below std 1
+    return z_a, z_a + 0.3 * torch.randn(16, 12, generator=generator)
+
+
+@pytest.mark.slow
+def test_vicreg_statistics_span_all_ranks(tmp_path) -> None:
+    """Two gloo ranks of 8 tiles train as one process of 16: the rank-averaged loss equals the
+    loss of the concatenated batch, and the gradients DDP averages are that loss's gradients
+    (the all-gather carries them back to each rank's slice)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_vicreg_terms_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    z_a, z_b = (part.clone().requires_grad_(True) for part in _vicreg_batch())
+    invariance, variance, covariance = vicreg_terms(z_a, z_b)
+    (25 * invariance + 25 * variance + covariance).backward()
+    mean_terms = (ranks[0]["terms"] + ranks[1]["terms"]) / 2
+    torch.testing.assert_close(mean_terms, torch.stack([invariance, variance, covariance]).detach())
+    assert variance > 0 and covariance > 0                     # the batch-wide terms are in play
+    for name, full in (("grad_a", z_a.grad), ("grad_b", z_b.grad)):
+        # each rank holds d(sum of both ranks' losses)/d(its slice); DDP divides by the world size
+        torch.testing.assert_close(torch.cat([ranks[0][name], ranks[1][name]]) / 2, full)
+
+
 def test_dino_head_scores_in_float32_under_bf16_autocast() -> None:
     method = _tiny_dino()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = method.teacher(torch.randn(4, 1, 32, 48))
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_dino_teacher_probabilities_in_float32_under_bf16_autocast(monkeypatch, centering) -> None:
+    """A whole bf16 training forward: the teacher's probabilities that reach the loss are float32
+    and equal to the float64 softmax of its logits to float32 precision (bf16 anywhere on the way
+    would be off by percents at temperature 0.04)."""
+    from soundscape_ssl.pretrain import dino
+
+    method = _tiny_dino(centering=centering)
+    logits, probs = [], []
+    method.teacher.head.register_forward_hook(lambda module, inputs, output: logits.append(output))
+    original = dino.dino_cross_entropy
+    monkeypatch.setattr(dino, "dino_cross_entropy",
+                        lambda student, teacher, *args: probs.append(teacher) or original(student, teacher, *args))
+    with torch.no_grad():
+        method.center.copy_(torch.randn(1, 256) * 0.1)
+    center = method.center.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method(torch.randn(8, 1, 32, 64), 0, _generator())
+    assert logits[0].dtype == probs[0].dtype == torch.float32
+    if centering == "center":
+        expected = torch.softmax((logits[0].double() - center.double()) / 0.04, dim=-1)
+    else:
+        expected = dino.sinkhorn_knopp_targets(logits[0].double(), 0.04, 3).double()
+    torch.testing.assert_close(probs[0].double(), expected, atol=1e-6, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):            # bf16 logits in: float32 out
+        assert method.teacher_targets(logits[0].bfloat16(), 0).dtype == torch.float32
 
 
 def test_sinkhorn_knopp_targets_share_the_batch_equally() -> None:

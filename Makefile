@@ -6,7 +6,7 @@ PROFILE ?= demo
 RUN_ID ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab bench figures clean-runs
+.PHONY: setup demo test lab bench gpu-check figures clean-runs
 
 # The stamp is rebuilt whenever pyproject.toml changes, so a `git pull` that adds a
 # dependency reinstalls on the next make.
@@ -68,6 +68,14 @@ BENCH_DEVICE_ARGS_species := --device $(BENCH_DEVICE)
 bench: $(VENV)/.bench-installed
 	$(foreach name,$(BENCHMARKS),$(PY) benchmarks/$(name).py $(BENCH_DEVICE_ARGS_$(name)) \
 		$(if $(BENCH_QUICK),$(BENCH_ARGS_$(name))) && ) true
+
+# `make gpu-check`: the prepared GPU check on a GPU node (benchmarks/gpu_check.sh: the GPU tests,
+# the pretrain, embed and tiling benchmarks, a poster-profile slice; at most ~8 min), one JSON
+# summary in runs/gpu-check/summary.json. It installs nothing (no `setup`: a GPU node may be
+# offline). `make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"` is its dry run, which CI runs.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	benchmarks/gpu_check.sh $(if $(wildcard $(PY)),--python $(PY)) $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs/

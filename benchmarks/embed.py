@@ -150,6 +150,7 @@ def model_only(checkpoint: Path, store: TileStore, config: EmbedConfig, batches:
     """Tiles/s of the forward path alone, on one device-resident batch of real tiles."""
     device, precision = resolve_compute(config)
     model, metadata = load_backbone(checkpoint)
+    config = config.for_checkpoint(metadata)             # pooling "checkpoint": the method's own
     embedder = TileEmbedder(model, device, precision, config.poolings, metadata["normalization"],
                             config.compile)
     n = min(config.batch_size, len(store))

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from soundscape_ssl.core.stage import tf32_matmuls  # noqa: E402
 from soundscape_ssl.pretrain.augment import Normalization  # noqa: E402
 from soundscape_ssl.pretrain.engine import train_step  # noqa: E402
 from soundscape_ssl.pretrain.train import TrainConfig, build_method, compile_for_training, parameter_groups  # noqa: E402
@@ -215,8 +216,6 @@ def main(args: argparse.Namespace) -> dict:
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     compile_blocks = args.compile if args.compile is not None else device.type == "cuda"
     ceiling_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     ceilings = [matmul_ceiling(device, ceiling_dtype, matmul_size, args.repeats)]
     tiles = torch.randn(batch_size, 1, args.n_mels, args.n_frames, generator=torch.Generator().manual_seed(0))
@@ -228,14 +227,14 @@ def main(args: argparse.Namespace) -> dict:
         flops_per_step = count_step_flops(method, optimizer, tiles, None, device)
         entry: dict = {"flops_per_tile": flops_per_step / batch_size}
         if not args.no_baseline:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            rates = time_steps(method, optimizer, tiles, autocast, args, device)
+            with tf32_matmuls(False):
+                rates = time_steps(method, optimizer, tiles, autocast, args, device)
             entry["baseline_tiles_per_s"] = statistics.median(rates)
             entry["baseline_repeats_tiles_per_s"] = rates
         del method, optimizer
-        torch.backends.cuda.matmul.allow_tf32 = True
         method, optimizer, autocast = build(args, method_name, device, optimised=True, compile_blocks=compile_blocks)
-        rates = time_steps(method, optimizer, tiles, autocast, args, device)
+        with tf32_matmuls(True):   # as `train` sets them for its run (CUDA only; no effect on a CPU)
+            rates = time_steps(method, optimizer, tiles, autocast, args, device)
         entry["tiles_per_s"] = statistics.median(rates)
         entry["repeats_tiles_per_s"] = rates
         if "baseline_tiles_per_s" in entry:

@@ -10,6 +10,17 @@ from soundscape_ssl.core.audio import WindowGrid, downmix, get_resampler
 from soundscape_ssl.tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, saying why, where torch sees no CUDA device (`make test` on a
+    CPU machine); `pytest -m gpu` selects them on a GPU node (benchmarks/gpu_check.sh)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); torch sees none")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Tests use small tensors: extra threads only spin on a shared 2-core machine. Restored afterwards."""

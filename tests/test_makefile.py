@@ -43,3 +43,18 @@ def test_make_figures_reruns_the_reference_run_from_scratch_then_publishes(tmp_p
     assert steps == ["rm -rf runs/reference",
                      f"{venv}/bin/soundscape-ssl run --profile demo --run-id reference",
                      f"{venv}/bin/soundscape-ssl figures runs/reference --out figures"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_gpu_check_runs_the_prepared_script_without_installing_and_ci_runs_its_dry_run(tmp_path: Path) -> None:
+    """`make gpu-check` is benchmarks/gpu_check.sh and nothing else (no `setup`: a GPU node may be
+    offline); CI (.ci/run) runs its CPU dry run, so the script cannot rot; bad arguments stop it."""
+    venv = tmp_path / "venv"
+    plan = subprocess.run(["make", "-n", "gpu-check", f"VENV={venv}", "GPU_CHECK_ARGS=--device cpu --tiny"],
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    assert plan == ["benchmarks/gpu_check.sh  --device cpu --tiny"]
+    assert 'make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"' in (REPO / ".ci" / "run").read_text()
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert "pip install" not in script.read_text()
+    refused = subprocess.run([str(script), "--device", "tpu"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--device must be cpu or cuda" in refused.stderr

@@ -110,3 +110,57 @@ def test_parameters_cell_parses_cleanly_with_papermill(path: Path, caplog) -> No
         default = ast.literal_eval(theirs[name]["default"])
         assert default == parameter.default and type(default) is type(parameter.default), name
         assert theirs[name]["help"] == parameter.comment, name
+
+
+def _poster_at_smoke_scale(device: str, precision: str) -> dict:
+    """configs/poster.yaml with configs/smoke.yaml's sizes laid over it (its archive and every
+    notebook value it sets), one process per notebook, the device switch set to `device` and
+    `precision`, compile off (minutes of compiling on a CPU)."""
+    import yaml
+
+    from soundscape_ssl.core.config import merge_mappings
+
+    poster = yaml.safe_load((REPO / "configs" / "poster.yaml").read_text())
+    smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    return merge_mappings(poster, {
+        "description": "poster at smoke scale (tests)",
+        "shared": {"n_threads": smoke["shared"]["n_threads"], "device": device, "precision": precision,
+                   "compile": False},
+        "synthetic_archive": smoke["synthetic_archive"],
+        "notebooks": merge_mappings(smoke["notebooks"], {"02": {"n_processes": 1},
+                                                         "03": {"nproc_per_node": 1, "num_workers": 0}}),
+    })
+
+
+@pytest.mark.slow
+def test_poster_profile_honours_the_device_switch(tmp_path_factory) -> None:
+    """configs/poster.yaml at smoke scale with `device: cpu` and `precision: bf16` through the real
+    driver (notebooks 01-07): every computing notebook's manifest record says it ran on the CPU, and
+    those that run the ViT (03 training, 04/06/07 embedding) in bf16, though their defaults differ;
+    the log-mel front end (02), the attention maps (05) and BirdNET compute in float32."""
+    import json
+
+    import yaml
+
+    from soundscape_ssl.pipeline.runner import run_pipeline
+
+    profile_path = tmp_path_factory.mktemp("profiles") / "poster_cpu.yaml"
+    profile_path.write_text(yaml.safe_dump(_poster_at_smoke_scale("cpu", "bf16")))
+    run_dir = run_pipeline(str(profile_path), run_id="poster-cpu", repo_root=REPO,
+                           runs_root=tmp_path_factory.mktemp("runs"), only=["01", "02", "03", "04", "05", "06", "07"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok"
+    compute = {record["notebook"][:2]: record["compute"] for record in manifest["notebooks"]}
+    assert compute["01"] is None                                   # 01 reads headers only
+    expected_steps = {"02": {"tiling"}, "03": {"dino"}, "05": {"attention dino"},
+                      "04": {"embed dino", "embed untrained_dino"}, "06": {"embed dino", "birdnet"},
+                      "07": {"embed dino", "birdnet"}}
+    for number, steps in expected_steps.items():
+        assert set(compute[number]) == steps, number
+        for step, record in compute[number].items():
+            assert record["device"] == "cpu", (number, step)
+            float32_only = number in ("02", "05") or step == "birdnet"
+            assert record["precision"] == ("fp32" if float32_only else "bf16"), (number, step)
+            assert record["compile"] is False, (number, step)
+    assert compute["03"]["dino"]["world_size"] == 1
+    assert compute["02"]["tiling"]["tiles_written"] > 0

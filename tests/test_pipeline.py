@@ -228,3 +228,44 @@ def test_a_misspelled_profile_key_stops_the_run_before_any_notebook(toy_repo: Pa
                                           "did you mean 'value'\\?"):
         pipeline.run_pipeline("typo", run_id="r", repo_root=toy_repo, runs_root=tmp_path / "runs")
     assert executed == [] and not (tmp_path / "runs").exists()  # nothing ran, nothing was created
+
+
+COMPUTING = ("02", "03", "04", "05", "06", "07")     # the notebooks that compute with torch
+RUNS_THE_VIT = ("03", "04", "06", "07")              # those that also take precision and compile
+
+
+def test_the_poster_device_switch_reaches_every_notebook_that_computes() -> None:
+    """`shared.device` (with precision and compile) in configs/poster.yaml is a parameter of each
+    notebook it must reach, so it arrives there as `cuda`; a notebook's own section overrides it."""
+    data, path = pipeline.load_profile("poster", REPO)
+    notebooks = pipeline.list_notebooks(REPO)
+    checked = {stem[:2]: values for stem, values in pipeline.check_profile(data, notebooks, str(path)).items()}
+    for number in COMPUTING:
+        assert checked[number]["device"] == "cuda", number
+    for number in RUNS_THE_VIT:
+        assert (checked[number]["precision"], checked[number]["compile"]) == ("auto", True), number
+    overridden = {**data, "notebooks": {**data["notebooks"], "05": {"device": "cpu"}}}
+    checked = pipeline.check_profile(overridden, notebooks, str(path))
+    assert [values["device"] for stem, values in checked.items() if stem[:2] in COMPUTING] == \
+        ["cuda", "cuda", "cuda", "cpu", "cuda", "cuda"]
+
+
+def test_the_manifest_records_what_each_notebook_computed_on(toy_repo: Path, tmp_path: Path) -> None:
+    """A notebook's `record_compute` calls reach its manifest record; an earlier attempt's record of
+    a notebook is not carried into a rerun that records nothing."""
+    notebook = toy_repo / "notebooks" / "03_third.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "from soundscape_ssl.core import provenance\n"
+        "if value == 7:\n"
+        "    provenance.record_compute(run_dir, '03', 'step', device='cuda:3', precision='bf16', compile=True)"))
+    nbformat.write(nb, notebook)
+    run_dir = pipeline.run_pipeline("toy", run_id="r", repo_root=toy_repo, runs_root=tmp_path / "runs",
+                                    only=["03"])
+    record = json.loads((run_dir / "manifest.json").read_text())["notebooks"][-1]
+    assert record["compute"] == {"step": {"device": "cuda", "precision": "bf16", "compile": True}}
+    toy = yaml.safe_load((toy_repo / "configs" / "toy.yaml").read_text())
+    (toy_repo / "configs" / "two.yaml").write_text(yaml.safe_dump({**toy, "notebooks": {"03": {"value": 2}}}))
+    run_dir = pipeline.run_pipeline("two", run_id="r", repo_root=toy_repo, runs_root=tmp_path / "runs",
+                                    only=["03"])
+    assert json.loads((run_dir / "manifest.json").read_text())["notebooks"][-1]["compute"] is None

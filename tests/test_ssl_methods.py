@@ -387,11 +387,86 @@ def test_vicreg_expands_each_view_on_its_own() -> None:
     assert batches == [6, 6]
 
 
+def _vicreg_terms_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of a gloo group: VICReg's terms and the gradient of the loss on its half of the batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        z_a, z_b = (part.chunk(world_size)[rank].clone().requires_grad_(True) for part in _vicreg_batch())
+        invariance, variance, covariance = vicreg_terms(z_a, z_b)
+        (25 * invariance + 25 * variance + covariance).backward()
+        torch.save({"terms": torch.stack([invariance, variance, covariance]).detach(),
+                    "grad_a": z_a.grad, "grad_b": z_b.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _vicreg_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    z_a = torch.randn(16, 12, generator=generator) * torch.linspace(0.2, 2.0, 12)   # some dims below std 1
+    return z_a, z_a + 0.3 * torch.randn(16, 12, generator=generator)
+
+
+@pytest.mark.slow
+def test_vicreg_statistics_span_all_ranks(tmp_path) -> None:
+    """Two gloo ranks of 8 tiles train as one process of 16: the rank-averaged loss equals the
+    loss of the concatenated batch, and the gradients DDP averages are that loss's gradients
+    (the all-gather carries them back to each rank's slice)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_vicreg_terms_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    z_a, z_b = (part.clone().requires_grad_(True) for part in _vicreg_batch())
+    invariance, variance, covariance = vicreg_terms(z_a, z_b)
+    (25 * invariance + 25 * variance + covariance).backward()
+    mean_terms = (ranks[0]["terms"] + ranks[1]["terms"]) / 2
+    torch.testing.assert_close(mean_terms, torch.stack([invariance, variance, covariance]).detach())
+    assert variance > 0 and covariance > 0                     # the batch-wide terms are in play
+    for name, full in (("grad_a", z_a.grad), ("grad_b", z_b.grad)):
+        # each rank holds d(sum of both ranks' losses)/d(its slice); DDP divides by the world size
+        torch.testing.assert_close(torch.cat([ranks[0][name], ranks[1][name]]) / 2, full)
+
+
 def test_dino_head_scores_in_float32_under_bf16_autocast() -> None:
     method = _tiny_dino()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = method.teacher(torch.randn(4, 1, 32, 48))
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_dino_teacher_probabilities_in_float32_under_bf16_autocast(monkeypatch, centering) -> None:
+    """A whole bf16 training forward: the teacher's probabilities that reach the loss are float32
+    and equal to the float64 softmax of its logits to float32 precision (bf16 anywhere on the way
+    would be off by percents at temperature 0.04)."""
+    from soundscape_ssl.pretrain import dino
+
+    method = _tiny_dino(centering=centering)
+    logits, probs = [], []
+    method.teacher.head.register_forward_hook(lambda module, inputs, output: logits.append(output))
+    original = dino.dino_cross_entropy
+    monkeypatch.setattr(dino, "dino_cross_entropy",
+                        lambda student, teacher, *args: probs.append(teacher) or original(student, teacher, *args))
+    with torch.no_grad():
+        method.center.copy_(torch.randn(1, 256) * 0.1)
+    center = method.center.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method(torch.randn(8, 1, 32, 64), 0, _generator())
+    assert logits[0].dtype == probs[0].dtype == torch.float32
+    if centering == "center":
+        expected = torch.softmax((logits[0].double() - center.double()) / 0.04, dim=-1)
+    else:
+        expected = dino.sinkhorn_knopp_targets(logits[0].double(), 0.04, 3).double()
+    torch.testing.assert_close(probs[0].double(), expected, atol=1e-6, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):            # bf16 logits in: float32 out
+        assert method.teacher_targets(logits[0].bfloat16(), 0).dtype == torch.float32
 
 
 def test_sinkhorn_knopp_targets_share_the_batch_equally() -> None:
@@ -432,3 +507,61 @@ def test_dino_options_train(changes) -> None:
     assert all(math.isfinite(loss) for loss in losses)
     if changes.get("koleo_weight"):
         assert float(output.metrics["koleo"]) != 0.0
+
+
+# -- precision and compile: the GPU paths (CPU where the path exists there too) ------------------
+
+_TINY_METHODS = {"dino": lambda: _tiny_dino(), "mae": lambda: _tiny_mae(), "vicreg": lambda: _tiny_vicreg()}
+
+
+def _training_losses(method_name: str, device: str, autocast_dtype, steps: int = 2,
+                     compile: bool = False) -> list[float]:
+    """Losses of `steps` optimizer steps of a tiny method from fixed weights, batch and draws."""
+    from soundscape_ssl.pretrain.engine import train_step
+    from soundscape_ssl.pretrain.train import compile_for_training
+
+    torch.manual_seed(0)
+    method = _TINY_METHODS[method_name]().to(device).train()
+    if compile:
+        compile_for_training(method)
+    parameters = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    tiles = torch.randn(8, 1, 32, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)                           # stochastic depth
+        generator = torch.Generator(device=device).manual_seed(step)
+        loss, _, grad_norm = train_step(method, method, optimizer, tiles, step, learning_rate=1e-4,
+                                        weight_decay=0.0, autocast_dtype=autocast_dtype, clip_grad_norm=3.0,
+                                        parameters=parameters, generator=generator)
+        assert torch.isfinite(grad_norm), (method_name, step)
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("method_name", sorted(_TINY_METHODS))
+def test_a_bf16_training_step_is_finite_and_close_to_fp32(method_name: str, device: str) -> None:
+    """bf16 autocast (training's precision on a GPU) from the same weights, batch and draws: every
+    loss finite, the first within 2 % of the float32 loss (bf16 keeps ~3 significant digits; the
+    teacher targets and VICReg's statistics are float32, see their tests)."""
+    from soundscape_ssl.core.stage import tf32_matmuls
+
+    with tf32_matmuls(False):
+        fp32 = _training_losses(method_name, device, None)
+        bf16 = _training_losses(method_name, device, torch.bfloat16)
+    assert all(math.isfinite(loss) for loss in fp32 + bf16)
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method_name", sorted(_TINY_METHODS))
+def test_compiled_training_gives_the_eager_losses(method_name: str) -> None:
+    """torch.compile of the transformer blocks (train's `compile: true`) on CUDA: the losses of two
+    float32 steps equal the eager ones within 1e-4 relative (fusion reorders float sums)."""
+    from soundscape_ssl.core.stage import tf32_matmuls
+
+    with tf32_matmuls(False):
+        eager = _training_losses(method_name, "cuda", None)
+        compiled = _training_losses(method_name, "cuda", None, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-4)

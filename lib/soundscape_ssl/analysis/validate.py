@@ -157,6 +157,8 @@ class ValidateConfig:
     include_birdnet: bool = True           # skipped with a note when BirdNET is not installed
     include_logmel: bool = True
     device: str = "auto"                   # SSL embedding: "auto", "cpu" or "cuda"
+    precision: str = "auto"                # SSL embedding: "auto" (bf16 on CUDA), "bf16" or "fp32"
+    compile: bool = False                  # SSL embedding: torch.compile the forward pass
     batch_size: int = 64                   # SSL embedding batch
     birdnet_threads: int = 1               # LiteRT threads
     progress: bool = True
@@ -607,7 +609,7 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
 
     _check_window_length(load_checkpoint(checkpoint), checkpoint, config)
     embed_config = EmbedConfig(pooling=",".join(config.poolings), batch_size=config.batch_size,
-                               device=config.device)
+                               device=config.device, precision=config.precision, compile=config.compile)
     out_path = work_dir / "embeddings.npy"
     paths = sorted(windows["path"].unique())
     embed_audio_files(paths, checkpoint, out_path, embed_config, show_progress=config.progress)

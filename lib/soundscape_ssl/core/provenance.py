@@ -1,7 +1,9 @@
 """What produced a product: configs written beside it, git state, package versions, hardware.
 
 Every stage writes a `config.json` beside its products (`write_config_json`); the pipeline
-driver writes a `manifest.json` per run from `environment_report()`.
+driver writes a `manifest.json` per run from `environment_report()`. A notebook states what its
+steps computed on (`record_compute`: device type, precision, compile, read from the products
+themselves where they say it); the driver copies that into the manifest (`read_compute`).
 """
 
 from __future__ import annotations
@@ -112,3 +114,40 @@ def environment_report(repo_dir: str | os.PathLike | None = None) -> dict[str, A
         "packages": package_versions(),
         "hardware": hardware_report(),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# What a notebook computed on
+
+COMPUTE_DIR = "compute"    # RUN_DIR/compute/<notebook number>.json
+PRECISIONS = ("fp32", "bf16")
+
+
+def compute_path(run_dir: str | os.PathLike, notebook: str) -> Path:
+    return Path(run_dir) / COMPUTE_DIR / f"{notebook}.json"
+
+
+def record_compute(run_dir: str | os.PathLike, notebook: str, step: str, *, device: str, precision: str,
+                   compile: bool = False, **details: Any) -> dict[str, Any]:
+    """Add one step's compute to RUN_DIR/compute/<notebook>.json, {step: {device, precision,
+    compile, ...}}: the device *type* it ran on ("cpu", "cuda"), the precision its arithmetic used
+    ("fp32" or "bf16"), whether it was compiled, and any `details` (e.g. tiles written). Values
+    come from what the step reports or its products record, never from what was asked for.
+    Returns the step's record."""
+    device_type = str(device).split(":")[0]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    record = {"device": device_type, "precision": precision, "compile": bool(compile),
+              **to_jsonable(details)}
+    path = compute_path(run_dir, notebook)
+    steps = read_compute(run_dir, notebook) or {}
+    steps[step] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(steps, indent=2) + "\n")
+    return record
+
+
+def read_compute(run_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:
+    """The steps a notebook recorded (`record_compute`), or None when it recorded none."""
+    path = compute_path(run_dir, notebook)
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -330,6 +330,21 @@ def torch_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA's TF32 float32 matmuls and convolutions switched to `enabled` inside the block, the
+    previous switches restored after: a process that trains and then tiles or embeds in-process
+    must not carry training's TF32 into them. (The switches touch CUDA kernels only.)"""
+    import torch
+
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 # ----------------------------------------------------------------------------------------------
 # The claim on an output folder
 

@@ -12,7 +12,9 @@ with one line that names it; profile keys and values never reach a notebook as c
 
 The driver then prepares the archive (generating and caching the synthetic one when
 `archive_dir` is `synthetic`), writes `params.yaml` and `manifest.json`, and runs each notebook
-with papermill into `runs/<run_id>/notebooks/` plus an HTML copy. A failing notebook stops the
+with papermill into `runs/<run_id>/notebooks/` plus an HTML copy; each notebook's record in the
+manifest holds `compute`, what its steps ran on as the notebook recorded it (device type,
+precision, compile: `core.provenance.record_compute`). A failing notebook stops the
 run with a non-zero exit that names the notebook and the cell; the partially executed notebook
 stays for inspection. Last, whatever the notebooks' outcome, it writes the run's report
 (`runs/<run_id>/report/index.html`, `report.site`) and records it in the manifest.
@@ -41,7 +43,7 @@ import yaml
 
 from ..core.cli import UsageError
 from ..core.config import ConfigError, config_from_mapping, unknown_key_message
-from ..core.provenance import environment_report, to_jsonable
+from ..core.provenance import compute_path, environment_report, read_compute, to_jsonable
 from ..core.stage import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -491,6 +493,7 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
         manifest["notebooks"].append(record)
         _write_json(manifest_path, manifest)
         output_path = notebooks_out / notebook.name
+        compute_path(run_dir, notebook.name[:2]).unlink(missing_ok=True)   # an earlier attempt's
         start = time.perf_counter()
         log.info("executing %s", notebook.name)
         try:
@@ -502,6 +505,8 @@ def run_pipeline(profile: str = "demo", run_id: str | None = None, only: list[st
             failure = error
         record["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         record["wall_s"] = round(time.perf_counter() - start, 2)
+        # what its steps computed on, as the notebook recorded it (`provenance.record_compute`)
+        record["compute"] = read_compute(run_dir, notebook.name[:2])
         if output_path.is_file():
             try:
                 record["html"] = str(export_html(output_path).relative_to(run_dir))

@@ -262,10 +262,7 @@ class DinoMethod(SSLMethod):
         student_logits = student_logits.float()
 
         teacher_temp = self.teacher_temp(step)
-        if config.centering == "sinkhorn_knopp":
-            teacher_probs = sinkhorn_knopp_targets(teacher_logits, teacher_temp, config.sinkhorn_iterations)
-        else:
-            teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
+        teacher_probs = self.teacher_targets(teacher_logits, step)
         loss = dino_cross_entropy(student_logits, teacher_probs, config.student_temp,
                                   config.global_crops + config.local_crops, config.global_crops)
         koleo = torch.zeros((), device=loss.device)
@@ -290,9 +287,20 @@ class DinoMethod(SSLMethod):
         return MethodOutput(loss, metrics)
 
     @torch.no_grad()
+    def teacher_targets(self, teacher_logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The teacher's centred (or Sinkhorn-Knopp balanced), sharpened probabilities, always in
+        float32 with autocast off: at a temperature of 0.04 bf16's rounding of the logits would be
+        magnified 25 times (see the module docstring)."""
+        with torch.autocast(teacher_logits.device.type, enabled=False):
+            logits = teacher_logits.float()
+            if self.config.centering == "sinkhorn_knopp":
+                return sinkhorn_knopp_targets(logits, self.teacher_temp(step), self.config.sinkhorn_iterations)
+            return F.softmax((logits - self.center.float()) / self.teacher_temp(step), dim=-1)
+
+    @torch.no_grad()
     def _update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the mean teacher output over the global batch (all ranks)."""
-        batch_sum = teacher_logits.sum(dim=0, keepdim=True)
+        batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
         count = teacher_logits.shape[0]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)

@@ -64,7 +64,7 @@ def write_train_configs(pretrain_dir: str | os.PathLike, methods: Sequence[str],
 def train_settings_from_parameters(store_dir: str | os.PathLike, *, arch: str, depth: int, epochs: int,
                                    max_steps: int, batch_size_per_gpu: int, base_lr: float,
                                    warmup_epochs: float, device: str, num_workers: int, compile: bool,
-                                   seed: int, n_threads: int, background_removal: str, dino_out_dim: int,
+                                   precision: str, seed: int, n_threads: int, background_removal: str, dino_out_dim: int,
                                    dino_local_crops: int, mae_mask_ratio: float, mae_masking: str,
                                    **_other_parameters: Any) -> dict[str, Any]:
     """The TrainConfig fields every method shares, from notebook 03's parameters (nested sections
@@ -77,7 +77,7 @@ def train_settings_from_parameters(store_dir: str | os.PathLike, *, arch: str, d
         "store_dir": str(store_dir), "model": {"arch": arch, "depth": depth or None},
         "epochs": epochs, "max_steps": max_steps or None, "batch_size_per_gpu": batch_size_per_gpu,
         "base_lr": base_lr, "warmup_epochs": warmup_epochs, "device": device, "num_workers": num_workers,
-        "compile": compile, "seed": seed, "cpu_threads": n_threads, "background_removal": background_removal,
+        "compile": compile, "precision": precision, "seed": seed, "cpu_threads": n_threads, "background_removal": background_removal,
         "dino": {"out_dim": dino_out_dim, "local_crops": dino_local_crops},
         "mae": {"mask_ratio": mae_mask_ratio, "masking": mae_masking},
     }
@@ -134,6 +134,15 @@ def training_environment(device: str, threads: int) -> dict[str, str]:
 
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     return cpu_training_environment(threads) if on_cpu else {}
+
+
+def training_compute(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """{device, precision, compile, world_size} of the training run in `out_dir`, from the
+    `config.json` its rank 0 wrote (the derived device and autocast, not the settings asked for)."""
+    record = json.loads((Path(out_dir) / "config.json").read_text())
+    derived = record["derived"]
+    return {"device": derived["device"], "precision": "bf16" if derived["autocast"] == "torch.bfloat16" else "fp32",
+            "compile": bool(record["config"]["compile"]), "world_size": derived["world_size"]}
 
 
 def torchrun_command(module: str, module_args: Sequence[str], nproc_per_node: int = 1, nnodes: int = 1,

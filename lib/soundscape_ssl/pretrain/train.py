@@ -32,6 +32,7 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -62,7 +63,7 @@ from .models import BackboneConfig, SSLMethod
 from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options, read_mapping_file
 from ..core.provenance import environment_report, to_jsonable, write_config_json
-from ..core.stage import atomic_write_text, claim_folder
+from ..core.stage import atomic_write_text, claim_folder, tf32_matmuls
 from .schedules import CosineSchedule, scaled_learning_rate
 from .vicreg import VicregConfig, VicregMethod
 
@@ -682,12 +683,13 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
     context = setup_distributed(config.device)
     previous_threads = torch.get_num_threads()
     claim = None
+    scoped = contextlib.ExitStack()
     try:
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        if context.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
-            torch.backends.cudnn.allow_tf32 = True
+        # TF32 for the fp32 matmuls outside autocast, for this run only: restored when it returns,
+        # so that tiling or embedding later in the same process computes in full float32.
+        scoped.enter_context(tf32_matmuls(True))
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # Rank 0 writes out_dir: a second run on it is refused; a killed run's temporary files go.
@@ -738,6 +740,7 @@ def run(config: TrainConfig, data_factory: Callable[[str], TrainData] | None = N
     finally:
         if claim is not None:
             claim.release()
+        scoped.close()
         torch.set_num_threads(previous_threads)  # in-process callers (notebooks, tests) keep their setting
         if context.distributed and dist.is_initialized():
             dist.destroy_process_group()

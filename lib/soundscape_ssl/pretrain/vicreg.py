@@ -75,19 +75,24 @@ def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
 def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(invariance, variance, covariance) terms for two batches of expansions (batch, dim).
 
-    Invariance uses the local batch; variance and covariance the batch gathered over all ranks.
+    Invariance uses the local batch; variance and covariance the batch gathered over all ranks
+    (a gradient-preserving all-gather, as the reference code), so that with DDP's averaging of
+    gradients W ranks of B tiles train as one process on W x B. All in float32, autocast off: the
+    statistics are cheap and bf16 covariances of a wide expansion are noisy.
     """
-    invariance = F.mse_loss(z_a, z_b)
-    z_a, z_b = _gather_with_gradient(z_a), _gather_with_gradient(z_b)
-    n, dim = z_a.shape
-    z_a = z_a - z_a.mean(dim=0)
-    z_b = z_b - z_b.mean(dim=0)
-    std_a = torch.sqrt(z_a.var(dim=0) + 1e-4)
-    std_b = torch.sqrt(z_b.var(dim=0) + 1e-4)
-    variance = (F.relu(1.0 - std_a).mean() + F.relu(1.0 - std_b).mean()) / 2
-    cov_a = (z_a.T @ z_a) / (n - 1)
-    cov_b = (z_b.T @ z_b) / (n - 1)
-    covariance = off_diagonal(cov_a).pow(2).sum() / dim + off_diagonal(cov_b).pow(2).sum() / dim
+    with torch.autocast(z_a.device.type, enabled=False):
+        z_a, z_b = z_a.float(), z_b.float()
+        invariance = F.mse_loss(z_a, z_b)
+        z_a, z_b = _gather_with_gradient(z_a), _gather_with_gradient(z_b)
+        n, dim = z_a.shape
+        z_a = z_a - z_a.mean(dim=0)
+        z_b = z_b - z_b.mean(dim=0)
+        std_a = torch.sqrt(z_a.var(dim=0) + 1e-4)
+        std_b = torch.sqrt(z_b.var(dim=0) + 1e-4)
+        variance = (F.relu(1.0 - std_a).mean() + F.relu(1.0 - std_b).mean()) / 2
+        cov_a = (z_a.T @ z_a) / (n - 1)
+        cov_b = (z_b.T @ z_b) / (n - 1)
+        covariance = off_diagonal(cov_a).pow(2).sum() / dim + off_diagonal(cov_b).pow(2).sum() / dim
     return invariance, variance, covariance
 
 

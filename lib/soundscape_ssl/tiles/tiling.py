@@ -235,10 +235,39 @@ class TilingSummary:
     wall_s: float
     finalized: bool
     n_tiles_total: int | None
+    device: str                    # where this rank's front end ran ("cpu", "cuda:0")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+def summaries_from_output(lines: Sequence[str]) -> list[TilingSummary]:
+    """The per-rank summaries that `python -m soundscape_ssl.tiles.tiling` prints (one JSON line
+    each) among the other lines of a torchrun launch's output."""
+    names = {field.name for field in dataclasses.fields(TilingSummary)}
+    summaries = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and set(record) == names:
+                summaries.append(TilingSummary(**record))
+    return summaries
+
+
+
+def summaries_compute(summaries: Sequence[TilingSummary]) -> dict[str, Any]:
+    """What a tiling call ran on, from its ranks' summaries: {device (type), precision, ranks,
+    tiles_written}. The front end computes in float32 on every device. ValueError when there is no
+    summary or the ranks ran on different device types."""
+    devices = sorted({summary.device.split(":")[0] for summary in summaries})
+    if len(devices) != 1:
+        raise ValueError(f"expected the tiling summaries of one device type, got {devices or 'no summary'}")
+    return {"device": devices[0], "precision": "fp32", "ranks": len(summaries),
+            "tiles_written": sum(summary.tiles_written for summary in summaries)}
 
 # ----------------------------------------------------------------------------------------------
 # Planning
@@ -686,7 +715,7 @@ def _tile_archive(files_df: pd.DataFrame, store_dir: Path, config: SpectrogramCo
     return TilingSummary(str(store_dir), rank, world_size, len(plan.units), len(run.assigned),
                          len(run.assigned) - len(todo), len(todo), tiles_written,
                          todo_hours * 3600.0, time.perf_counter() - started, finalized,
-                         n_tiles_total)
+                         n_tiles_total, str(device))
 
 
 def finalize_store(store_dir: str | os.PathLike) -> dict[str, Any]:

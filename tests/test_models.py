@@ -65,7 +65,7 @@ def test_narrow_time_crop_slices_positions_instead_of_stretching(tiny_model: Spe
 def _window_offset(model: SpectrogramViT, crop: torch.Tensor, tokens: torch.Tensor) -> int:
     """The time-column offset of the positional window that `tokens` were built with (asserts one fits)."""
     rows, full_columns = model.patch_grid_hw
-    columns = crop.shape[-1] // model.config.patch_size
+    columns = crop.shape[-1] // model.config.patch_hw[1]
     patch_embeddings = model.patch_embed(crop).reshape(crop.shape[0], rows * columns, -1)
     grid_pos = model.pos_embed[:, 1:].reshape(1, rows, full_columns, -1)
     matches = [offset for offset in range(full_columns - columns + 1)
@@ -176,11 +176,11 @@ def test_cls_attention_maps(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> 
 
 
 def test_patchify_order_matches_the_patch_grid(tiles: torch.Tensor) -> None:
-    patches = patchify(tiles, 8)
+    patches = patchify(tiles, (8, 8))
     assert patches.shape == (3, 32, 64)
     row, column = 2, 5
     torch.testing.assert_close(patches[:, row * 8 + column], tiles[:, 0, 16:24, 40:48].reshape(3, 64))
-    torch.testing.assert_close(unpatchify(patches, 8, (4, 8)), tiles)
+    torch.testing.assert_close(unpatchify(patches, (8, 8), (4, 8)), tiles)
 
 
 @pytest.mark.parametrize("changes, message", [

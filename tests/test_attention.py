@@ -199,6 +199,18 @@ def test_iou_and_mass_against_a_hand_made_box() -> None:
     assert np.isnan(mask_scores(mask, head_map, np.zeros((2, 4)))["iou"])
 
 
+def test_patch_means_on_rectangular_patches() -> None:
+    # The same box on 2 mel bins x 8 frames patches: a 4 x 2 grid; the box fills 6 of the 8
+    # frames of patches (0, 0) and (1, 0) and nothing else.
+    truth_cells = np.zeros((8, 16), dtype=bool)
+    truth_cells[0:4, 0:6] = True
+    assert patch_means(truth_cells, (2, 8)).tolist() == [[0.75, 0.0], [0.75, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert patch_means(np.arange(16.0)[None, :].repeat(8, axis=0), (8, 2)).tolist() == [
+        [0.5, 2.5, 4.5, 6.5, 8.5, 10.5, 12.5, 14.5]]  # frame means of 8 x 2 patches
+    with pytest.raises(ValueError, match="2x6 patches"):
+        patch_means(truth_cells, (2, 6))
+
+
 def test_box_masks_follow_tile_offsets_and_split_kinds() -> None:
     annotations = _annotations([
         ("a/x.wav", 4.0, 5.0, 2000.0, 4000.0, "whistle", "bird", 20.0),
@@ -454,3 +466,47 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     assert sum(len(axes.patches) for axes in overlay.axes[:5]) == 5
     png_path, pdf_path = save_figure(overlay, tmp_path / "figures", "attention_masks")
     assert png_path.stat().st_size > 0 and pdf_path.stat().st_size > 0
+
+
+def test_rectangular_patches_end_to_end(tmp_path) -> None:
+    """8 mel bins x 32 frames: maps, energy masks and truth on the 16 x 8 grid, from a checkpoint
+    that reloads to the same model."""
+    from soundscape_ssl.pretrain.checkpoint import build_checkpoint, load_backbone, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**{**TINY, "patch_size": 8, "patch_frames": 32})).eval()
+    tiles_db, tiles, annotations = _planted_tiles()
+    normalization = {"mean": float(tiles_db.mean()), "std": float(tiles_db.std())}
+    state = model.state_dict()
+    checkpoint_path = save_checkpoint(tmp_path / "checkpoint.pth", build_checkpoint(
+        method="vicreg", step=0, epoch=0, world_size=1, backbone_config=model.config, method_config={},
+        train_config={}, spectrogram_config=SPECTROGRAM, normalization=normalization, model_state=state,
+        backbone_state=state, optimizer_state={}))
+    reloaded, metadata = load_backbone(checkpoint_path)
+    assert metadata["backbone_config"]["patch_frames"] == 32
+    assert reloaded.config == model.config and reloaded.config.patch_hw == (8, 32)
+    normalized = torch.from_numpy((tiles_db[:, None] - normalization["mean"]) / normalization["std"])
+    for name in ("mean", "cls", "band"):
+        torch.testing.assert_close(getattr(reloaded.embed(normalized), name), getattr(model.embed(normalized), name),
+                                   rtol=0, atol=0)
+
+    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_hw=reloaded.config.patch_hw)
+    assert truth.foreground.shape == truth.other.shape == (4, 16, 8)
+    with pytest.raises(ValueError, match="8x32 patches, not 16x16"):
+        truth.coverage((16, 16))
+    masks = energy_threshold_mask(tiles_db, (8, 32))
+    assert masks.shape == (4, 16, 8)
+    # The planted whistle (2-5 kHz, 1-2.2 s of tile 0) is found on the rectangular grid too.
+    scores = mask_scores(masks, energy_maps(tiles_db, (8, 32)), truth.foreground)
+    assert scores["recall"][0] == pytest.approx(1.0) and scores["iou"][0] > 0.6
+    config = AttentionConfig(batch_size=3, n_bootstrap=20)
+    result = score_model_attention(reloaded, tiles_db, truth, metadata["normalization"], config,
+                                   tile_ids=tiles["tile_id"], show_progress=False)
+    assert result.maps.shape == (4, 4, 16, 8)
+    np.testing.assert_allclose(result.maps, head_attention_maps(model, normalized).numpy(), rtol=1e-5, atol=1e-7)
+    energy = result.scores[result.scores["source"] == ENERGY_SOURCE].reset_index(drop=True)
+    np.testing.assert_allclose(energy["iou"], scores["iou"])
+    with pytest.raises(ValueError, match="16x16 patches"):
+        score_tiles(result.maps, tiles_db, truth, (16, 16))
+    with pytest.raises(ValueError, match="8x32 patches"):
+        head_attention_maps(model, normalized[..., :80])  # 80 frames: not whole 32-frame patches

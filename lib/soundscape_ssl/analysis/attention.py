@@ -294,10 +294,10 @@ class TileTruth(NamedTuple):
     """Planted events of N tiles, rasterised on the spectrogram or as per-patch coverage.
 
     `foreground` / `other`: (N, n_mels, n_frames) bool cell masks, or (N, rows, columns) float64
-    covered fractions when made with a `patch_hw` (mel bins, frames). Foreground kinds are those of the ground
-    truth config (birds); `other` holds every other counting event (insects, rain, wind ...).
-    `boxes` has one row per event box: tile (row position), label, kind, start_s, end_s
-    (tile-relative), f_low_hz, f_high_hz, snr_db, counts, foreground.
+    covered fractions when made with a `patch_hw` (mel bins, frames). Foreground kinds are those
+    of the ground truth config (birds); `other` holds every other counting event (insects, rain,
+    wind ...). `boxes` has one row per event box: tile (row position), label, kind, start_s,
+    end_s (tile-relative), f_low_hz, f_high_hz, snr_db, counts, foreground.
     """
 
     foreground: np.ndarray
@@ -337,7 +337,8 @@ def box_masks_for_tiles(annotations: pd.DataFrame, tiles: pd.DataFrame, spectrog
     of a tile store's index. A cell is inside a box when its frame centre time and its mel
     band's centre frequency are (`groundtruth.box_mask`). `counting_only` keeps the events that
     count in the tile (audible, enough of them inside); `patch_hw` (mel bins, frames of a patch)
-    returns per-patch covered fractions instead of cell masks (N x rows x columns floats instead of N x cells booleans).
+    returns per-patch covered fractions instead of cell masks (N x rows x columns floats instead
+    of N x cells booleans).
     """
     ground_truth = ground_truth or GroundTruthConfig()
     pairs = tile_event_overlaps(annotations, tiles, spectrogram_config.tile_s, ground_truth)

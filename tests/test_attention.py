@@ -179,7 +179,7 @@ def test_iou_and_mass_against_a_hand_made_box() -> None:
     # 2 x 4 grid of 4 x 4-cell patches; the box covers patch (0, 0) and half of patch (0, 1).
     truth_cells = np.zeros((8, 16), dtype=bool)
     truth_cells[0:4, 0:6] = True
-    coverage = patch_means(truth_cells, 4)
+    coverage = patch_means(truth_cells, (4, 4))
     assert coverage.tolist() == [[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     mask = np.zeros((2, 4), dtype=bool)
     mask[0, :2] = True
@@ -197,6 +197,18 @@ def test_iou_and_mass_against_a_hand_made_box() -> None:
     assert best_patch_iou(coverage) == pytest.approx(0.75)
     assert np.isnan(best_patch_iou(np.zeros((2, 4))))
     assert np.isnan(mask_scores(mask, head_map, np.zeros((2, 4)))["iou"])
+
+
+def test_patch_means_on_rectangular_patches() -> None:
+    # The same box on 2 mel bins x 8 frames patches: a 4 x 2 grid; the box fills 6 of the 8
+    # frames of patches (0, 0) and (1, 0) and nothing else.
+    truth_cells = np.zeros((8, 16), dtype=bool)
+    truth_cells[0:4, 0:6] = True
+    assert patch_means(truth_cells, (2, 8)).tolist() == [[0.75, 0.0], [0.75, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert patch_means(np.arange(16.0)[None, :].repeat(8, axis=0), (8, 2)).tolist() == [
+        [0.5, 2.5, 4.5, 6.5, 8.5, 10.5, 12.5, 14.5]]  # frame means of 8 x 2 patches
+    with pytest.raises(ValueError, match="2x6 patches"):
+        patch_means(truth_cells, (2, 6))
 
 
 def test_box_masks_follow_tile_offsets_and_split_kinds() -> None:
@@ -217,10 +229,10 @@ def test_box_masks_follow_tile_offsets_and_split_kinds() -> None:
     assert (truth.other[:, insect_bins].all()) and truth.other.sum() == 2 * insect_bins.sum() * 256
     assert set(truth.boxes["label"]) == {"whistle", "cricket"}
     assert truth.boxes.loc[truth.boxes["label"] == "whistle", "foreground"].item()
-    by_patch = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_size=16)
+    by_patch = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_hw=(16, 16))
     assert by_patch.foreground.shape == (2, 8, 16)
-    np.testing.assert_allclose(by_patch.foreground, patch_means(truth.foreground, 16))
-    np.testing.assert_allclose(truth.coverage(16).other, by_patch.other)
+    np.testing.assert_allclose(by_patch.foreground, patch_means(truth.foreground, (16, 16)))
+    np.testing.assert_allclose(truth.coverage((16, 16)).other, by_patch.other)
 
 
 def _planted_tiles() -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
@@ -241,10 +253,10 @@ def _planted_tiles() -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
 
 def test_energy_baseline_finds_a_planted_loud_box() -> None:
     tiles_db, tiles, annotations = _planted_tiles()
-    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_size=16)
-    masks = energy_threshold_mask(tiles_db, 16)
+    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_hw=(16, 16))
+    masks = energy_threshold_mask(tiles_db, (16, 16))
     assert masks.shape == (4, 8, 16) and masks.dtype == bool
-    maps = energy_maps(tiles_db, 16)
+    maps = energy_maps(tiles_db, (16, 16))
     np.testing.assert_allclose(maps.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
     scores = mask_scores(masks, maps, truth.foreground, truth.other)
     ceiling = best_patch_iou(truth.foreground)
@@ -259,21 +271,21 @@ def test_energy_baseline_finds_a_planted_loud_box() -> None:
     assert not masks[3].any()
     assert scores["mass_in_other"][3] < 1.5 * scores["other_share"][3]  # about chance level
     # A flat tile (no energy anywhere) gets a uniform map, not a division by zero.
-    flat = energy_maps(np.full((1, 128, 256), -100.0, np.float32), 16)
+    flat = energy_maps(np.full((1, 128, 256), -100.0, np.float32), (16, 16))
     np.testing.assert_allclose(flat, 1.0 / 128)
-    assert not energy_threshold_mask(np.full((1, 128, 256), -100.0, np.float32), 16).any()
+    assert not energy_threshold_mask(np.full((1, 128, 256), -100.0, np.float32), (16, 16)).any()
 
 
 def test_score_tiles_table_and_same_area_baseline() -> None:
     tiles_db, tiles, annotations = _planted_tiles()
     truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM)
     # Two hand-made "heads": one ranking patches exactly as loudness does, one uniform.
-    loudness = patch_loudness_db(tiles_db, 16).astype(np.float64)
+    loudness = patch_loudness_db(tiles_db, (16, 16)).astype(np.float64)
     follows_loudness = np.exp(loudness - loudness.max(axis=(-2, -1), keepdims=True))
     follows_loudness /= follows_loudness.sum(axis=(-2, -1), keepdims=True)
     uniform = np.full_like(follows_loudness, 1.0 / 128)
     head_maps = np.stack([follows_loudness, uniform], axis=1)
-    scores = score_tiles(head_maps, tiles_db, truth, 16, tile_ids=tiles["tile_id"])
+    scores = score_tiles(head_maps, tiles_db, truth, (16, 16), tile_ids=tiles["tile_id"])
     assert len(scores) == 4 * 3
     assert scores["source"].tolist()[:3] == ["head_0", "head_1", ENERGY_SOURCE]
     assert scores["tile_id"].tolist()[::3] == [10, 11, 12, 13]
@@ -288,14 +300,14 @@ def test_score_tiles_table_and_same_area_baseline() -> None:
     assert (head_1["mask_share"] >= 0.6 - 1e-9).all() and (head_1["mask_share"] < 0.6 + 1 / 128).all()
     assert head_1.loc[3, "mass_in_other"] == pytest.approx(head_1.loc[3, "other_share"])
     energy = scores[scores["source"] == ENERGY_SOURCE].set_index("tile")
-    expected = mask_scores(energy_threshold_mask(tiles_db, 16), energy_maps(tiles_db, 16),
-                           patch_means(truth.foreground, 16))
+    expected = mask_scores(energy_threshold_mask(tiles_db, (16, 16)), energy_maps(tiles_db, (16, 16)),
+                           patch_means(truth.foreground, (16, 16)))
     np.testing.assert_allclose(energy["iou"], expected["iou"])
     np.testing.assert_allclose(energy["mass_in_foreground"], expected["mass_in_foreground"], rtol=1e-6)
     assert energy["energy_iou_same_area"].isna().all()
-    np.testing.assert_allclose(head_1["iou_ceiling"], best_patch_iou(patch_means(truth.foreground, 16)))
+    np.testing.assert_allclose(head_1["iou_ceiling"], best_patch_iou(patch_means(truth.foreground, (16, 16))))
     with pytest.raises(ValueError, match="same tiles"):
-        score_tiles(head_maps[:3], tiles_db, truth, 16)
+        score_tiles(head_maps[:3], tiles_db, truth, (16, 16))
 
 
 def test_rank_heads_means_intervals_and_background_check() -> None:
@@ -414,7 +426,7 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     model, metadata = load_backbone(checkpoint_path)
 
     config = AttentionConfig(batch_size=3, n_bootstrap=50)
-    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_size=model.config.patch_size)
+    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_hw=model.config.patch_hw)
     result = score_model_attention(model, tiles_db, truth, metadata["normalization"], config,
                                    tile_ids=tiles["tile_id"], show_progress=False)
     assert result.maps.shape == (4, 4, 8, 16)
@@ -424,7 +436,7 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     np.testing.assert_allclose(result.maps, expected_maps.numpy(), rtol=1e-4, atol=1e-7)
     assert len(result.scores) == 4 * 5
     # Batches of 3 give the same table as scoring all 4 tiles at once.
-    pd.testing.assert_frame_equal(result.scores, score_tiles(result.maps, tiles_db, truth, 16, config,
+    pd.testing.assert_frame_equal(result.scores, score_tiles(result.maps, tiles_db, truth, (16, 16), config,
                                                              tile_ids=tiles["tile_id"]))
 
     ranking = rank_heads(result.scores, n_bootstrap=config.n_bootstrap)
@@ -445,7 +457,7 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     assert isinstance(figure, Figure) and len(figure.axes) == 4 * 3 + 2   # + level and attention colour bars
     assert [axes.get_ylabel() for axes in figure.axes[-2:]] == ["dB re tile max",
                                                                 "attention (share of the map's maximum)"]
-    masks = np.concatenate([attention_mass_mask(result.maps, 0.6), energy_threshold_mask(tiles_db, 16)[:, None]],
+    masks = np.concatenate([attention_mass_mask(result.maps, 0.6), energy_threshold_mask(tiles_db, (16, 16))[:, None]],
                            axis=1)
     overlay = plot_mask_overlays(tiles_db, masks, SPECTROGRAM, boxes=pixel_truth.boxes,
                                  source_names=["head 0", "head 1", "head 2", "head 3", "energy"])
@@ -454,3 +466,47 @@ def test_end_to_end_from_a_saved_checkpoint(tmp_path, tiny_model: SpectrogramViT
     assert sum(len(axes.patches) for axes in overlay.axes[:5]) == 5
     png_path, pdf_path = save_figure(overlay, tmp_path / "figures", "attention_masks")
     assert png_path.stat().st_size > 0 and pdf_path.stat().st_size > 0
+
+
+def test_rectangular_patches_end_to_end(tmp_path) -> None:
+    """8 mel bins x 32 frames: maps, energy masks and truth on the 16 x 8 grid, from a checkpoint
+    that reloads to the same model."""
+    from soundscape_ssl.pretrain.checkpoint import build_checkpoint, load_backbone, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**{**TINY, "patch_size": 8, "patch_frames": 32})).eval()
+    tiles_db, tiles, annotations = _planted_tiles()
+    normalization = {"mean": float(tiles_db.mean()), "std": float(tiles_db.std())}
+    state = model.state_dict()
+    checkpoint_path = save_checkpoint(tmp_path / "checkpoint.pth", build_checkpoint(
+        method="vicreg", step=0, epoch=0, world_size=1, backbone_config=model.config, method_config={},
+        train_config={}, spectrogram_config=SPECTROGRAM, normalization=normalization, model_state=state,
+        backbone_state=state, optimizer_state={}))
+    reloaded, metadata = load_backbone(checkpoint_path)
+    assert metadata["backbone_config"]["patch_frames"] == 32
+    assert reloaded.config == model.config and reloaded.config.patch_hw == (8, 32)
+    normalized = torch.from_numpy((tiles_db[:, None] - normalization["mean"]) / normalization["std"])
+    for name in ("mean", "cls", "band"):
+        torch.testing.assert_close(getattr(reloaded.embed(normalized), name), getattr(model.embed(normalized), name),
+                                   rtol=0, atol=0)
+
+    truth = box_masks_for_tiles(annotations, tiles, SPECTROGRAM, patch_hw=reloaded.config.patch_hw)
+    assert truth.foreground.shape == truth.other.shape == (4, 16, 8)
+    with pytest.raises(ValueError, match="8x32 patches, not 16x16"):
+        truth.coverage((16, 16))
+    masks = energy_threshold_mask(tiles_db, (8, 32))
+    assert masks.shape == (4, 16, 8)
+    # The planted whistle (2-5 kHz, 1-2.2 s of tile 0) is found on the rectangular grid too.
+    scores = mask_scores(masks, energy_maps(tiles_db, (8, 32)), truth.foreground)
+    assert scores["recall"][0] == pytest.approx(1.0) and scores["iou"][0] > 0.6
+    config = AttentionConfig(batch_size=3, n_bootstrap=20)
+    result = score_model_attention(reloaded, tiles_db, truth, metadata["normalization"], config,
+                                   tile_ids=tiles["tile_id"], show_progress=False)
+    assert result.maps.shape == (4, 4, 16, 8)
+    np.testing.assert_allclose(result.maps, head_attention_maps(model, normalized).numpy(), rtol=1e-5, atol=1e-7)
+    energy = result.scores[result.scores["source"] == ENERGY_SOURCE].reset_index(drop=True)
+    np.testing.assert_allclose(energy["iou"], scores["iou"])
+    with pytest.raises(ValueError, match="16x16 patches"):
+        score_tiles(result.maps, tiles_db, truth, (16, 16))
+    with pytest.raises(ValueError, match="8x32 patches"):
+        head_attention_maps(model, normalized[..., :80])  # 80 frames: not whole 32-frame patches

@@ -220,7 +220,7 @@ def test_pooling_names_and_the_band_array(store, checkpoint, reference, tmp_path
     config = EmbedConfig(pooling="all", batch_size=2, chunk_tiles=5, device="cpu", num_workers=0)
     embed_store(store[1], checkpoint, out, config, show_progress=False)
     band = load_embeddings(out, "band")
-    rows = BACKBONE.n_mels // BACKBONE.patch_size
+    rows = BACKBONE.n_mels // BACKBONE.patch_hw[0]
     assert band.shape == (22, rows * EMBED_DIM)
     assert read_embeddings_metadata(out)["arrays"]["band"]["shape"] == [22, rows * EMBED_DIM]
     # Same numbers as the two-pooling run, and the band rows average to the mean pooling.

@@ -133,3 +133,24 @@ def test_a_profiles_recipe_gives_the_same_train_config_to_notebook_and_script(tm
     assert config.vicreg.pooling == overrides["vicreg"]["pooling"]
     assert config.epochs == overrides["epochs"] and config.schedule_steps == config.max_steps == 7
     assert config.model.arch == "vit_tiny" and config.store_dir == str(tmp_path / "tiles")
+
+
+def test_rectangular_patches_reach_a_profiles_recipe_as_species_sets_them(tmp_path):
+    """`benchmarks/species.py --set vicreg.model.patch_size=8 --set vicreg.model.patch_frames=32`
+    becomes this override, merged over the profile's: 8 x 32 patches on the real_pool VICReg recipe
+    (its 128-frame crops are 4 patch columns), the rest of the recipe kept."""
+    from soundscape_ssl.core.config import merge_mappings
+    from soundscape_ssl.pipeline.runner import profile_parameters
+
+    params = profile_parameters("real_pool", "03")
+    settings = launch.train_settings_from_parameters(tmp_path / "tiles", **params)
+    overrides = merge_mappings(params["method_overrides"],
+                               {"vicreg": {"model": {"patch_size": 8, "patch_frames": 32}}})
+    config = launch.method_train_config("vicreg", settings, overrides, tmp_path / "vicreg")
+    assert config.model.patch_hw == (8, 32) and config.model.arch == "vit_tiny"
+    assert config.vicreg.pooling == params["method_overrides"]["vicreg"]["vicreg"]["pooling"]
+    assert launch.method_train_config("vicreg", settings, params["method_overrides"],
+                                      tmp_path / "square").model.patch_hw == (16, 16)
+    wrong = merge_mappings(params["method_overrides"], {"vicreg": {"model": {"patch_frames": 48}}})
+    with pytest.raises(ValueError, match="16x48"):  # 256 frames are not whole 48-frame patches
+        launch.method_train_config("vicreg", settings, wrong, tmp_path / "wrong")

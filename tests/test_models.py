@@ -15,6 +15,7 @@ from soundscape_ssl.pretrain.models import (
     patchify,
     unpatchify,
 )
+from soundscape_ssl.core.config import config_from_mapping
 from soundscape_ssl.pretrain.pooling import POOLINGS
 
 
@@ -65,7 +66,7 @@ def test_narrow_time_crop_slices_positions_instead_of_stretching(tiny_model: Spe
 def _window_offset(model: SpectrogramViT, crop: torch.Tensor, tokens: torch.Tensor) -> int:
     """The time-column offset of the positional window that `tokens` were built with (asserts one fits)."""
     rows, full_columns = model.patch_grid_hw
-    columns = crop.shape[-1] // model.config.patch_size
+    columns = crop.shape[-1] // model.config.patch_hw[1]
     patch_embeddings = model.patch_embed(crop).reshape(crop.shape[0], rows * columns, -1)
     grid_pos = model.pos_embed[:, 1:].reshape(1, rows, full_columns, -1)
     matches = [offset for offset in range(full_columns - columns + 1)
@@ -176,18 +177,92 @@ def test_cls_attention_maps(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> 
 
 
 def test_patchify_order_matches_the_patch_grid(tiles: torch.Tensor) -> None:
-    patches = patchify(tiles, 8)
+    patches = patchify(tiles, (8, 8))
     assert patches.shape == (3, 32, 64)
     row, column = 2, 5
     torch.testing.assert_close(patches[:, row * 8 + column], tiles[:, 0, 16:24, 40:48].reshape(3, 64))
-    torch.testing.assert_close(unpatchify(patches, 8, (4, 8)), tiles)
+    torch.testing.assert_close(unpatchify(patches, (8, 8), (4, 8)), tiles)
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(n_frames=60), "whole number"),
     (dict(embed_dim=65), "divisible"),
     (dict(arch="vit_huge"), "unknown arch"),
+    (dict(patch_size=4, patch_frames=24), r"4x24 \(mel bins x frames\) patches"),  # 24 does not divide 64 frames
+    (dict(patch_size=3, patch_frames=16), r"3x16"),  # 3 does not divide 32 mel bins
+    (dict(patch_frames=0), ">= 1"),
 ])
 def test_bad_backbone_config(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_backbone(BackboneConfig(**{**TINY, **changes}))
+
+
+# -- rectangular patches ------------------------------------------------------------------------
+
+# 8 mel bins x 32 frames on the study's 128 x 256 tiles: a 16 x 8 grid, the same 128 tokens as
+# 16 x 16 patches' 8 x 16, with twice the frequency resolution.
+RECTANGULAR = dict(arch="vit_tiny", depth=1, embed_dim=32, num_heads=2, n_mels=128, n_frames=256,
+                   patch_size=8, patch_frames=32, drop_path_rate=0.0)
+
+
+def test_patch_hw_is_square_unless_patch_frames_is_set() -> None:
+    assert BackboneConfig().patch_hw == (16, 16)
+    assert BackboneConfig(patch_size=8).patch_hw == (8, 8)
+    assert BackboneConfig(**RECTANGULAR).patch_hw == (8, 32)
+    # A config written before the field (no patch_frames key) is the square one.
+    assert config_from_mapping(BackboneConfig, {"patch_size": 8}).patch_frames is None
+
+
+def test_rectangular_patches_give_a_finer_frequency_grid_at_the_same_token_count() -> None:
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**RECTANGULAR)).eval()
+    square = build_backbone(BackboneConfig(**{**RECTANGULAR, "patch_size": 16, "patch_frames": None})).eval()
+    assert model.patch_grid_hw == (16, 8) and square.patch_grid_hw == (8, 16)
+    assert model.patch_embed.proj.weight.shape == (32, 1, 8, 32)
+    tiles = torch.randn(2, 1, 128, 256, generator=torch.Generator().manual_seed(1))
+    tokens = model.forward_features(tiles)
+    assert tokens.shape == square.forward_features(tiles).shape == (2, 1 + 128, 32)
+    # Band pooling: one row per 8 mel bins, 16 rows, each the time mean of its row's 8 tokens.
+    band = model.embed(tiles).band
+    assert model.band_dim == 16 * 32 and band.shape == (2, 16 * 32)
+    torch.testing.assert_close(band[:, 5 * 32:6 * 32], tokens[:, 1 + 5 * 8:1 + 6 * 8].mean(dim=1))
+    # Attention maps and the grid of a time crop (96 frames = 3 columns of 32) follow the rectangle.
+    assert model.cls_attention_maps(tiles).shape == (2, 2, 16, 8)
+    assert model.grid_hw_for(tiles[..., :96]) == (16, 3)
+    assert model.forward_features(tiles[..., :96]).shape == (2, 1 + 16 * 3, 32)
+    assert model.embed(tiles[..., :96]).band.shape == (2, 16 * 32)
+
+
+def test_rectangular_patchify_order_is_the_token_order() -> None:
+    tiles = torch.randn(2, 1, 128, 256, generator=torch.Generator().manual_seed(2))
+    patches = patchify(tiles, (8, 32))
+    assert patches.shape == (2, 128, 8 * 32)
+    row, column = 11, 6  # mel bins 88-95, frames 192-223
+    torch.testing.assert_close(patches[:, row * 8 + column], tiles[:, 0, 88:96, 192:224].reshape(2, 256))
+    torch.testing.assert_close(unpatchify(patches, (8, 32), (16, 8)), tiles, rtol=0, atol=0)
+    # The patch embedding is a linear map of each flattened patch: token i is patchify's patch i.
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**RECTANGULAR))
+    projection = model.patch_embed.proj
+    expected = patches @ projection.weight.flatten(1).T + projection.bias
+    torch.testing.assert_close(model.patch_embed(tiles).reshape(2, 128, 32), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_square_config_builds_the_model_it_built_before_patch_frames() -> None:
+    """patch_frames None (every older config and checkpoint) and patch_frames == patch_size build
+    the model timm builds from the integer patch size, as this class did before the field: same
+    initialisation draws, weights and outputs, bit for bit."""
+    outputs = []
+    for changes in ({}, {"patch_frames": 8}):
+        torch.manual_seed(0)
+        model = build_backbone(BackboneConfig(**{**TINY, **changes})).eval()
+        outputs.append((model.state_dict(), model.embed(torch.ones(1, 1, 32, 64))))
+    torch.manual_seed(0)
+    reference = VisionTransformer(img_size=(32, 64), patch_size=8, in_chans=1, num_classes=0, embed_dim=64,
+                                  depth=2, num_heads=4, drop_path_rate=0.0, dynamic_img_size=True).eval()
+    for state, pooled in outputs:
+        assert state.keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():
+            assert torch.equal(state[key], value), key
+        torch.testing.assert_close(pooled.cls, reference(torch.ones(1, 1, 32, 64)), rtol=0, atol=0)
+        torch.testing.assert_close(pooled.mean, outputs[0][1].mean, rtol=0, atol=0)

@@ -388,6 +388,50 @@ def test_resume_refuses_another_model(tmp_path: Path) -> None:
         run(config, data_factory=tiny_tile_data)
 
 
+def test_rectangular_patches_from_flags_train_resume_and_reload(tmp_path: Path) -> None:
+    """`--model.patch-frames` sets the patch width through the one config path; crops are checked
+    against it, the checkpoint records it, a resume needs the same one, and the backbone reloads."""
+    path = _write_config(tmp_path / "pretrain.json", _tiny_settings(tmp_path / "run", "vicreg"))
+    rectangular = ["--model.patch-size", "4", "--model.patch-frames", "16"]
+    config = load_config(path, [*rectangular, "--max-steps", "3"])
+    assert config.model.patch_hw == (4, 16)
+    with pytest.raises(ValueError, match="patch width 16 frames"):
+        load_config(path, [*rectangular, "--vicreg.crop-frames", "40"]).validate()  # 40: whole 8-frame steps only
+    run(config, data_factory=tiny_tile_data)
+    checkpoint = _load(tmp_path / "run" / "checkpoint.pth")
+    assert checkpoint["backbone_config"]["patch_size"] == 4 and checkpoint["backbone_config"]["patch_frames"] == 16
+    model, _ = load_backbone(tmp_path / "run" / "checkpoint.pth")
+    assert model.patch_grid_hw == (8, 4) and model.band_dim == 8 * 64
+    fresh = SpectrogramViT(model.config)
+    fresh.load_state_dict(checkpoint["backbone"])
+    tiles = torch.randn(2, 1, 32, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.embed(tiles).band, fresh.eval().embed(tiles).band, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different model"):
+        run(load_config(path, ["--model.patch-size", "4", "--model.patch-frames", "8"]), data_factory=tiny_tile_data)
+    assert run(load_config(path, rectangular), data_factory=tiny_tile_data).step == 12
+
+
+def test_checkpoint_from_before_patch_frames_resumes_exactly_and_keeps_its_control(tmp_path: Path) -> None:
+    """A checkpoint whose backbone_config has no patch_frames key (written before the field) is the
+    square model: it resumes (bit for bit as a straight run), loads, and its untrained control is reused."""
+    from soundscape_ssl.pretrain.checkpoint import save_untrained_copy
+
+    straight = run(_tiny_config(tmp_path / "straight", "vicreg"), data_factory=tiny_tile_data)
+    run(_tiny_config(tmp_path / "old", "vicreg", max_steps=4), data_factory=tiny_tile_data)
+    old_path = tmp_path / "old" / "checkpoint.pth"
+    checkpoint = _load(old_path)
+    assert checkpoint["backbone_config"].pop("patch_frames") is None
+    torch.save(checkpoint, old_path)
+    model, meta = load_backbone(old_path)
+    assert "patch_frames" not in meta["backbone_config"] and model.config.patch_hw == (8, 8)
+    control = save_untrained_copy(old_path, tmp_path / "untrained.pth")
+    written = control.stat().st_mtime_ns
+    assert save_untrained_copy(old_path, control).stat().st_mtime_ns == written  # the same control: reused
+    resumed = run(_tiny_config(tmp_path / "old", "vicreg"), data_factory=tiny_tile_data)
+    assert resumed.step == 12 and resumed.last_loss == straight.last_loss
+    _assert_same_state(_load(tmp_path / "straight" / "checkpoint.pth")["backbone"], _load(old_path)["backbone"])
+
+
 def test_sigterm_writes_a_checkpoint_and_rerun_finishes(tmp_path: Path) -> None:
     config = _tiny_config(tmp_path, "vicreg")
     with pytest.raises(StopRequested) as stop:

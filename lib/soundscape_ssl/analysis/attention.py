@@ -59,7 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..recordings.groundtruth import GroundTruthConfig, box_mask, tile_event_overlaps
-from ..pretrain.models import SpectrogramViT
+from ..pretrain.models import SpectrogramViT, patch_grid_hw
 from ..core.config import config_from_mapping
 from ..core.provenance import write_config_json
 from ..core.stage import atomic_write
@@ -138,10 +138,10 @@ def head_attention_maps(model: SpectrogramViT, tiles: torch.Tensor) -> torch.Ten
     """
     if tiles.dim() != 4 or tiles.shape[1] != 1:
         raise ValueError(f"expected tiles of shape (batch, 1, n_mels, n_frames), got {tuple(tiles.shape)}")
-    patch_size = model.config.patch_size
-    if tiles.shape[-2] % patch_size or tiles.shape[-1] % patch_size:
+    patch_mels, patch_frames = model.config.patch_hw
+    if tiles.shape[-2] % patch_mels or tiles.shape[-1] % patch_frames:
         raise ValueError(f"tile {tiles.shape[-2]}x{tiles.shape[-1]} is not a whole number of "
-                         f"{patch_size}x{patch_size} patches")
+                         f"{patch_mels}x{patch_frames} patches")
     parameter = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -227,16 +227,19 @@ def attention_mass_mask(maps: ArrayOrTensor, mass: float = 0.6) -> ArrayOrTensor
     return _like(mask.reshape(values.shape), maps)
 
 
-def patch_means(cells: np.ndarray, patch_size: int) -> np.ndarray:
+def patch_means(cells: np.ndarray, patch_hw: tuple[int, int]) -> np.ndarray:
     """Mean of each patch's cells: (..., n_mels, n_frames) -> (..., rows, columns) float64.
 
-    For a boolean cell mask (e.g. event boxes) this is the fraction of each patch inside it.
+    `patch_hw` is (mel bins, frames) of a patch (`BackboneConfig.patch_hw`). For a boolean cell
+    mask (e.g. event boxes) this is the fraction of each patch inside it.
     """
     cells = np.asarray(cells)
     height, width = cells.shape[-2:]
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"cells {height}x{width} are not a whole number of {patch_size}x{patch_size} patches")
-    blocks = cells.reshape(*cells.shape[:-2], height // patch_size, patch_size, width // patch_size, patch_size)
+    patch_mels, patch_frames = patch_hw
+    if height % patch_mels or width % patch_frames:
+        raise ValueError(f"cells {height}x{width} are not a whole number of {patch_mels}x{patch_frames} patches")
+    rows, columns = patch_grid_hw((height, width), patch_hw)
+    blocks = cells.reshape(*cells.shape[:-2], rows, patch_mels, columns, patch_frames)
     return blocks.mean(axis=(-3, -1), dtype=np.float64)
 
 
@@ -249,7 +252,7 @@ def band_median_excess_db(tiles_db: np.ndarray) -> np.ndarray:
     return tiles_db - band_median(tiles_db)
 
 
-def energy_threshold_mask(tiles_db: np.ndarray, patch_size: int, margin_db: float = 10.0,
+def energy_threshold_mask(tiles_db: np.ndarray, patch_hw: tuple[int, int], margin_db: float = 10.0,
                           min_cell_fraction: float = 0.05) -> np.ndarray:
     """The baseline segmentation: patches where enough cells are loud relative to their band.
 
@@ -258,15 +261,15 @@ def energy_threshold_mask(tiles_db: np.ndarray, patch_size: int, margin_db: floa
     tile. May be empty (nothing loud in the tile).
     """
     loud = band_median_excess_db(tiles_db) >= margin_db
-    return patch_means(loud, patch_size) >= min_cell_fraction - _SHARE_TOLERANCE
+    return patch_means(loud, patch_hw) >= min_cell_fraction - _SHARE_TOLERANCE
 
 
-def patch_loudness_db(tiles_db: np.ndarray, patch_size: int) -> np.ndarray:
+def patch_loudness_db(tiles_db: np.ndarray, patch_hw: tuple[int, int]) -> np.ndarray:
     """Mean dB above the band medians per patch: (..., rows, columns); ranks patches for the same-area baseline."""
-    return patch_means(band_median_excess_db(tiles_db), patch_size)
+    return patch_means(band_median_excess_db(tiles_db), patch_hw)
 
 
-def energy_maps(tiles_db: np.ndarray, patch_size: int, margin_db: float = 10.0) -> np.ndarray:
+def energy_maps(tiles_db: np.ndarray, patch_hw: tuple[int, int], margin_db: float = 10.0) -> np.ndarray:
     """The baseline's "attention": per patch, the mean dB beyond `margin_db` above the band medians.
 
     (..., n_mels, n_frames) dB tiles -> (..., rows, columns) float32 maps summing to 1 per tile.
@@ -274,7 +277,7 @@ def energy_maps(tiles_db: np.ndarray, patch_size: int, margin_db: float = 10.0) 
     map: the baseline then has no preference.
     """
     excess = np.clip(band_median_excess_db(tiles_db) - margin_db, 0.0, None)
-    weights = patch_means(excess, patch_size)
+    weights = patch_means(excess, patch_hw)
     totals = weights.sum(axis=(-2, -1), keepdims=True)
     flat = totals <= 0
     if flat.any():
@@ -291,48 +294,51 @@ class TileTruth(NamedTuple):
     """Planted events of N tiles, rasterised on the spectrogram or as per-patch coverage.
 
     `foreground` / `other`: (N, n_mels, n_frames) bool cell masks, or (N, rows, columns) float64
-    covered fractions when made with a `patch_size`. Foreground kinds are those of the ground
-    truth config (birds); `other` holds every other counting event (insects, rain, wind ...).
-    `boxes` has one row per event box: tile (row position), label, kind, start_s, end_s
-    (tile-relative), f_low_hz, f_high_hz, snr_db, counts, foreground.
+    covered fractions when made with a `patch_hw` (mel bins, frames). Foreground kinds are those
+    of the ground truth config (birds); `other` holds every other counting event (insects, rain,
+    wind ...). `boxes` has one row per event box: tile (row position), label, kind, start_s,
+    end_s (tile-relative), f_low_hz, f_high_hz, snr_db, counts, foreground.
     """
 
     foreground: np.ndarray
     other: np.ndarray
     boxes: pd.DataFrame
-    patch_size: int | None
+    patch_hw: tuple[int, int] | None
 
     @property
     def has_foreground(self) -> np.ndarray:
         """(N,) bool: the tile has at least one foreground cell to find."""
         return self.foreground.reshape(len(self.foreground), -1).any(axis=1)
 
-    def coverage(self, patch_size: int) -> "TileTruth":
-        """The same truth as per-patch covered fractions (a no-op if it already is, at that size)."""
-        if self.patch_size is not None:
-            if self.patch_size != patch_size:
-                raise ValueError(f"truth is at patch size {self.patch_size}, not {patch_size}")
+    def coverage(self, patch_hw: tuple[int, int]) -> "TileTruth":
+        """The same truth as per-patch covered fractions (a no-op if it already is, at that shape)."""
+        patch_hw = tuple(patch_hw)
+        if self.patch_hw is not None:
+            if self.patch_hw != patch_hw:
+                raise ValueError(f"truth is on {self.patch_hw[0]}x{self.patch_hw[1]} patches, "
+                                 f"not {patch_hw[0]}x{patch_hw[1]}")
             return self
-        return TileTruth(patch_means(self.foreground, patch_size), patch_means(self.other, patch_size),
-                         self.boxes, patch_size)
+        return TileTruth(patch_means(self.foreground, patch_hw), patch_means(self.other, patch_hw),
+                         self.boxes, patch_hw)
 
     def rows(self, start: int, stop: int) -> "TileTruth":
         """Tiles start..stop-1 as their own truth (boxes renumbered from 0)."""
         in_range = self.boxes["tile"].between(start, stop - 1)
         boxes = self.boxes[in_range].assign(tile=lambda frame: frame["tile"] - start).reset_index(drop=True)
-        return TileTruth(self.foreground[start:stop], self.other[start:stop], boxes, self.patch_size)
+        return TileTruth(self.foreground[start:stop], self.other[start:stop], boxes, self.patch_hw)
 
 
 def box_masks_for_tiles(annotations: pd.DataFrame, tiles: pd.DataFrame, spectrogram_config: SpectrogramConfig,
                         ground_truth: GroundTruthConfig | None = None, counting_only: bool = True,
-                        patch_size: int | None = None) -> TileTruth:
+                        patch_hw: tuple[int, int] | None = None) -> TileTruth:
     """Foreground and other event boxes of each tile on the spectrogram grid of the front end.
 
     `tiles` needs relpath (as the annotations' `file`) and offset_s; row i is tile i, e.g. rows
     of a tile store's index. A cell is inside a box when its frame centre time and its mel
     band's centre frequency are (`groundtruth.box_mask`). `counting_only` keeps the events that
-    count in the tile (audible, enough of them inside); `patch_size` returns per-patch covered
-    fractions instead of cell masks (N x rows x columns floats instead of N x cells booleans).
+    count in the tile (audible, enough of them inside); `patch_hw` (mel bins, frames of a patch)
+    returns per-patch covered fractions instead of cell masks (N x rows x columns floats instead
+    of N x cells booleans).
     """
     ground_truth = ground_truth or GroundTruthConfig()
     pairs = tile_event_overlaps(annotations, tiles, spectrogram_config.tile_s, ground_truth)
@@ -342,20 +348,22 @@ def box_masks_for_tiles(annotations: pd.DataFrame, tiles: pd.DataFrame, spectrog
         foreground=pairs["kind"].isin(ground_truth.foreground_kinds).to_numpy()).reset_index(drop=True)
     times_s, centres_hz = frame_times_s(spectrogram_config), mel_bin_centres_hz(spectrogram_config)
     cell_shape = (spectrogram_config.n_mels, spectrogram_config.n_frames)
-    if patch_size is None:
+    if patch_hw is None:
         shape, dtype = cell_shape, bool
     else:
-        if cell_shape[0] % patch_size or cell_shape[1] % patch_size:
-            raise ValueError(f"tiles of {cell_shape[0]}x{cell_shape[1]} are not whole {patch_size}-cell patches")
-        shape, dtype = (cell_shape[0] // patch_size, cell_shape[1] // patch_size), np.float64
+        patch_hw = tuple(patch_hw)
+        if cell_shape[0] % patch_hw[0] or cell_shape[1] % patch_hw[1]:
+            raise ValueError(f"tiles of {cell_shape[0]}x{cell_shape[1]} are not whole "
+                             f"{patch_hw[0]}x{patch_hw[1]} patches")
+        shape, dtype = patch_grid_hw(cell_shape, patch_hw), np.float64
     foreground = np.zeros((len(tiles),) + shape, dtype=dtype)
     other = np.zeros_like(foreground)
     for tile, tile_boxes in boxes.groupby("tile", sort=True):
         for target, selected in ((foreground, tile_boxes["foreground"]), (other, ~tile_boxes["foreground"])):
             if selected.any():
                 cells = box_mask(tile_boxes[selected.to_numpy()], times_s, centres_hz)
-                target[tile] = cells if patch_size is None else patch_means(cells, patch_size)
-    return TileTruth(foreground, other, boxes, patch_size)
+                target[tile] = cells if patch_hw is None else patch_means(cells, patch_hw)
+    return TileTruth(foreground, other, boxes, patch_hw)
 
 
 # --- Scores ----------------------------------------------------------------------------------
@@ -414,12 +422,13 @@ def mask_scores(masks: np.ndarray, maps: np.ndarray, foreground_coverage: np.nda
 
 
 def score_tiles(head_maps: np.ndarray | torch.Tensor, tiles_db: np.ndarray, truth: TileTruth,
-                patch_size: int, config: AttentionConfig | None = None,
+                patch_hw: tuple[int, int], config: AttentionConfig | None = None,
                 tile_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per (tile, source): every head's mass mask and the energy-threshold baseline against the truth.
 
     `head_maps` (N, heads, rows, columns) from `head_attention_maps`; `tiles_db` the same tiles
-    in dB, unnormalised (N, n_mels, n_frames), for the baseline; `truth` for the same N tiles.
+    in dB, unnormalised (N, n_mels, n_frames), for the baseline; `truth` for the same N tiles;
+    `patch_hw` the model's (mel bins, frames) per patch (`BackboneConfig.patch_hw`).
     Columns: tile (position), tile_id, source ("head_<h>" or "energy"), head (<NA> for the
     baseline), has_foreground, the `mask_scores`, mask_patches, iou_ceiling (best patch-aligned
     IoU on that tile) and, on head rows, energy_iou_same_area (the baseline's IoU with as many
@@ -432,10 +441,11 @@ def score_tiles(head_maps: np.ndarray | torch.Tensor, tiles_db: np.ndarray, trut
     if tiles_db.shape[0] != n_tiles or truth.foreground.shape[0] != n_tiles:
         raise ValueError(f"{n_tiles} maps, {tiles_db.shape[0]} spectrograms and "
                          f"{truth.foreground.shape[0]} truth rows: they must be the same tiles")
-    if tiles_db.shape[-2:] != (rows * patch_size, columns * patch_size):
+    patch_hw = tuple(patch_hw)
+    if tiles_db.shape[-2:] != (rows * patch_hw[0], columns * patch_hw[1]):
         raise ValueError(f"spectrograms {tiles_db.shape[-2:]} do not match a {rows}x{columns} grid of "
-                         f"{patch_size}-cell patches")
-    truth = truth.coverage(patch_size)
+                         f"{patch_hw[0]}x{patch_hw[1]} patches")
+    truth = truth.coverage(patch_hw)
     if truth.foreground.shape[1:] != (rows, columns):
         raise ValueError(f"truth on a {truth.foreground.shape[1:]} grid, maps on {(rows, columns)}")
     tile_ids = np.arange(n_tiles) if tile_ids is None else np.asarray(tile_ids)
@@ -443,11 +453,11 @@ def score_tiles(head_maps: np.ndarray | torch.Tensor, tiles_db: np.ndarray, trut
         raise ValueError(f"{len(tile_ids)} tile ids for {n_tiles} tiles")
 
     head_masks = attention_mass_mask(head_maps, config.attention_mass)
-    baseline_map = energy_maps(tiles_db, patch_size, config.energy_margin_db).astype(np.float64)
-    baseline_mask = energy_threshold_mask(tiles_db, patch_size, config.energy_margin_db,
+    baseline_map = energy_maps(tiles_db, patch_hw, config.energy_margin_db).astype(np.float64)
+    baseline_mask = energy_threshold_mask(tiles_db, patch_hw, config.energy_margin_db,
                                           config.energy_min_cell_fraction)
     # The loudest patches, as many as each head's mask holds: (N, heads, rows, columns).
-    loudness = patch_loudness_db(tiles_db, patch_size).reshape(n_tiles, 1, -1)
+    loudness = patch_loudness_db(tiles_db, patch_hw).reshape(n_tiles, 1, -1)
     same_area = _top_patch_mask(np.repeat(loudness, n_heads, axis=1),
                                 head_masks.sum(axis=(-2, -1))).reshape(head_masks.shape)
 
@@ -501,7 +511,7 @@ def score_model_attention(model: SpectrogramViT, tiles_db: np.ndarray, truth: Ti
     if normalization is None:
         logger.warning("no normalization given: feeding dB values to the model unnormalised")
     tile_ids = np.arange(n_tiles) if tile_ids is None else np.asarray(tile_ids)
-    truth = truth.coverage(model.config.patch_size)
+    truth = truth.coverage(model.config.patch_hw)
     maps, tables = [], []
     for start in tqdm(range(0, n_tiles, config.batch_size), desc="attention maps", unit="batch",
                       disable=not show_progress):
@@ -509,7 +519,7 @@ def score_model_attention(model: SpectrogramViT, tiles_db: np.ndarray, truth: Ti
         batch_db = np.asarray(tiles_db[start:stop], dtype=np.float32)
         tensor = normalize_tiles(batch_db, normalization) if normalization is not None else torch.from_numpy(batch_db)
         batch_maps = head_attention_maps(model, tensor.unsqueeze(1)).cpu().numpy()
-        table = score_tiles(batch_maps, batch_db, truth.rows(start, stop), model.config.patch_size, config,
+        table = score_tiles(batch_maps, batch_db, truth.rows(start, stop), model.config.patch_hw, config,
                             tile_ids[start:stop])
         tables.append(table.assign(tile=table["tile"] + start))
         maps.append(batch_maps)

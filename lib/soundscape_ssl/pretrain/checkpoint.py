@@ -168,6 +168,13 @@ def checkpoint_metadata(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in checkpoint.items() if key not in _TENSOR_KEYS}
 
 
+def checkpoint_backbone_config(checkpoint: dict[str, Any], source: str | os.PathLike) -> BackboneConfig:
+    """The checkpoint's `backbone_config` as a BackboneConfig (fields it predates keep their
+    defaults, which reproduce what it was trained with): compare these, not the stored dicts,
+    so a checkpoint written before a field existed still matches the same model."""
+    return config_from_mapping(BackboneConfig, checkpoint["backbone_config"], f"{source}: backbone_config")
+
+
 def load_backbone(checkpoint_path: str | os.PathLike,
                   map_location: str | torch.device = "cpu") -> tuple[SpectrogramViT, dict[str, Any]]:
     """The trained backbone (in eval mode) and the checkpoint's metadata (configs, step, normalisation).
@@ -175,8 +182,7 @@ def load_backbone(checkpoint_path: str | os.PathLike,
     For DINO this is the EMA teacher's backbone, for MAE the encoder, for VICReg the backbone.
     """
     checkpoint = load_checkpoint(checkpoint_path, map_location)
-    model = build_backbone(config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
-                                               f"{checkpoint_path}: backbone_config"))
+    model = build_backbone(checkpoint_backbone_config(checkpoint, checkpoint_path))
     try:
         model.load_state_dict(checkpoint["backbone"])
     except RuntimeError as error:  # weights of another shape than backbone_config describes
@@ -197,13 +203,12 @@ def save_untrained_copy(checkpoint_path: str | os.PathLike, out_path: str | os.P
     """
     checkpoint = load_checkpoint(checkpoint_path)
     origin = {"initialised_like": str(Path(checkpoint_path).resolve()), "seed": seed}
+    backbone_config = checkpoint_backbone_config(checkpoint, checkpoint_path)
     if Path(out_path).is_file():
         existing = load_checkpoint(out_path)
-        if existing["train_config"] == origin and existing["backbone_config"] == checkpoint["backbone_config"] \
+        if existing["train_config"] == origin and checkpoint_backbone_config(existing, out_path) == backbone_config \
                 and existing["normalization"] == checkpoint["normalization"]:
             return Path(out_path)  # the same control: keep the file, so embeddings made from it stay valid
-    backbone_config = config_from_mapping(BackboneConfig, checkpoint["backbone_config"],
-                                          f"{checkpoint_path}: backbone_config")
     torch.manual_seed(seed)
     model = build_backbone(backbone_config)
     untrained = build_checkpoint(

@@ -71,16 +71,17 @@ class DinoConfig:
     collapse_entropy_fraction: float = 0.98  # teacher entropy >= this x log(out_dim): uniform collapse
     collapse_max_probability: float = 0.9  # one prototype holds >= this share of the batch: collapse
 
-    def validate(self, n_frames: int, patch_size: int) -> None:
+    def validate(self, n_frames: int, patch_frames: int) -> None:
+        """`patch_frames`: the backbone's patch width in time frames (`BackboneConfig.patch_hw[1]`)."""
         if self.global_crops < 1:
             raise ValueError("DINO needs at least one global crop")
         if self.global_crops + self.local_crops < 2:
             raise ValueError("DINO needs at least two views (global_crops + local_crops >= 2)")
         for name in ("global_crop_frames", "local_crop_frames") if self.local_crops else ("global_crop_frames",):
             frames = getattr(self, name)
-            if not 0 < frames <= n_frames or frames % patch_size:
-                raise ValueError(f"dino.{name}={frames} must be a multiple of the patch size "
-                                 f"{patch_size} and at most the tile width {n_frames}")
+            if not 0 < frames <= n_frames or frames % patch_frames:
+                raise ValueError(f"dino.{name}={frames} must be a multiple of the patch width "
+                                 f"{patch_frames} frames and at most the tile width {n_frames}")
         if self.out_dim < 2:
             raise ValueError("out_dim must be >= 2")
         if self.pooling not in POOLINGS:
@@ -225,7 +226,7 @@ class DinoMethod(SSLMethod):
     def __init__(self, backbone_config: BackboneConfig, config: DinoConfig, augment: AugmentConfig,
                  normalization: Normalization, total_steps: int, steps_per_epoch: int) -> None:
         super().__init__()
-        config.validate(backbone_config.n_frames, backbone_config.patch_size)
+        config.validate(backbone_config.n_frames, backbone_config.patch_hw[1])
         augment.validate()
         self.config, self.augment, self.normalization = config, augment, normalization
         student_backbone = build_backbone(backbone_config)

@@ -91,7 +91,7 @@ class MaeMethod(SSLMethod):
         config.validate()
         self.config = config
         self.normalization = normalization or Normalization()
-        self.patch_size = backbone_config.patch_size
+        self.patch_hw = backbone_config.patch_hw  # (mel bins, frames) of one reconstructed patch
         self.encoder = build_backbone(backbone_config)
         self.grid_hw = self.encoder.patch_grid_hw
         n_patches = self.grid_hw[0] * self.grid_hw[1]
@@ -103,7 +103,7 @@ class MaeMethod(SSLMethod):
             Block(decoder_dim, config.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True)
             for _ in range(config.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size * self.patch_size)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_hw[0] * self.patch_hw[1])
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
 
@@ -129,7 +129,7 @@ class MaeMethod(SSLMethod):
         decoded = torch.cat([decoded[:, :1], in_place], dim=1) + self.decoder_pos_embed
         predicted = self.decoder_pred(self.decoder_norm(self.decoder_blocks(decoded)))[:, 1:].float()
 
-        targets = patchify(tiles.float(), self.patch_size)
+        targets = patchify(tiles.float(), self.patch_hw)
         if self.config.norm_pix_loss:
             targets = normalized_patch_targets(targets)
         hidden = (restore >= n_visible).float()  # 1 where the patch was hidden from the encoder

@@ -1,7 +1,9 @@
 """Vision Transformer backbones for 1-channel log-mel tiles (models only: no training code here).
 
 A backbone is timm's `VisionTransformer` with `in_chans=1` and `img_size=(n_mels, n_frames)`,
-so a 128 x 256 tile with 16 x 16 patches gives an 8 x 16 (frequency x time) patch grid.
+so a 128 x 256 tile with 16 x 16 patches gives an 8 x 16 (frequency x time) patch grid. Patches
+may be rectangular (`BackboneConfig.patch_hw`): 8 mel bins x 32 frames give the same 128 tokens
+as a 16 x 8 grid, with twice the frequency resolution and half the time resolution.
 Two spectrogram-specific choices:
 
 * Positional embeddings of narrower time crops are *sliced*, not interpolated. A local DINO crop
@@ -55,13 +57,21 @@ class BackboneConfig:
     """
 
     arch: str = "vit_small"  # one of ARCHITECTURES
-    patch_size: int = 16  # square patches, in mel bins x frames
+    patch_size: int = 16  # patch height in mel bins (and its width too, unless patch_frames is set)
     n_mels: int = 128  # tile height (frequency bins)
     n_frames: int = 256  # tile width (time frames) the positional embedding is laid out for
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.1  # stochastic depth (DINO's ViT-S setting)
+    # Patch width in time frames; None: square patches (patch_size wide), as every config and
+    # checkpoint made before this field had.
+    patch_frames: int | None = None
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        """(mel bins, time frames) of one patch: the one definition of the patch shape."""
+        return self.patch_size, self.patch_size if self.patch_frames is None else self.patch_frames
 
     def resolved(self) -> tuple[int, int, int]:
         """(embed_dim, depth, num_heads) after applying the overrides to the named architecture."""
@@ -72,10 +82,13 @@ class BackboneConfig:
 
     def validate(self) -> None:
         embed_dim, depth, num_heads = self.resolved()
-        if self.n_mels % self.patch_size or self.n_frames % self.patch_size:
+        patch_mels, patch_frames = self.patch_hw
+        if patch_mels < 1 or patch_frames < 1:
+            raise ValueError(f"patch_size and patch_frames must be >= 1, got {patch_mels}x{patch_frames}")
+        if self.n_mels % patch_mels or self.n_frames % patch_frames:
             raise ValueError(
                 f"tile {self.n_mels}x{self.n_frames} is not a whole number of "
-                f"{self.patch_size}x{self.patch_size} patches")
+                f"{patch_mels}x{patch_frames} (mel bins x frames) patches")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth < 1:
@@ -129,7 +142,7 @@ class SpectrogramViT(VisionTransformer):
         embed_dim, depth, num_heads = config.resolved()
         super().__init__(
             img_size=(config.n_mels, config.n_frames),
-            patch_size=config.patch_size,
+            patch_size=config.patch_hw,
             in_chans=1,
             num_classes=0,  # no classifier: the backbone outputs embeddings
             global_pool="token",
@@ -149,7 +162,7 @@ class SpectrogramViT(VisionTransformer):
 
     def grid_hw_for(self, tiles: torch.Tensor) -> tuple[int, int]:
         """Patch grid of an input batch of shape (batch, 1, n_mels, n_frames)."""
-        return tiles.shape[-2] // self.config.patch_size, tiles.shape[-1] // self.config.patch_size
+        return patch_grid_hw(tiles.shape[-2:], self.config.patch_hw)
 
     def time_column_offset(self, columns: int) -> int:
         """First positional column used for an input `columns` patches wide (at most a full tile).
@@ -246,24 +259,32 @@ def build_backbone(config: BackboneConfig) -> SpectrogramViT:
     return SpectrogramViT(config)
 
 
-def patchify(tiles: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(batch, 1, H, W) -> (batch, n_patches, patch_size**2), patches in row-major grid order.
+def patch_grid_hw(shape_hw: tuple[int, int], patch_hw: tuple[int, int]) -> tuple[int, int]:
+    """(frequency rows, time columns) of whole `patch_hw` patches in an array of `shape_hw` cells."""
+    return shape_hw[0] // patch_hw[0], shape_hw[1] // patch_hw[1]
+
+
+def patchify(tiles: torch.Tensor, patch_hw: tuple[int, int]) -> torch.Tensor:
+    """(batch, C, H, W) -> (batch, n_patches, patch rows * patch columns * C), patches in row-major
+    grid order, each flattened row-major (mel bins outer, frames inner).
 
     The order matches the patch tokens of `SpectrogramViT` (frequency rows outer, time inner).
     """
     batch, channels, height, width = tiles.shape
-    rows, columns = height // patch_size, width // patch_size
-    patches = tiles.reshape(batch, channels, rows, patch_size, columns, patch_size)
-    patches = patches.permute(0, 2, 4, 3, 5, 1)  # batch, rows, columns, p, p, channels
-    return patches.reshape(batch, rows * columns, patch_size * patch_size * channels)
+    patch_mels, patch_frames = patch_hw
+    rows, columns = patch_grid_hw((height, width), patch_hw)
+    patches = tiles.reshape(batch, channels, rows, patch_mels, columns, patch_frames)
+    patches = patches.permute(0, 2, 4, 3, 5, 1)  # batch, rows, columns, mels, frames, channels
+    return patches.reshape(batch, rows * columns, patch_mels * patch_frames * channels)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `patchify` for 1-channel tiles: (batch, n_patches, p*p) -> (batch, 1, H, W)."""
+def unpatchify(patches: torch.Tensor, patch_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `patchify` for 1-channel tiles: (batch, n_patches, mels*frames) -> (batch, 1, H, W)."""
     batch = patches.shape[0]
     rows, columns = grid_hw
-    tiles = patches.reshape(batch, rows, columns, patch_size, patch_size, 1).permute(0, 5, 1, 3, 2, 4)
-    return tiles.reshape(batch, 1, rows * patch_size, columns * patch_size)
+    patch_mels, patch_frames = patch_hw
+    tiles = patches.reshape(batch, rows, columns, patch_mels, patch_frames, 1).permute(0, 5, 1, 3, 2, 4)
+    return tiles.reshape(batch, 1, rows * patch_mels, columns * patch_frames)
 
 
 class MethodOutput(NamedTuple):

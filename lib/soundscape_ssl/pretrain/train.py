@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from .augment import AugmentConfig, Normalization
-from .checkpoint import CHECKPOINT_NAME, build_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, build_checkpoint, checkpoint_backbone_config, load_checkpoint, save_checkpoint
 from .dino import DinoConfig, DinoMethod
 from .engine import NonFiniteLossError, StepRecord, train_one_epoch
 from .mae import MaeConfig, MaeMethod
@@ -163,7 +163,7 @@ class TrainConfig:
         if isinstance(method_config, MaeConfig):
             method_config.validate()
         else:
-            method_config.validate(self.model.n_frames, self.model.patch_size)
+            method_config.validate(self.model.n_frames, self.model.patch_hw[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ class _Trainer:
         if checkpoint["method"] != self.config.method:
             raise ValueError(f"{self.checkpoint_path} was written by method {checkpoint['method']!r}, this run is "
                              f"{self.config.method!r}: use another out_dir")
-        if checkpoint["backbone_config"] != to_jsonable(self.config.model):
+        if checkpoint_backbone_config(checkpoint, self.checkpoint_path) != self.config.model:
             raise ValueError(f"{self.checkpoint_path} holds a different model ({checkpoint['backbone_config']}): "
                              "use another out_dir")
         if checkpoint["method_config"] != to_jsonable(self.config.method_config()):

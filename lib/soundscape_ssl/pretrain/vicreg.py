@@ -39,10 +39,11 @@ class VicregConfig:
     spec_mask: bool = True  # SpecAugment masks on both views (VICReg is symmetric)
     collapse_std: float = 0.05  # representation spread below this (see `representation_spread`): collapse
 
-    def validate(self, n_frames: int, patch_size: int) -> None:
-        if not 0 < self.crop_frames <= n_frames or self.crop_frames % patch_size:
-            raise ValueError(f"vicreg.crop_frames={self.crop_frames} must be a multiple of the patch size "
-                             f"{patch_size} and at most the tile width {n_frames}")
+    def validate(self, n_frames: int, patch_frames: int) -> None:
+        """`patch_frames`: the backbone's patch width in time frames (`BackboneConfig.patch_hw[1]`)."""
+        if not 0 < self.crop_frames <= n_frames or self.crop_frames % patch_frames:
+            raise ValueError(f"vicreg.crop_frames={self.crop_frames} must be a multiple of the patch width "
+                             f"{patch_frames} frames and at most the tile width {n_frames}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"vicreg.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.expander_layers < 1:
@@ -118,7 +119,7 @@ class VicregMethod(SSLMethod):
     def __init__(self, backbone_config: BackboneConfig, config: VicregConfig, augment: AugmentConfig,
                  normalization: Normalization) -> None:
         super().__init__()
-        config.validate(backbone_config.n_frames, backbone_config.patch_size)
+        config.validate(backbone_config.n_frames, backbone_config.patch_hw[1])
         augment.validate()
         self.config, self.augment, self.normalization = config, augment, normalization
         self.backbone = build_backbone(backbone_config)

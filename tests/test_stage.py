@@ -340,6 +340,11 @@ def test_rank_and_threads_helpers(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert stage.resolve_device("cuda") == torch.device("cuda", 1)
     assert stage.resolve_device("cpu") == torch.device("cpu")
+    # "auto" is this rank's GPU where torch sees one, else the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert stage.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stage.resolve_device("auto") == torch.device("cuda", 1)
     previous = torch.get_num_threads()
     with torch_threads(2):
         assert torch.get_num_threads() == 2

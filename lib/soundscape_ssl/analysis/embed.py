@@ -205,10 +205,7 @@ def embeddings_file_name(pooling: str) -> str:
 def resolve_compute(config: EmbedConfig) -> tuple[torch.device, str]:
     """(device, precision) for this process: "auto" device is CUDA when available (cuda:LOCAL_RANK
     under torchrun, made the current device); "auto" precision is bf16 on CUDA, fp32 elsewhere."""
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = resolve_device(device)
+    device = resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but torch sees no CUDA device")
     if device.type == "cuda" and device.index is not None:

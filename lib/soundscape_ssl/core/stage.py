@@ -306,9 +306,12 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 def resolve_device(device: Any) -> Any:
-    """`cuda` means this process's GPU: cuda:LOCAL_RANK under torchrun. Returns a torch.device."""
+    """`cuda` means this process's GPU: cuda:LOCAL_RANK under torchrun; `auto` is CUDA when torch
+    sees a device, else the CPU (the one home of "auto"). Returns a torch.device."""
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="files.parquet of soundscape_ssl.recordings.archive (or its folder, or a CSV)")
     parser.add_argument("--out", type=Path, required=True, help="tile store folder")
     parser.add_argument("--device", default="cpu",
-                        help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+                        help="cpu, cuda (cuda:LOCAL_RANK under torchrun) or auto (cuda where torch sees one)")
     parser.add_argument("--rank", type=int, default=None, help="default: $RANK or 0")
     parser.add_argument("--world-size", type=int, default=None, help="default: $WORLD_SIZE or 1")
     parser.add_argument("--threads", type=int, default=1,

@@ -414,6 +414,31 @@ def test_a_decoder_error_keeps_the_spans_before_it(checkpoint, tmp_path, monkeyp
     assert skipped[["reason", "offset_s", "n_spans_lost"]].values.tolist() == [["decode_error", 70.0, 60]]
 
 
+def test_spans_embed_only_the_requested_windows_and_equal_the_whole_file(checkpoint, tmp_path):
+    long_path = write_wav(tmp_path / "a_long.wav", soundscape(20.0, 16000, 21), 16000)
+    other = write_wav(tmp_path / "b_other_48k.wav", soundscape(5.0, 48000, 22), 48000)
+    config = EmbedConfig(pooling="mean,band", device="cpu", batch_size=4)
+    embed_audio_files([long_path, other], checkpoint, tmp_path / "whole" / "EMB.npy", config, show_progress=False)
+    whole = pd.read_csv(tmp_path / "whole" / "EMB.csv")
+    # three spans of the long file, unordered, one twice, one past its end; the other file whole
+    spans = {str(long_path): [17.0, 3.0, 4.0, 3.0, 40.0]}
+    embed_audio_files([long_path, other], checkpoint, tmp_path / "part" / "EMB.npy", config, show_progress=False,
+                      spans=spans)
+    part = pd.read_csv(tmp_path / "part" / "EMB.csv")
+    assert part.loc[part["path"] == str(long_path), "offset_s"].tolist() == [3.0, 4.0, 17.0]
+    assert part.loc[part["path"] == str(other), "offset_s"].tolist() == \
+        whole.loc[whole["path"] == str(other), "offset_s"].tolist()
+    keys = list(zip(whole["path"], whole["offset_s"]))
+    rows = [keys.index(key) for key in zip(part["path"], part["offset_s"])]
+    for name in ("EMB.npy", "EMB.band.npy"):
+        # the same tiles; only the batches differ (BLAS may sum a row differently in another batch)
+        np.testing.assert_allclose(np.load(tmp_path / "part" / name), np.load(tmp_path / "whole" / name)[rows],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="offset 2.5 s is not a span of the grid"):
+        embed_audio_files([long_path], checkpoint, tmp_path / "bad" / "EMB.npy", config, show_progress=False,
+                          spans={str(long_path): [2.5]})
+
+
 @pytest.mark.realdata
 def test_audio_command_on_real_recorder_files_and_labelled_mp3s(tmp_path):
     if not SHARED_SOUNDSCAPES.exists() or not SHARED_LABELLED.exists():

@@ -92,7 +92,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,8 +100,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..core.audio import (DEFAULT_BLOCK_S, AudioFile, AudioOpenError, WindowLoss,
-                          grid_windows)
+from ..core.audio import DEFAULT_BLOCK_S, AudioFile, AudioOpenError, WindowLoss, read_windows
 from ..recordings.archive import DEFAULT_EXTENSIONS, list_audio_files, probe_recording
 from ..pretrain.checkpoint import load_backbone
 from ..pretrain.models import SpectrogramViT
@@ -788,9 +787,23 @@ def discover_audio(paths: Sequence[str | os.PathLike]) -> tuple[list[AudioInput]
     return sorted(inputs.values()), problems
 
 
+def span_numbers(offsets_s: Sequence[float], config: SpectrogramConfig, what: str) -> np.ndarray:
+    """Grid numbers j (span j starts at j * tile_hop_s) of the given offsets, sorted and unique;
+    ValueError when an offset is not on the grid (1 microsecond tolerance)."""
+    offsets = np.asarray(offsets_s, dtype=np.float64)
+    numbers = np.rint(offsets / config.tile_hop_s).astype(np.int64)
+    off_grid = np.abs(numbers * config.tile_hop_s - offsets) > 1e-6
+    if off_grid.any() or (numbers < 0).any():
+        bad = offsets[off_grid | (numbers < 0)][0]
+        raise ValueError(f"{what}: offset {bad:g} s is not a span of the grid of hop {config.tile_hop_s:g} s")
+    return np.unique(numbers)
+
+
 def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
-                device: torch.device, skips: list[_Skip]) -> Iterator[_SpanBlock]:
-    """Every span of one file as float16 dB tiles, block by block; problems appended to `skips`.
+                device: torch.device, skips: list[_Skip],
+                numbers: np.ndarray | None = None) -> Iterator[_SpanBlock]:
+    """Every span of one file (or only spans `numbers` of its grid, sorted) as float16 dB tiles,
+    block by block; problems appended to `skips`.
 
     The file is classified as the inventory classifies it (`archive.probe_recording`: a file cut
     short is read up to the break and noted) and read through the one reader,
@@ -823,9 +836,13 @@ def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
         skips.append(_Skip("unreadable", str(error), math.nan, 0))
         return
     losses: list[WindowLoss] = []
+    if numbers is None:
+        numbers = np.arange(n_spans, dtype=np.int64)
+    else:   # requested spans the window rule does not keep for this file give no row
+        numbers = numbers[numbers < n_spans]
     with audio:
-        for batch in grid_windows(audio, rule, 0, n_spans, losses, block_s=DEFAULT_BLOCK_S,
-                                  device=device,
+        for batch in read_windows(audio, rule, numbers, numbers * rule.hop_samples, losses,
+                                  block_s=DEFAULT_BLOCK_S, device=device,
                                   lowpass_filter_width=config.resample_lowpass_filter_width,
                                   rolloff=config.resample_rolloff):
             tiles_db = front_end(batch.waveforms).log_mel_db.to(torch.float16)  # as the store keeps tiles
@@ -876,8 +893,12 @@ def audio_output_paths(out_path: str | os.PathLike, poolings: Sequence[str]) -> 
 
 def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.PathLike,
                       out_path: str | os.PathLike, config: EmbedConfig | None = None,
-                      show_progress: bool = True) -> AudioEmbedSummary:
+                      show_progress: bool = True,
+                      spans: Mapping[str, Sequence[float]] | None = None) -> AudioEmbedSummary:
     """Embed every span of the given audio files (or of the audio under given folders).
+
+    `spans` ({file: offsets in s}) restricts a file to those spans of its grid (validation
+    embeds only the windows it scores); a file it does not name is embedded whole.
 
     `out_path` (EMB.npy) receives the (n_rows, width) array of the first pooling (in `pooling.POOLINGS`
     order: the mean of the patch tokens when it is asked for); the others go to EMB.<pooling>.npy
@@ -900,6 +921,8 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                             config.compile)
     front_end = LogMelFrontEnd(spectrogram, device)
     inputs, problems = discover_audio(paths)
+    span_numbers_by_path = {str(Path(path).expanduser().resolve()): span_numbers(offsets, spectrogram, str(path))
+                            for path, offsets in (spans or {}).items()}
     logger.info("embedding %d audio file(s) with %s (%s, %s)", len(inputs),
                 loaded.identity["path"], device, precision)
 
@@ -922,7 +945,8 @@ def embed_audio_files(paths: Sequence[str | os.PathLike], checkpoint: str | os.P
                       disable=not show_progress):
         skips: list[_Skip] = []
         n_rows_before = len(rows["path"])
-        for block in _file_spans(audio.path, spectrogram, front_end, device, skips):
+        for block in _file_spans(audio.path, spectrogram, front_end, device, skips,
+                                 span_numbers_by_path.get(audio.path)):
             rows["path"] += [audio.path] * len(block.offset_s)
             rows["relpath"] += [audio.relpath] * len(block.offset_s)
             rows["offset_s"] += block.offset_s.tolist()

@@ -600,9 +600,9 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
                config: ValidateConfig) -> dict[str, np.ndarray]:
     """{pooling: (n_windows, dim)} from one checkpoint, through `embed.embed_audio_files`.
 
-    Every span of the windows' files is embedded (the audio command's grid: the checkpoint's
-    tile length and hop from 0 s) and the windows' rows are picked by path and offset, so the
-    checkpoint must cut `window_s` tiles on a hop that lands on the windows' offsets.
+    The windows' spans of the audio command's grid (the checkpoint's tile length and hop from
+    0 s) are embedded and their rows picked by path and offset, so the checkpoint must cut
+    `window_s` tiles on a hop that lands on the windows' offsets.
     """
     from ..pretrain.checkpoint import load_checkpoint
     from .embed import EmbedConfig, audio_output_paths, embed_audio_files
@@ -612,7 +612,10 @@ def ssl_spaces(windows: pd.DataFrame, checkpoint: str | os.PathLike, work_dir: P
                                device=config.device, precision=config.precision, compile=config.compile)
     out_path = work_dir / "embeddings.npy"
     paths = sorted(windows["path"].unique())
-    embed_audio_files(paths, checkpoint, out_path, embed_config, show_progress=config.progress)
+    # only the windows scored: a recording's other spans are never read into the model
+    spans = {path: group.to_numpy() for path, group in windows.groupby("path", sort=True)["offset_s"]}
+    embed_audio_files(paths, checkpoint, out_path, embed_config, show_progress=config.progress,
+                      spans=spans)
     targets = audio_output_paths(out_path, embed_config.poolings)
     rows = pd.read_csv(targets["csv"])
     positions = _rows_for_windows(rows, windows, f"the embedding of {checkpoint}")

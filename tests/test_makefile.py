@@ -50,7 +50,7 @@ def test_make_gpu_check_runs_the_prepared_script_without_installing_and_ci_runs_
     """`make gpu-check` is benchmarks/gpu_check.sh and nothing else (no `setup`: a GPU node may be
     offline); CI (.ci/run) runs its CPU dry run, so the script cannot rot; bad arguments stop it."""
     venv = tmp_path / "venv"
-    plan = subprocess.run(["make", "-n", "gpu-check", f"VENV={venv}", "GPU_CHECK_ARGS=--device cpu --tiny"],
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", f"VENV={venv}", "GPU_CHECK_ARGS=--device cpu --tiny"],
                           cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
     assert plan == ["benchmarks/gpu_check.sh  --device cpu --tiny"]
     assert 'make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"' in (REPO / ".ci" / "run").read_text()

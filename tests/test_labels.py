@@ -148,14 +148,17 @@ def test_names_table_counts_majorities_and_carries_the_clustering_identity(tmp_p
     # A tie goes to the alphabetically first value; excluded values never win.
     majority, share = labels.majority_per_cluster(np.array([0, 0, 0]), ["b", "a", "none"], 1, exclude=["none"])
     assert majority.tolist() == ["a"] and share.tolist() == [pytest.approx(1 / 3)]
-    # Rerunning notebook 04 keeps an expert's names.
+    # Rerunning notebook 04 keeps an expert's names; a named file of another clustering is moved aside.
     path = tmp_path / "cluster_names.csv"
-    named = table.assign(name=["Wren", "", ""])
-    labels.write_cluster_names(named, path)
-    labels.write_cluster_names(table, path)
-    assert pd.read_csv(path, keep_default_na=False)["name"].tolist() == ["Wren", "", ""]
-    labels.write_cluster_names(table, path, overwrite_names=True)
+    labels.write_cluster_names(table.assign(name=["Wren", "", ""]), path)
+    labels.write_cluster_names(table.assign(planted_label="new"), path)
+    rewritten = pd.read_csv(path, keep_default_na=False)
+    assert rewritten["name"].tolist() == ["Wren", "", ""] and (rewritten["planted_label"] == "new").all()
+    other = table.assign(fingerprint="0123456789abcdef")
+    labels.write_cluster_names(other, path)
     assert pd.read_csv(path, keep_default_na=False)["name"].tolist() == ["", "", ""]
+    aside = tmp_path / f"cluster_names.{labels.clustering_fingerprint(CENTROIDS)}.csv"
+    assert pd.read_csv(aside, keep_default_na=False)["name"].tolist() == ["Wren", "", ""]
 
 
 def test_birdnet_species_are_read_when_a_finished_run_covers_the_tiles(tmp_path):
@@ -266,3 +269,40 @@ def test_name_largest_by_majority_and_precision_against_a_known_truth():
     assert scores.loc["wren", "base_rate"] == pytest.approx(4 / 8)
     assert scores.loc["all", "base_rate"] == pytest.approx((3 * 4 / 8 + 2 * 2 / 8) / 5)
     assert scores.loc["all", "tiles_per_decision"] == pytest.approx(5 / 2)
+
+
+def test_precision_by_confidence_bins_tiles_from_least_to_most_confident():
+    names = ["a", "a", "a", "a", "b", "b", "b", "b", None, "ignore"]
+    truth = ["a", "x", "a", "a", "x", "x", "b", "b", "a", "a"]
+    confidence = [0.9, 0.1, 0.8, 0.7, 0.2, 0.15, 0.6, 0.65, 1.0, 1.0]
+    table = labels.precision_by_confidence(names, truth, confidence, n_bins=2)
+    assert table["tiles"].tolist() == [4, 4]  # the unnamed and ignored tiles are not scored
+    assert table["precision"].tolist() == [0.25, 1.0]  # 0.1, 0.15, 0.2 wrong; 0.6 right | all right
+    assert table["confidence_high"].iloc[0] == 0.6 and table["confidence_low"].iloc[1] == 0.65
+
+
+def test_measure_labelling_names_the_largest_clusters_by_the_planted_truth_and_scores_them(toy_run, tmp_path):
+    run, _ = toy_run  # clusters of the 10 tiles: 0 0 1 1 2 0 | 0 0 0 2 (rec1 | rec2)
+    pd.DataFrame({"cluster": [0, 1, 2], "n_tiles": [6, 2, 2], "verdict": "signal"}).to_csv(
+        run / "clusters" / "toy_band" / "clusters.csv", index=False)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    events = [("s1/rec1.wav", 0.0, 3.0, "wren", "bird"), ("s1/rec1.wav", 3.0, 6.0, "wren", "bird"),
+              ("s1/rec1.wav", 6.0, 9.0, "robin", "bird"), ("s1/rec1.wav", 9.0, 12.0, "robin", "bird"),
+              ("s1/rec1.wav", 9.0, 12.0, "rain", "rain"), ("s1/rec1.wav", 12.0, 15.0, "rain", "rain"),
+              ("s2/rec2.wav", 0.0, 3.0, "wren", "bird"),
+              ("s2/rec2.wav", 3.0, 3.5, "wren", "bird"), ("s2/rec2.wav", 3.0, 6.0, "robin", "bird"),
+              ("s2/rec2.wav", 9.0, 12.0, "wren", "bird")]
+    pd.DataFrame([{"file": f, "start_s": a, "end_s": b, "f_low_hz": 1000.0, "f_high_hz": 4000.0, "label": label,
+                   "kind": kind, "snr_db": 10.0, "individual_id": ""} for f, a, b, label, kind in events]
+                 ).to_csv(archive / "annotations.csv", index=False)
+    scores, by_confidence, summary = labels.measure_labelling(run, archive, tmp_path / "out", n_largest=2, progress=False)
+    named = pd.read_csv(tmp_path / "out" / "cluster_names_named.csv", keep_default_na=False)
+    assert named.set_index("cluster")["name"].to_dict() == {0: "wren", 1: "robin", 2: ""}
+    scores = scores.set_index("name")
+    # wren: tiles 0 1 5 6 7 8, dominant wren in 0 1 6 8, wren counts in 7 too (robin louder), 5 is background
+    assert scores.loc["wren", ["tiles_labelled", "hits_dominant", "hits_any"]].tolist() == [6, 4, 5]
+    assert scores.loc["robin", ["tiles_labelled", "hits_dominant", "hits_any"]].tolist() == [2, 2, 2]
+    assert scores.loc["all", ["precision_dominant", "precision_any", "tiles_per_decision"]].tolist() == [0.75, 0.875, 4.0]
+    assert summary.n_labelled_tiles == 8 and not (run / "labels").exists()  # the run is only read
+    assert by_confidence["tiles"].sum() == 8

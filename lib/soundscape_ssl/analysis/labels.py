@@ -164,18 +164,32 @@ def cluster_names_table(clusters_table: pd.DataFrame, space: str, centroids: np.
     return table[list(NAMES_COLUMNS)].reset_index(drop=True)
 
 
-def write_cluster_names(table: pd.DataFrame, path: str | os.PathLike, overwrite_names: bool = False) -> Path:
-    """Write the names table (atomically). An existing file whose `name` column holds an expert's
-    names is kept, unless `overwrite_names`: rerunning notebook 04 must not erase hours of naming."""
+def write_cluster_names(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the names table (atomically) without losing an expert's work.
+
+    Names already in `path` for the same clustering (same fingerprint) are carried over into the
+    new table (rerunning notebook 04 after 06 fills in BirdNET and keeps the names). A named file
+    of another clustering is moved aside to `cluster_names.<its fingerprint>.csv`, with a warning.
+    """
     path = Path(path)
-    if path.exists() and not overwrite_names:
+    table = table.copy()
+    if path.exists():
         try:
             existing = pd.read_csv(path, dtype=str, keep_default_na=False)
         except (pd.errors.EmptyDataError, pd.errors.ParserError):
             existing = pd.DataFrame()
-        if NAME_COLUMN in existing.columns and (existing[NAME_COLUMN].str.strip() != "").any():
-            logger.warning("%s holds names: kept (pass overwrite_names=True to replace it)", path)
-            return path
+        if {"fingerprint", "cluster", NAME_COLUMN} <= set(existing.columns):
+            named = existing[existing[NAME_COLUMN].str.strip() != ""]
+            fingerprint = str(table["fingerprint"].iloc[0]) if len(table) else ""
+            same = named["fingerprint"].str.strip() == fingerprint
+            if same.all() and len(named):
+                carried = dict(zip(named["cluster"].str.strip().astype(int), named[NAME_COLUMN].str.strip()))
+                table[NAME_COLUMN] = table["cluster"].map(carried).fillna(table[NAME_COLUMN])
+                logger.info("%s: %d names carried over", path, len(carried))
+            elif len(named):
+                aside = path.with_name(f"{path.stem}.{named['fingerprint'].iloc[0].strip() or 'unknown'}{path.suffix}")
+                path.rename(aside)
+                logger.warning("%s named another clustering: moved to %s", path, aside)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, table.to_csv(index=False))
 
@@ -652,3 +666,61 @@ def score_propagated_labels(names: Sequence, truth_labels: Sequence, truth_label
     if n_decisions:
         table.loc[table["name"] == "all", "tiles_per_decision"] = overall["tiles_labelled"] / n_decisions
     return table
+
+
+def precision_by_confidence(names: Sequence, truth_labels: Sequence, confidence: Sequence,
+                            n_bins: int = 4) -> pd.DataFrame:
+    """Precision (name == dominant true label) of the labelled tiles in `n_bins` equal-count bins of
+    confidence, lowest first: does the confidence rank the right labels above the wrong ones?
+    Columns: bin (1 = least confident), confidence_low, confidence_high, tiles, precision."""
+    frame = pd.DataFrame({"name": pd.Series(names, dtype=object).to_numpy(),
+                          "truth": pd.Series(truth_labels, dtype=object).astype(str).to_numpy(),
+                          "confidence": np.asarray(confidence, dtype=np.float64)})
+    frame = frame[frame["name"].notna() & ~frame["name"].isin(["", IGNORE])]
+    # rank first: equal confidences never leave a bin empty
+    frame["bin"] = pd.qcut(frame["confidence"].rank(method="first"), n_bins, labels=False) + 1
+    frame["hit"] = frame["name"].astype(str) == frame["truth"]
+    grouped = frame.groupby("bin")
+    return pd.DataFrame({"confidence_low": grouped["confidence"].min(), "confidence_high": grouped["confidence"].max(),
+                         "tiles": grouped.size(), "precision": grouped["hit"].mean()}).reset_index()
+
+
+def measure_labelling(run_dir: str | os.PathLike, archive_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      n_largest: int = 20, space: str | None = None,
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, LabelSummary]:
+    """The labelling loop on a synthetic archive, with the planted truth standing in for the expert.
+
+    Writes into `out_dir` (never into the run): `cluster_names.csv` as notebook 04 makes it (from
+    the run's `clusters/<space>/clusters.csv` for sizes and verdicts), `cluster_names_named.csv`
+    with the `n_largest` clusters named by their majority planted label, `labels/` from
+    `label_run`, `precision.csv` (`score_propagated_labels`, one naming decision per named
+    cluster) and `precision_by_confidence.csv` (quartiles of confidence). Returns (the precision
+    table, the precision by confidence, the label summary).
+    """
+    from ..recordings.groundtruth import tile_ground_truth
+    from ..recordings.synth import read_annotations
+    from ..tiles.store import INDEX_FILE, read_store_metadata
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    space = find_space(run_dir, space)
+    clusters_dir = run_dir / "clusters" / space
+    result = ClusterResult.load(clusters_dir)
+    store_config = read_store_metadata(run_dir / "tiles")["config"]
+    index = pq.read_table(run_dir / "tiles" / INDEX_FILE).to_pandas()
+    truth = tile_ground_truth(read_annotations(archive_dir), index.assign(tile_s=float(store_config["tile_s"])))
+    described = pd.read_csv(clusters_dir / "clusters.csv")
+    birdnet_species, _ = birdnet_species_per_tile(run_dir / "birdnet", index["tile_id"].to_numpy())
+    names_table = cluster_names_table(described, space, result.centroids, result.labels,
+                                      birdnet_species=birdnet_species, planted_labels=truth["label"].to_numpy())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_cluster_names(names_table, out_dir / NAMES_FILE)
+    named = name_largest_by_majority(names_table, n_largest)
+    named_path = atomic_write_text(out_dir / "cluster_names_named.csv", named.to_csv(index=False))
+    summary = label_run(run_dir, named_path, space, out_dir=out_dir / LABELS_DIR, progress=progress)
+    tiles = pq.read_table(out_dir / LABELS_DIR / TILES_FILE, columns=["name", "confidence"]).to_pandas()
+    n_decisions = int((named[NAME_COLUMN].str.strip() != "").sum())
+    scores = score_propagated_labels(tiles["name"], truth["label"], truth["labels"], n_decisions=n_decisions)
+    atomic_write_text(out_dir / "precision.csv", scores.to_csv(index=False))
+    by_confidence = precision_by_confidence(tiles["name"], truth["label"], tiles["confidence"])
+    atomic_write_text(out_dir / "precision_by_confidence.csv", by_confidence.to_csv(index=False))
+    return scores, by_confidence, summary

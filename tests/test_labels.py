@@ -306,3 +306,17 @@ def test_measure_labelling_names_the_largest_clusters_by_the_planted_truth_and_s
     assert scores.loc["all", ["precision_dominant", "precision_any", "tiles_per_decision"]].tolist() == [0.75, 0.875, 4.0]
     assert summary.n_labelled_tiles == 8 and not (run / "labels").exists()  # the run is only read
     assert by_confidence["tiles"].sum() == 8
+
+
+def test_the_space_to_label_must_be_named_when_it_is_not_the_only_one(toy_run, tmp_path, capsys):
+    run, names_path = toy_run
+    argv = ["label", "--run", str(run), "--names", str(names_path), "--out", str(tmp_path / "out")]
+    assert cli.main(argv + ["--space", "dino_mean"]) == 1
+    assert "clusters/dino_mean holds no finished clustering (finished: ['toy_band'])" in capsys.readouterr().err
+    ClusterResult.load(run / "clusters" / "toy_band").save(run / "clusters" / "other_band")
+    assert cli.main(argv) == 1
+    assert "holds 2 clusterings ['other_band', 'toy_band']: name one with --space" in capsys.readouterr().err
+    assert cli.main(argv + ["--space", "toy_band"]) == 0
+    assert (tmp_path / "out" / "tiles.parquet").is_file() and not (run / "labels").exists()
+    assert cli.main(["label", "--run", str(tmp_path), "--names", str(names_path)]) == 1
+    assert "has no clusters/ folder" in capsys.readouterr().err

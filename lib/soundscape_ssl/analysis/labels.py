@@ -540,6 +540,8 @@ class LabelSummary:
 def find_space(run_dir: str | os.PathLike, space: str | None = None) -> str:
     """`space` if the run has a finished clustering of it; else the run's only clustering."""
     clusters_dir = Path(run_dir) / "clusters"
+    if not clusters_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no clusters/ folder: not a run that has been through notebook 04")
     finished = sorted(p.name for p in clusters_dir.glob("*") if (p / "config.json").is_file() and (p / "model.npz").is_file())
     if space is not None:
         if space not in finished:

@@ -242,6 +242,8 @@ def set_field(text: str, row: int, column: str, value: str) -> str:
     (lambda text: set_field(text, 2, "fingerprint", "0123456789abcdef"),
      "row 2: fingerprint '0123456789abcdef' is not this clustering's"),
     (lambda text: text.replace("toy_band", "mae_mean"), "row 1: space 'mae_mean' is not 'toy_band'"),
+    # a spreadsheet's byte order mark must not hide the first column (space)
+    (lambda text: "\ufeff" + text.replace("toy_band", "mae_mean"), "row 1: space 'mae_mean' is not 'toy_band'"),
 ])
 def test_bad_names_files_fail_with_one_line_naming_the_row(toy_run, capsys, edit, message):
     run, names_path = toy_run

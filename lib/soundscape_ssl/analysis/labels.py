@@ -229,7 +229,7 @@ def read_cluster_names(path: str | os.PathLike, fingerprint: str, n_clusters: in
     if not path.is_file():
         raise NamesFileError(f"{path}: no such file")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)  # pandas drops a BOM
     except pd.errors.EmptyDataError:
         raise NamesFileError(f"{path} is empty: expected the cluster_names.csv notebook 04 wrote") from None
     except pd.errors.ParserError as error:

@@ -70,13 +70,22 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from ..analysis.labels import label_run
+
+    summary = label_run(Path(args.run), Path(args.names), space=args.space,
+                        out_dir=Path(args.out) if args.out else None)
+    print(summary.line())
+    return 0
+
+
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
 # as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
                         "validate": "soundscape_ssl.analysis.validate",
                         "indices": "soundscape_ssl.analysis.indices"}
 # subcommands whose parser is built here
-OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures")
+OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures", "label")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("run_dir", metavar="RUN_DIR", help="the reference run (runs/reference)")
     figures.add_argument("--out", default="figures", help="the published folder (default: figures)")
     figures.set_defaults(handler=_cmd_figures)
+
+    label = commands.add_parser("label", help="propagate an expert's cluster names (cluster_names.csv) to every "
+                                              "tile: RUN_DIR/labels/tiles.parquet and one Raven selection table "
+                                              "per recording")
+    label.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (runs/<run_id>)")
+    label.add_argument("--names", required=True, metavar="CSV",
+                       help="the filled-in cluster_names.csv (notebook 04 writes it beside the clustering)")
+    label.add_argument("--space", default=None, help="the clustering to label (default: the run's only one)")
+    label.add_argument("--out", default=None, help="output folder (default: RUN_DIR/labels)")
+    label.set_defaults(handler=_cmd_label)
 
     # Listed for --help only: main() hands their arguments to the module's own parser.
     commands.add_parser("tile", help="tile an inventory into a log-mel tile store "

@@ -1162,16 +1162,19 @@ _CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ = 80.0, 7000.0
 
 def _render_chainsaw(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, float, float]:
     """A 1.8-2.6 s burst of a two-stroke engine: a buzzy harmonic series on a ~110 Hz firing rate
-    that revs up by half and back, plus cutting noise over 0.4-6.8 kHz."""
+    that revs up by half and back, plus cutting noise; both roll off smoothly above ~2.5 kHz (no
+    hard spectral edge, like the other broadband sources)."""
     duration_s = rng.uniform(1.8, 2.6)
     n = int(duration_s * sr)
     u = np.arange(n) / n
     firing_hz = rng.uniform(95.0, 125.0) * (1.0 + 0.5 * np.sin(np.pi * u) ** 2)
     phase = rng.uniform(0, 2 * np.pi) + 2.0 * np.pi * np.cumsum(firing_hz) / sr
     top_harmonic = int((_CHAINSAW_F_HIGH_HZ - 200.0) // firing_hz.max())
-    engine = sum(np.sin(k * phase) / k ** 0.7 for k in range(1, top_harmonic + 1))
+    mean_firing_hz = float(firing_hz.mean())
+    engine = sum(np.sin(k * phase) / k ** 0.7 / math.sqrt(1.0 + (k * mean_firing_hz / 2500.0) ** 4)
+                 for k in range(1, top_harmonic + 1))
     engine /= np.std(engine) + 1e-12
-    cutting = _colored_noise(rng, n, sr, 400.0, 6800.0, lambda f: np.ones_like(f))
+    cutting = _colored_noise(rng, n, sr, 400.0, 6800.0, lambda f: 1.0 / (1.0 + (f / 2500.0) ** 4))
     cutting /= np.std(cutting) + 1e-12
     signal = (engine + 0.5 * cutting) * _ramped_envelope(n, sr, 0.15, 0.25)
     return (_finish_rare(signal, sr, _CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ),
@@ -1183,10 +1186,10 @@ _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ = 150.0, 9000.0
 
 def _render_gunshot(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, float, float]:
     """A distant shot: a broadband blast with a 1 ms rise and ~40 ms decay, then a ~0.15 s
-    reverberant tail, ~0.7 s in all."""
+    reverberant tail, ~0.7 s in all; its spectrum falls as 1/f and rolls off above ~4 kHz."""
     n = int(rng.uniform(0.6, 0.75) * sr)
     t = np.arange(n) / sr
-    noise = _colored_noise(rng, n, sr, _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ, lambda f: 1000.0 / f)
+    noise = _colored_noise(rng, n, sr, _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ, lambda f: 1000.0 / f / (1.0 + (f / 4000.0) ** 4))
     noise /= np.std(noise) + 1e-12
     envelope = (1.0 - np.exp(-t / 0.001)) * (np.exp(-t / 0.04) + 0.15 * np.exp(-t / rng.uniform(0.12, 0.18)))
     return (_finish_rare(noise * envelope, sr, _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ),

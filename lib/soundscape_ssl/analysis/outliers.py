@@ -18,7 +18,8 @@ the clustering of notebook 04 standardises too; cosine then compares what a tile
 far its vector happens to be from the origin.
 
 Memory is bounded at millions of tiles. Queries are read from the (memory-mapped) embedding in
-chunks of `chunk_rows`; the reference set the neighbours are searched in is held in memory, so
+chunks of `chunk_rows`, and scikit-learn computes their distances to the reference in blocks of
+at most `working_memory_mb`; the reference set the neighbours are searched in is held in memory, so
 above `reference_cap` rows it is a seeded random subsample (`cluster.subsample_indices`, sorted,
 so the memory map is read forwards), and the result reports its size. The trade-off: against a
 subsample holding a fraction f of the tiles, a tile's k nearest reference neighbours are about
@@ -60,6 +61,7 @@ class OutlierConfig:
     n_neighbors: int = 10          # k: the score is the mean cosine distance to the k nearest other tiles
     reference_cap: int = 100_000   # neighbours are searched among at most this many tiles (seeded subsample)
     chunk_rows: int = 4096         # query tiles read from the embedding per chunk (bounds memory)
+    working_memory_mb: int = 256   # scikit-learn's bound on one block of query x reference distances
     standardize: bool = True       # z-score each dimension (reference statistics) before cosine
     seed: int = 0                  # the reference subsample
 
@@ -68,8 +70,9 @@ class OutlierConfig:
             raise ValueError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
         if self.reference_cap <= self.n_neighbors:
             raise ValueError(f"reference_cap must exceed n_neighbors={self.n_neighbors}, got {self.reference_cap}")
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.chunk_rows < 1 or self.working_memory_mb < 1:
+            raise ValueError(f"chunk_rows and working_memory_mb must be >= 1, got {self.chunk_rows} "
+                             f"and {self.working_memory_mb}")
 
 
 @dataclass
@@ -103,6 +106,7 @@ def outlier_scores(embeddings: np.ndarray, config: OutlierConfig | None = None,
                    show_progress: bool = True) -> OutlierResult:
     """Score every row of `embeddings` (an array or a read-only memory map, (N, D)) by its mean
     cosine distance to its `n_neighbors` nearest other rows (module docstring)."""
+    from sklearn import config_context
     from sklearn.neighbors import NearestNeighbors
     from sklearn.preprocessing import StandardScaler
 
@@ -129,7 +133,8 @@ def outlier_scores(embeddings: np.ndarray, config: OutlierConfig | None = None,
     for start in tqdm(starts, desc="outlier scores", unit="chunk", disable=not show_progress):
         stop = min(n_rows, start + config.chunk_rows)
         query = _prepare(embeddings[start:stop], mean, scale)
-        distances, found = neighbours.kneighbors(query, n_neighbors=k + 1)
+        with config_context(working_memory=config.working_memory_mb):
+            distances, found = neighbours.kneighbors(query, n_neighbors=k + 1)
         is_self = found == position[start:stop, None]
         # Keep k of the k + 1: drop the tile itself where it was found, else the farthest.
         drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)

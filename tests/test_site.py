@@ -100,6 +100,52 @@ def test_the_smoke_report_describes_every_cluster(smoke_run: Path) -> None:
         assert f'src="../figures/{png.name}"' in index
 
 
+def _run_with_outliers(stage_inputs, tmp_path) -> tuple[Path, list[int], dict[int, list[int]]]:
+    """A run folder on the small stage store: a clustering of a hand-made embedding with one planted
+    outlier (row 5) and notebook 04's outliers.csv; returns (run, outlier tile ids, central ids)."""
+    from soundscape_ssl.analysis import cluster, outliers
+    from soundscape_ssl.tiles.store import TileStore
+
+    run = tmp_path / "run"
+    shutil.copytree(stage_inputs["store"], run / "tiles")
+    index = TileStore(run / "tiles").index
+    rng = np.random.default_rng(0)
+    embeddings = np.repeat(np.eye(4)[:3] * 5.0, -(-len(index) // 3), axis=0)[:len(index)]
+    embeddings = embeddings + 0.2 * rng.standard_normal(embeddings.shape)
+    embeddings[5] = [0.0, 0.0, 0.0, 5.0]
+    result = cluster.fit_clusters(embeddings, cluster.ClusterConfig(n_clusters=3, seed=0), progress=False)
+    result.save(run / "clusters" / "toy_mean")
+    ranked = outliers.outlier_scores(embeddings, outliers.OutlierConfig(n_neighbors=3), show_progress=False)
+    table = outliers.top_outliers_table(ranked, index, n=10)
+    table.to_csv(run / "clusters" / "toy_mean" / outliers.OUTLIERS_FILE, index=False)
+    (run / "manifest.json").write_text(json.dumps({"run_id": "toy", "notebooks": []}))
+    central = {c: [int(t) for t in rows] for c, rows in result.central_indices(2).items()}
+    return run, table["tile_id"].head(4).tolist(), central
+
+
+def test_the_report_lists_the_top_outliers_with_their_audio(stage_inputs, tmp_path) -> None:
+    run, top, central = _run_with_outliers(stage_inputs, tmp_path)
+    assert top[0] == 5
+    config = site.ReportConfig(central_tiles=2, overview_tiles=1, outlier_tiles=4)
+    summary = site.build_report(run, config, show_progress=False)
+    page = (run / "report" / site.OUTLIERS_PAGE).read_text()
+    clips = pd.read_csv(run / "report" / "clips" / "clips.csv", keep_default_na=False).set_index("tile_id")
+    # One clips plan for both kinds of page: central tiles and outliers, each cut once.
+    assert set(clips.index) == set(top) | {t for rows in central.values() for t in rows}
+    assert summary.n_clips == (clips["clip"] != "").sum()
+    positions = [page.index(f"<b>#{rank}</b> · tile {tile} ·") for rank, tile in enumerate(top, start=1)]
+    assert positions == sorted(positions) and "#5</b>" not in page          # most outlying first, four of ten
+    for tile in top:
+        clip = clips.loc[tile, "clip"]
+        assert clip and f'src="clips/{clip}"' in page and (run / "report" / "clips" / clip).is_file()
+    assert 'href="outliers.html"' in (run / "report" / "index.html").read_text()
+    # Without notebook 04's table the page goes, and nothing links to it.
+    (run / "clusters" / "toy_mean" / "outliers.csv").unlink()
+    site.build_report(run, config, show_progress=False)
+    assert not (run / "report" / site.OUTLIERS_PAGE).exists()
+    assert "outliers.html" not in (run / "report" / "index.html").read_text()
+
+
 # --------------------------------------------------------------------------------------------
 # In a real browser
 

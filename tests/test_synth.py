@@ -4,6 +4,7 @@ really planted (in time, frequency, habitat and diel pattern)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -244,3 +245,66 @@ def test_config_validation_and_list_fields() -> None:
                 dict(start_date="24/05/2024"), dict(workers=0), dict(file_s=0.0)):
         with pytest.raises(ValueError, match="invalid SynthConfig"):
             SynthConfig(**bad)
+
+
+def _rare_tiles_touched(config: SynthConfig, tile_s: float = 3.0) -> tuple[list[str], set[tuple[str, int]]]:
+    """The planned rare events' labels and every (file, tile) a rare event could touch (its
+    longest rendition), on the tile grid from 0 s, without rendering anything."""
+    labels, tiles = [], set()
+    for plan in synth.plan_files(config):
+        for label, start_s in synth.plan_rare_events(config, plan):
+            labels.append(label)
+            end_s = start_s + synth._RARE_BY_LABEL[label].max_duration_s
+            tiles.update((plan.relpath, k) for k in range(int(start_s // tile_s), math.ceil(end_s / tile_s)))
+    return labels, tiles
+
+
+def test_default_archive_has_every_rare_event_on_at_most_half_a_percent_of_tiles() -> None:
+    config = SynthConfig()   # the demo's archive: 9 recorders x 2 days x 8 x 60 s = 2,880 tiles of 3 s
+    n_tiles = config.recorders * config.days * len(config.recording_start_hours) * int(config.file_s // 3.0)
+    labels, tiles = _rare_tiles_touched(config)
+    assert n_tiles == 2880
+    assert set(labels) == set(synth.RARE_LABELS) == {"bellbird", "chainsaw", "gunshot"}
+    assert 5 <= len(labels) and len(tiles) <= 0.005 * n_tiles, (len(labels), len(tiles))
+    assert _rare_tiles_touched(SynthConfig(rare_events_per_hour=0.0)) == ([], set())
+
+
+def test_rare_events_are_annotated_and_change_nothing_else(tmp_path: Path) -> None:
+    small = dict(seed=0, recorders=1, grassland_recorders=0, days=1, recording_start_hours=(5.5, 12.0),
+                 file_s=20.0, rainy_days=())
+    with_rare = generate_archive(tmp_path / "rare", SynthConfig(**small, rare_events_per_hour=600.0))
+    without = generate_archive(tmp_path / "none", SynthConfig(**small, rare_events_per_hour=0.0))
+    annotated, plain = read_annotations(with_rare), read_annotations(without)
+    is_rare = annotated["label"].isin(synth.RARE_LABELS)
+    rare = annotated[is_rare]
+    assert len(rare) >= 3 and rare["label"].nunique() >= 2
+    kinds = {s.label: s.kind for s in synth.RARE_SOURCES}
+    assert (rare["kind"] == rare["label"].map(kinds)).all() and set(kinds.values()) <= set(synth.EVENT_KINDS)
+    assert (rare["start_s"] >= 0).all() and (rare["end_s"] <= small["file_s"]).all()
+    assert rare["snr_db"].notna().all() and (rare["snr_db"] > 0).any()
+    # Every other event is drawn exactly as before (their SNRs may change where a rare event overlaps).
+    keep = [c for c in synth.ANNOTATION_COLUMNS if c != "snr_db"]
+    pd.testing.assert_frame_equal(annotated.loc[~is_rare, keep].reset_index(drop=True), plain[keep])
+    # The audio differs only inside the rare events' spans, and there it does.
+    for wav in sorted(without.glob("*/*.wav")):
+        relpath = wav.relative_to(without).as_posix()
+        a, sr = sf.read(with_rare / relpath, dtype="int32")
+        b, _ = sf.read(wav, dtype="int32")
+        inside = np.zeros(a.size, dtype=bool)
+        for event in rare[rare["file"] == relpath].itertuples():
+            inside[int(event.start_s * sr) - 1:int(event.end_s * sr) + 1] = True
+        assert np.array_equal(a[~inside], b[~inside]), relpath
+        assert inside.any() == (a != b).any(), relpath
+
+
+def test_rare_sounds_stay_inside_their_boxes_without_clicks() -> None:
+    rng = np.random.default_rng(3)
+    for source in synth.RARE_SOURCES:
+        for _ in range(3):
+            signal, f_low, f_high = source.render(rng, 44100)
+            spectrum = np.abs(np.fft.rfft(signal.astype(np.float64))) ** 2
+            freqs = np.fft.rfftfreq(signal.size, 1 / 44100)
+            assert spectrum[(freqs >= f_low) & (freqs <= f_high)].sum() / spectrum.sum() > 0.995, source.label
+            assert synth.PLANT_F_MIN_HZ <= f_low < f_high <= synth.PLANT_F_MAX_HZ
+            assert signal.size / 44100 <= source.max_duration_s, source.label
+            assert max(abs(signal[0]), abs(signal[-1])) < 1e-3, source.label

@@ -5,7 +5,7 @@ For every tile the last block's CLS-to-patch attention of each head is a distrib
 smallest set of patches holding a share of that mass (60% by default, `attention_mass_mask`).
 Heads are scored against the planted events' time-frequency boxes (`box_masks_for_tiles`):
 
-- IoU of the mask with the foreground (bird) boxes, with the best IoU any patch-aligned mask
+- IoU of the mask with the foreground (bird, and rare-event) boxes, with the best IoU any patch-aligned mask
   could reach on that tile (`iou_ceiling`): boxes do not follow patch borders, so 1.0 is often
   out of reach, for every patch-level method alike;
 - the share of the head's attention mass inside the boxes, next to the share of the tile the
@@ -295,7 +295,7 @@ class TileTruth(NamedTuple):
 
     `foreground` / `other`: (N, n_mels, n_frames) bool cell masks, or (N, rows, columns) float64
     covered fractions when made with a `patch_hw` (mel bins, frames). Foreground kinds are those
-    of the ground truth config (birds); `other` holds every other counting event (insects, rain,
+    of the ground truth config (birds, and the rare bird, chainsaw and gunshot); `other` holds every other counting event (insects, rain,
     wind ...). `boxes` has one row per event box: tile (row position), label, kind, start_s,
     end_s (tile-relative), f_low_hz, f_high_hz, snr_db, counts, foreground.
     """

@@ -12,9 +12,10 @@ Which events count in a tile (`GroundTruthConfig`): an event counts when it is a
 least `min_event_fraction` of the event (so a 30 ms chip wholly inside a tile counts, a 2 s song
 that only clips the tile edge for 50 ms does not).
 
-The dominant label: foreground kinds (birds, by default) win over continuous sources, because
+The dominant label: foreground kinds (birds, and the synthetic archive's rare events: the rare
+bird and the anthropogenic chainsaw and gunshot, by default) win over continuous sources, because
 the study asks whether tiles group by what calls in them, and a bird calling in the rain is a
-bird tile. Among labels of the same rank the larger covered time wins, then the higher SNR, then
+bird tile (a chainsaw over distant traffic is a chainsaw tile). Among labels of the same rank the larger covered time wins, then the higher SNR, then
 the alphabetically first label (so the answer never depends on row order). Tiles where nothing
 counts get `background_label`.
 """
@@ -48,7 +49,7 @@ class GroundTruthConfig:
     min_overlap_s: float = 0.25  # an event counts once this much of it lies in the tile ...
     min_event_fraction: float = 0.5  # ... or this fraction of the event does (short calls)
     min_snr_db: float = -3.0  # quieter events are treated as inaudible; NaN SNR counts as audible
-    foreground_kinds: tuple[str, ...] = ("bird",)  # kinds that win over all others
+    foreground_kinds: tuple[str, ...] = ("bird", "rare_bird", "anthropogenic")  # kinds that win over all others
     background_label: str = "background"  # label of tiles where nothing counts
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@
 leaves behind -- one folder per recorder of 16-bit mono WAV files named
 `RECORDER_YYYYMMDD_HHMMSS.wav`, a `sites.csv` -- plus the ground truth a real deployment lacks:
 `annotations.csv`, one time-frequency box per planted event (bird calls and songs, insect
-choruses, rain, wind, traffic, aircraft), each with its measured SNR.
+choruses, rain, wind, traffic, aircraft, and a few rare events), each with its measured SNR.
 
 What is planted (see `species_table()` and docs/synthetic_archive.md):
 - 11 bird species with distinct call shapes (two-note whistle, rising and falling FM sweeps, a
@@ -20,6 +20,10 @@ What is planted (see `species_table()` and docs/synthetic_archive.md):
   self-noise (never annotated: it is the background).
 - distance-like levels: call distances are uniform over an area, with spherical spreading and
   habitat-dependent excess attenuation, so SNRs range from inaudible to loud.
+- rare events, the anomalies an outlier search should surface (`RARE_SOURCES`): a rare bird
+  (kind `rare_bird`) and two anthropogenic sounds (chainsaw bursts and gunshots, kind
+  `anthropogenic`), at `rare_events_per_hour` per recording hour (about 0.25% of 3 s tiles by
+  default); their own SeedSequence stream leaves every other draw unchanged.
 
 Reproducibility: every file draws from its own `numpy.random.SeedSequence` keyed by (seed,
 recorder, day, recording), so files are independent of each other and of the number of
@@ -65,7 +69,7 @@ ANNOTATION_COLUMNS = (
     "file", "recorder", "start_s", "end_s", "f_low_hz", "f_high_hz", "label", "kind",
     "individual_id", "snr_db", "peak_dbfs", "distance_m", "habitat", "file_start_time",
 )
-EVENT_KINDS = ("bird", "insect", "rain", "wind", "traffic", "aircraft")
+EVENT_KINDS = ("bird", "insect", "rain", "wind", "traffic", "aircraft", "rare_bird", "anthropogenic")
 
 # SeedSequence stream keys: each kind of random decision has its own stream, so adding a day or
 # a recorder never changes the draws behind anything that already existed.
@@ -74,6 +78,7 @@ _STREAM_INDIVIDUALS = 2
 _STREAM_WEATHER = 3
 _STREAM_FILE = 4
 _STREAM_INSECT_CHORUS = 5
+_STREAM_RARE = 6  # rare events: a stream of their own, so planting them changes no other draw
 
 # Order of the per-source child streams spawned from a file's SeedSequence.
 _FILE_SUBSTREAMS = ("floor", "wind", "traffic", "aircraft", "rain", "insects", "birds")
@@ -82,7 +87,7 @@ _INT16_FULL_SCALE = 32767.0
 
 # Bumped whenever a change to the generator changes its output for the same config, so cached
 # archives (runs/_cache, keyed by config and this number) are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # Annotated upper edges of the smoothly rolling-off broadband sources: where their spectrum has
 # fallen about 20 dB below its low-frequency level.
@@ -116,6 +121,7 @@ class SynthConfig:
     rainy_days: tuple[int, ...] = (1,)  # 0-based days that always get a rain episode (days past the end are ignored)
     rain_day_probability: float = 0.25  # chance that any other day gets a rain episode
     call_rate_scale: float = 1.0  # multiplies every bird's calling rate
+    rare_events_per_hour: float = 2.0  # rare bird, chainsaw and gunshot events per recording hour (0 = none)
     workers: int = 1  # processes generating files in parallel; never changes the output
 
     def __post_init__(self) -> None:
@@ -159,6 +165,8 @@ class SynthConfig:
             problems.append(f"rainy_days must be >= 0, got {self.rainy_days}")
         if self.call_rate_scale <= 0:
             problems.append(f"call_rate_scale must be > 0, got {self.call_rate_scale}")
+        if not 0.0 <= self.rare_events_per_hour <= 600.0:
+            problems.append(f"rare_events_per_hour must be in [0, 600], got {self.rare_events_per_hour}")
         if self.workers < 1:
             problems.append(f"workers must be >= 1, got {self.workers}")
         if problems:
@@ -722,6 +730,11 @@ def species_table() -> pd.DataFrame:
                      "typical_duration_s": s.typical_duration_s, "habitat_preference": s.habitat_preference,
                      "grassland_weight": s.grassland_weight, "canopy_weight": s.canopy_weight,
                      "diel_activity": s.diel, "mean_gap_s": s.mean_gap_s, "source_dbfs_at_10m": s.source_dbfs})
+    for r in RARE_SOURCES:
+        rows.append({"label": r.label, "kind": r.kind, "call_shape": r.call_shape,
+                     "f_low_hz": r.f_range_hz[0], "f_high_hz": r.f_range_hz[1], "typical_duration_s": np.nan,
+                     "habitat_preference": "both", "grassland_weight": np.nan, "canopy_weight": np.nan,
+                     "diel_activity": "any hour, rare", "mean_gap_s": np.nan, "source_dbfs_at_10m": np.nan})
     for s in INSECTS + GEOPHONY:
         weights = _INSECT_HABITAT_WEIGHT.get(s.label, {})
         rows.append({"label": s.label, "kind": s.kind, "call_shape": s.call_shape,
@@ -1110,6 +1123,136 @@ def _render_birds(rng: np.random.Generator, config: SynthConfig, plan: FilePlan,
     return planted
 
 
+# --------------------------------------------------------------------------------------------
+# Rare events: the anomalies an outlier search should find
+# --------------------------------------------------------------------------------------------
+
+_RARE_PAD_S = 0.02  # silence around a rare event, so band-limiting rings out inside its samples
+
+
+def _finish_rare(signal: np.ndarray, sr: int, f_low_hz: float, f_high_hz: float) -> np.ndarray:
+    """Pad, restrict to the annotated box, fade the ends and bring the peak to 1."""
+    pad = np.zeros(int(_RARE_PAD_S * sr))
+    padded = _band_limit(np.concatenate([pad, signal, pad]), sr, f_low_hz, f_high_hz)
+    padded = _fade_edges(padded, sr, 0.5 * _RARE_PAD_S)
+    return (padded / (np.max(np.abs(padded)) + 1e-12)).astype(np.float32)
+
+
+def _render_bellbird(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, float, float]:
+    """Three bell-like notes 0.38 s apart: inharmonic partials at 1, 2.76 and 5.4 x f0 (~1.75 kHz),
+    struck and decaying over ~0.12 s, gliding down 2% -- unlike any common species' call."""
+    f0 = 1750.0 * _jitter(rng, 0.03)
+    interval_s = 0.38 * _jitter(rng, 0.05)
+    note_s = 0.3
+    t = np.arange(int(note_s * sr)) / sr
+    envelope = (1.0 - np.exp(-t / 0.004)) * np.exp(-t / 0.12)
+    signal = np.zeros(int((2 * interval_s + note_s) * sr) + 1)
+    for note in range(3):
+        glide = f0 * (1.0 - 0.02 * t / note_s) * (1.0 - 0.03 * note)
+        partials = sum(a * _fm_tone(glide * ratio, sr, rng.uniform(0, 2 * np.pi))
+                       for ratio, a in ((1.0, 1.0), (2.76, 0.5), (5.4, 0.25)))
+        start = int(round(note * interval_s * sr))
+        signal[start:start + t.size] += partials * envelope
+    f_low, f_high = _box(f0 * 0.97 * 0.94, f0 * 5.4)
+    return _finish_rare(signal, sr, f_low, f_high), f_low, f_high
+
+
+_CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ = 80.0, 7000.0
+
+
+def _render_chainsaw(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, float, float]:
+    """A 1.8-2.6 s burst of a two-stroke engine: a buzzy harmonic series on a ~110 Hz firing rate
+    that revs up by half and back, plus cutting noise; both roll off smoothly above ~2.5 kHz (no
+    hard spectral edge, like the other broadband sources)."""
+    duration_s = rng.uniform(1.8, 2.6)
+    n = int(duration_s * sr)
+    u = np.arange(n) / n
+    firing_hz = rng.uniform(95.0, 125.0) * (1.0 + 0.5 * np.sin(np.pi * u) ** 2)
+    phase = rng.uniform(0, 2 * np.pi) + 2.0 * np.pi * np.cumsum(firing_hz) / sr
+    top_harmonic = int((_CHAINSAW_F_HIGH_HZ - 200.0) // firing_hz.max())
+    mean_firing_hz = float(firing_hz.mean())
+    engine = sum(np.sin(k * phase) / k ** 0.7 / math.sqrt(1.0 + (k * mean_firing_hz / 2500.0) ** 4)
+                 for k in range(1, top_harmonic + 1))
+    engine /= np.std(engine) + 1e-12
+    cutting = _colored_noise(rng, n, sr, 400.0, 6800.0, lambda f: 1.0 / (1.0 + (f / 2500.0) ** 4))
+    cutting /= np.std(cutting) + 1e-12
+    signal = (engine + 0.5 * cutting) * _ramped_envelope(n, sr, 0.15, 0.25)
+    return (_finish_rare(signal, sr, _CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ),
+            _CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ)
+
+
+_GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ = 150.0, 9000.0
+
+
+def _render_gunshot(rng: np.random.Generator, sr: int) -> tuple[np.ndarray, float, float]:
+    """A distant shot: a broadband blast with a 1 ms rise and ~40 ms decay, then a ~0.15 s
+    reverberant tail, ~0.7 s in all; its spectrum falls as 1/f and rolls off above ~4 kHz."""
+    n = int(rng.uniform(0.6, 0.75) * sr)
+    t = np.arange(n) / sr
+    noise = _colored_noise(rng, n, sr, _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ, lambda f: 1000.0 / f / (1.0 + (f / 4000.0) ** 4))
+    noise /= np.std(noise) + 1e-12
+    envelope = (1.0 - np.exp(-t / 0.001)) * (np.exp(-t / 0.04) + 0.15 * np.exp(-t / rng.uniform(0.12, 0.18)))
+    return (_finish_rare(noise * envelope, sr, _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ),
+            _GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ)
+
+
+@dataclasses.dataclass(frozen=True)
+class RareSource:
+    """A rare planted source: what it is, how long and loud it can be, and its renderer."""
+
+    label: str
+    kind: str
+    call_shape: str
+    f_range_hz: tuple[float, float]
+    max_duration_s: float  # longest rendition, padding included: events are placed to fit the file
+    peak_dbfs_range: tuple[float, float]  # peak level at the recorder, drawn uniformly
+    render: Callable[[np.random.Generator, int], tuple[np.ndarray, float, float]]
+
+
+RARE_SOURCES: tuple[RareSource, ...] = (
+    RareSource("bellbird", "rare_bird", "three struck bell-like notes, inharmonic partials (f0 ~1.75 kHz)",
+               (1540, 9730), 1.2, (-34.0, -22.0), _render_bellbird),
+    RareSource("chainsaw", "anthropogenic", "two-stroke engine burst: buzzy harmonics on ~110 Hz, revving",
+               (_CHAINSAW_F_LOW_HZ, _CHAINSAW_F_HIGH_HZ), 2.65, (-38.0, -26.0), _render_chainsaw),
+    RareSource("gunshot", "anthropogenic", "distant shot: broadband blast and reverberant tail",
+               (_GUNSHOT_F_LOW_HZ, _GUNSHOT_F_HIGH_HZ), 0.8, (-24.0, -10.0), _render_gunshot),
+)
+RARE_LABELS: tuple[str, ...] = tuple(source.label for source in RARE_SOURCES)
+_RARE_BY_LABEL = {source.label: source for source in RARE_SOURCES}
+
+
+def plan_rare_events(config: SynthConfig, plan: FilePlan) -> list[tuple[str, float]]:
+    """(label, start_s) of the rare events of one recording, from their own stream: a Poisson
+    number at `rare_events_per_hour`, each source equally likely, placed uniformly so it fits."""
+    if config.rare_events_per_hour <= 0:
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [config.seed, _STREAM_RARE, plan.recorder_index, plan.day_index, plan.slot_index]))
+    events = []
+    for _ in range(int(rng.poisson(config.rare_events_per_hour * config.file_s / 3600.0))):
+        source = RARE_SOURCES[int(rng.integers(len(RARE_SOURCES)))]
+        latest_s = config.file_s - source.max_duration_s
+        if latest_s > 0:  # a file too short for the event gets none
+            events.append((source.label, float(rng.uniform(0.0, latest_s))))
+    return events
+
+
+def _render_rare(config: SynthConfig, plan: FilePlan, n: int, sr: int) -> list[_Planted]:
+    events = plan_rare_events(config, plan)
+    if not events:
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [config.seed, _STREAM_RARE, plan.recorder_index, plan.day_index, plan.slot_index, 1]))
+    planted = []
+    for label, start_s in events:
+        source = _RARE_BY_LABEL[label]
+        signal, f_low, f_high = source.render(rng, sr)
+        start = int(round(start_s * sr))
+        signal = signal[: n - start] * np.float32(10 ** (rng.uniform(*source.peak_dbfs_range) / 20))
+        planted.append(_Planted(label, source.kind, start, signal, f_low, f_high))
+    return planted
+
+
 def _band_power(spectrum: np.ndarray, freqs_hz: np.ndarray, f_low_hz: float, f_high_hz: float) -> float:
     band = (freqs_hz >= f_low_hz) & (freqs_hz <= f_high_hz)
     return float(np.sum(np.abs(spectrum[band]) ** 2))
@@ -1158,7 +1301,8 @@ def render_file(config: SynthConfig, plan: FilePlan,
                + _render_aircraft(rngs["aircraft"], plan, n, sr, config.file_s, daylight)
                + _render_rain(rngs["rain"], plan, n, sr, config.file_s)
                + _render_insects(rngs["insects"], config, plan, n, sr)
-               + _render_birds(rngs["birds"], config, plan, individuals, n, sr))
+               + _render_birds(rngs["birds"], config, plan, individuals, n, sr)
+               + _render_rare(config, plan, n, sr))
     for event in planted:
         mix[event.start:event.start + event.signal.size] += event.signal
 

@@ -52,6 +52,9 @@ FIGURES: tuple[FigureEntry, ...] = (
                 "UMAP of the main space coloured by cluster, recorder, habitat, hour, level and planted label."),
     FigureEntry("04_cluster_gallery", "What do the largest clusters contain?",
                 "The tiles nearest each centroid of the largest clusters, with size and level-based verdict."),
+    FigureEntry("04_outlier_gallery", "Which tiles resemble nothing else in the archive?",
+                "The top outliers of the main space (mean cosine distance to their nearest tiles), most "
+                "outlying first: where rare species, machines and shots should surface."),
     FigureEntry("04_contingency_planted", "Do the clusters match the planted sources?",
                 "Clusters x planted labels, each row the share of a cluster's tiles per label."),
     FigureEntry("05_head_maps_*", "Where does each attention head look?",

@@ -15,6 +15,9 @@ system (no server, relative links only) and holds:
                         day, BirdNET species shares (where notebook 06 ran), planted-label shares
                         (on a synthetic archive), and its most central tiles, each a spectrogram
                         thumbnail with an audio player of the tile's own 3 s
+    outliers.html       the main space's top outliers (`clusters/<space>/outliers.csv` of notebook
+                        04, most outlying first): rank, score, cluster, planted label (synthetic
+                        archive), each tile a thumbnail with its audio, as on the cluster pages
     clips/              the clips and thumbnails (`report.clips`, a resumable stage)
     style.css, report.json (what was built, and how long it took)
 
@@ -51,6 +54,7 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = "report"
 CLIPS_DIR = "clips"
 CLUSTER_PAGES_DIR = "clusters"
+OUTLIERS_PAGE = "outliers.html"
 NO_BIRDNET_LABEL = "none"
 
 
@@ -62,6 +66,7 @@ class ReportConfig:
     central_tiles: int = 6     # tiles per cluster shown and heard, nearest the centroid first
     overview_tiles: int = 3    # of them, shown per cluster on the overview page
     top_shares: int = 6        # species / planted labels listed per cluster
+    outlier_tiles: int = 50    # top outliers listed (and heard) on outliers.html, of those notebook 04 wrote
     threads: int = 2           # threads cutting clips and drawing thumbnails (the files do not depend on it)
     clips: ClipConfig = field(default_factory=ClipConfig)
 
@@ -69,6 +74,8 @@ class ReportConfig:
         if self.central_tiles < 1 or not 1 <= self.overview_tiles <= self.central_tiles:
             raise ValueError("need central_tiles >= 1 and 1 <= overview_tiles <= central_tiles, got "
                              f"{self.central_tiles} and {self.overview_tiles}")
+        if self.outlier_tiles < 0:
+            raise ValueError(f"outlier_tiles must be >= 0, got {self.outlier_tiles}")
         if self.top_shares < 1 or self.threads < 1:
             raise ValueError(f"top_shares and threads must be >= 1, got {self.top_shares} and {self.threads}")
 
@@ -256,6 +263,8 @@ def _table_specs(run_dir: Path) -> list[tuple[str, str, Path, Any]]:
         ("04", "Each space against the log-mel statistics, paired over recorders: difference [95% interval] "
                "(share of resamples not better)", run_dir / "clusters" / "paired_vs_logmel.csv",
          lambda f: paired_columns(f, ["output_space"])),
+        ("04", "Planted rare events among the top outliers: precision@k against their base rate",
+         run_dir / "clusters" / "outlier_precision.csv", lambda f: f),
         ("05", "The best attention head per method, chosen on one half of the recorders, scored on the other",
          run_dir / "attention" / "best_heads.csv",
          lambda f: score_columns(f, ["method", "best_head", "reported_on"], [
@@ -412,6 +421,88 @@ def _birdnet_labels(run_dir: Path, n_tiles: int) -> pd.Series | None:
     return table["pseudo_label"].astype(str)
 
 
+def _top_outliers(run_dir: Path, space: str, n_tiles: int, limit: int) -> pd.DataFrame | None:
+    """The first `limit` rows of notebook 04's `clusters/<space>/outliers.csv`; None (logged) when
+    it is missing, unreadable or names tiles the store lacks."""
+    from ..analysis.outliers import OUTLIERS_FILE, read_outliers_table
+
+    path = run_dir / "clusters" / space / OUTLIERS_FILE
+    if limit == 0 or not path.is_file():
+        return None
+    try:
+        table = read_outliers_table(path).sort_values("rank", kind="stable").head(limit)
+    except Exception as error:  # a table the report cannot read is named, never fatal
+        logger.warning("outliers left out of the report: %s", error)
+        return None
+    if not table["tile_id"].between(0, n_tiles - 1).all():
+        logger.warning("%s names tiles outside the tile store's %d: outliers left out", path, n_tiles)
+        return None
+    return table.reset_index(drop=True)
+
+
+def _page_clips(run_dir: Path, space: str, store: Any, central: dict[int, np.ndarray], config: ReportConfig,
+                report_dir: Path, show_progress: bool) -> pd.DataFrame:
+    """Clips and thumbnails of every tile the pages show (central tiles and top outliers), by
+    tile_id, cut by the resumable clips stage into `report_dir/clips` as one plan."""
+    wanted = {int(t) for rows in central.values() for t in rows}
+    outliers = _top_outliers(run_dir, space, len(store.index), config.outlier_tiles)
+    if outliers is not None:
+        wanted |= set(outliers["tile_id"].astype(int))
+    wanted_ids = sorted(wanted)
+    clips_dir = report_dir / CLIPS_DIR
+    try:
+        clips = cut_clips(store.store_dir, wanted_ids, clips_dir, config.clips, show_progress, config.threads)
+    except PlanMismatchError as error:   # clips of an earlier clustering or other settings: derived, redone
+        logger.warning("redoing the report's clips: %s", error)
+        shutil.rmtree(clips_dir)
+        clips = cut_clips(store.store_dir, wanted_ids, clips_dir, config.clips, show_progress, config.threads)
+    return clips.set_index("tile_id")
+
+
+def _tile_card(index: pd.DataFrame, clips: pd.DataFrame, tile_id: int, distance: float) -> TileCard:
+    tile = index.iloc[tile_id]
+    clip = clips.loc[tile_id]
+    stamp = tile["timestamp"] if "timestamp" in tile else pd.NaT
+    return TileCard(
+        tile_id=tile_id, recorder=str(tile["recorder"]),
+        when=f"{stamp:%Y-%m-%d %H:%M:%S}" if pd.notna(stamp) else f"+{tile['offset_s']:.1f} s",
+        source=f"{tile['relpath']} at {tile['offset_s']:.1f} s", distance=distance,
+        thumbnail=f"{CLIPS_DIR}/{clip['thumbnail']}", clip=f"{CLIPS_DIR}/{clip['clip']}" if clip["clip"] else "",
+        clip_s=float(clip["clip_s"]), gain_db=None if pd.isna(clip["gain_db"]) else float(clip["gain_db"]),
+        loss_reason=str(clip["loss_reason"]))
+
+
+@dataclass
+class OutlierCard:
+    rank: int
+    score: float               # mean cosine distance to the nearest tiles (notebook 04)
+    cluster: int
+    planted: str               # the tile's dominant planted label; "" off the synthetic archive
+    tile: TileCard
+
+
+def outlier_cards(run_dir: Path, space: str, manifest: dict[str, Any], config: ReportConfig,
+                  report_dir: Path, show_progress: bool = True) -> list[OutlierCard]:
+    """The top outliers notebook 04 listed for `space`, most outlying first, each with its clip and
+    thumbnail (the same clips stage and plan as the cluster pages); [] when it listed none."""
+    from ..analysis.cluster import ClusterResult
+    from ..tiles.store import TileStore
+
+    store = TileStore(run_dir / "tiles")
+    index = store.index.reset_index(drop=True)
+    table = _top_outliers(run_dir, space, len(index), config.outlier_tiles)
+    if table is None:
+        return []
+    result = ClusterResult.load(run_dir / "clusters" / space)
+    clips = _page_clips(run_dir, space, store, result.central_indices(config.central_tiles), config, report_dir,
+                        show_progress)
+    planted = _planted_labels(manifest, index, store.config.tile_s)
+    return [OutlierCard(rank=int(row.rank), score=float(row.score), cluster=int(result.labels[int(row.tile_id)]),
+                        planted=str(planted.iloc[int(row.tile_id)]) if planted is not None else "",
+                        tile=_tile_card(index, clips, int(row.tile_id), float(row.score)))
+            for row in table.itertuples()]
+
+
 def cluster_infos(run_dir: Path, space: str, manifest: dict[str, Any], config: ReportConfig,
                   report_dir: Path, show_progress: bool = True) -> list[ClusterInfo]:
     """Every cluster of `space` with its statistics and its central tiles' clips and thumbnails
@@ -427,15 +518,7 @@ def cluster_infos(run_dir: Path, space: str, manifest: dict[str, Any], config: R
                          "they are from different runs of notebooks 02 and 04")
     labels = pd.Series(result.labels)
     central = result.central_indices(config.central_tiles)
-    wanted = sorted({int(t) for rows in central.values() for t in rows})
-    clips_dir = report_dir / CLIPS_DIR
-    try:
-        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress, config.threads)
-    except PlanMismatchError as error:   # clips of an earlier clustering or other settings: derived, redone
-        logger.warning("redoing the report's clips: %s", error)
-        shutil.rmtree(clips_dir)
-        clips = cut_clips(store.store_dir, wanted, clips_dir, config.clips, show_progress, config.threads)
-    clips = clips.set_index("tile_id")
+    clips = _page_clips(run_dir, space, store, central, config, report_dir, show_progress)
 
     verdicts = pd.DataFrame()
     described = run_dir / "clusters" / space / "clusters.csv"
@@ -451,19 +534,8 @@ def cluster_infos(run_dir: Path, space: str, manifest: dict[str, Any], config: R
         rows = index.iloc[members]
         row_verdict = verdicts.loc[cluster] if cluster in verdicts.index else None
         cluster_hours = hours.iloc[members].dropna().astype(int)
-        cards = []
-        for tile_id in central[cluster]:
-            tile = index.iloc[int(tile_id)]
-            clip = clips.loc[int(tile_id)]
-            stamp = tile["timestamp"]
-            cards.append(TileCard(
-                tile_id=int(tile_id), recorder=str(tile["recorder"]),
-                when=f"{stamp:%Y-%m-%d %H:%M:%S}" if pd.notna(stamp) else f"+{tile['offset_s']:.1f} s",
-                source=f"{tile['relpath']} at {tile['offset_s']:.1f} s",
-                distance=float(result.distances[int(tile_id)]),
-                thumbnail=f"{CLIPS_DIR}/{clip['thumbnail']}", clip=f"{CLIPS_DIR}/{clip['clip']}" if clip["clip"] else "",
-                clip_s=float(clip["clip_s"]), gain_db=None if pd.isna(clip["gain_db"]) else float(clip["gain_db"]),
-                loss_reason=str(clip["loss_reason"])))
+        cards = [_tile_card(index, clips, int(tile_id), float(result.distances[int(tile_id)]))
+                 for tile_id in central[cluster]]
         infos.append(ClusterInfo(
             cluster=cluster, n_tiles=len(members), audio_h=len(members) * hop_s / 3600,
             verdict=str(row_verdict["verdict"]) if row_verdict is not None else "–",
@@ -540,6 +612,7 @@ def build_report(run_dir: str | os.PathLike, config: ReportConfig | None = None,
 
     space = find_main_space(run_dir, config.space)
     clusters: list[ClusterInfo] = []
+    outliers: list[OutlierCard] = []
     cluster_note = ""
     if space is None:
         cluster_note = "This run has no clustering (notebook 04 did not run): no cluster pages."
@@ -548,6 +621,7 @@ def build_report(run_dir: str | os.PathLike, config: ReportConfig | None = None,
         space = None
     else:
         clusters = cluster_infos(run_dir, space, manifest, config, report_dir, show_progress)
+        outliers = outlier_cards(run_dir, space, manifest, config, report_dir, show_progress)
 
     environment = _environment()
     profile = Path(str(manifest.get("profile", ""))).stem
@@ -556,7 +630,7 @@ def build_report(run_dir: str | os.PathLike, config: ReportConfig | None = None,
         run_id=manifest.get("run_id", run_dir.name), profile=profile, profile_path=manifest.get("profile", ""),
         git_sha=environment_report.get("git_sha") or "unknown", git_dirty=environment_report.get("git_dirty"),
         manifest=manifest, notebooks=notebooks, loose_figures=loose, space=space, clusters=clusters,
-        cluster_note=cluster_note, config=config,
+        cluster_note=cluster_note, config=config, outliers=outliers, cluster_pages_dir=CLUSTER_PAGES_DIR,
         hardware={key: value for key, value in {
             "machine": f"{environment_report.get('hardware', {}).get('cpu_count', '?')} CPU cores, "
                        f"{'CUDA' if environment_report.get('hardware', {}).get('cuda_available') else 'no GPU'}",
@@ -579,7 +653,13 @@ def build_report(run_dir: str | os.PathLike, config: ReportConfig | None = None,
             following = clusters[position + 1] if position + 1 < len(clusters) else None
             atomic_write_text(report_dir / info.page, cluster_template.render(
                 **context, root="../", info=info, previous=previous, following=following))
-    n_clips = sum(1 for c in clusters for t in c.tiles if t.clip)
+    if outliers:
+        atomic_write_text(report_dir / OUTLIERS_PAGE,
+                          environment.get_template("outliers.html.j2").render(**context, root=""))
+    elif (report_dir / OUTLIERS_PAGE).is_file():   # the page of an earlier run of notebook 04
+        (report_dir / OUTLIERS_PAGE).unlink()
+    n_clips = len({t.tile_id for t in [*(t for c in clusters for t in c.tiles), *(o.tile for o in outliers)]
+                   if t.clip})
     summary = ReportSummary(report_dir, report_dir / "index.html", len(clusters), n_clips, 0,
                             round(time.perf_counter() - started, 2))
     summary.n_bytes = folder_bytes(report_dir)

@@ -1,0 +1,172 @@
+"""Search by example: the brute-force kernel on hand-made embeddings with known neighbours, chunked
+top-k against a full sort, and `soundscape-ssl search` on a tiny run (the query cut from a tile of
+the store finds that tile first, with similarity 1)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.preprocessing import StandardScaler
+
+from soundscape_ssl.analysis import search
+from soundscape_ssl.analysis.embed import EmbedConfig, embed_store
+from soundscape_ssl.pipeline.cli import main as cli_main
+from soundscape_ssl.tiles.store import TileStore
+
+
+def full_sort_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, standardize: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: every similarity at once (float64), fully sorted, ties by row."""
+    x, q = embeddings.astype(np.float64), queries.astype(np.float64)
+    if standardize:
+        scaler = StandardScaler().fit(x)
+        x, q = scaler.transform(x), scaler.transform(q)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores = q @ x.T
+    rows = np.arange(len(x))
+    order = np.stack([np.lexsort((rows, -s))[:k] for s in scores])
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def test_hand_made_neighbours_come_back_in_order_of_angle():
+    # unit vectors at known angles from the query (1, 0): 0, 10, 30, 60, 90, 180 degrees, shuffled
+    angles_deg = np.array([60.0, 0.0, 180.0, 10.0, 90.0, 30.0])
+    embeddings = np.stack([np.cos(np.radians(angles_deg)), np.sin(np.radians(angles_deg))], axis=1)
+    embeddings *= np.array([[2.0], [0.5], [1.0], [3.0], [1.0], [7.0]])   # length must not matter
+    rows, similarity = search.top_k_cosine(embeddings.astype(np.float32), np.array([[1.0, 0.0]]), k=4,
+                                           chunk_rows=2)
+    assert rows.tolist() == [[1, 3, 5, 0]]
+    np.testing.assert_allclose(similarity[0], np.cos(np.radians([0.0, 10.0, 30.0, 60.0])), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 999, 1000, 5000])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_chunked_top_k_equals_a_full_sort(chunk_rows, standardize):
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(1000, 24)).astype(np.float32) + np.linspace(0, 3, 24, dtype=np.float32)
+    embeddings[500:520] = embeddings[10]          # twenty exact ties with row 10, across chunks
+    queries = np.concatenate([embeddings[[10, 777]], rng.normal(size=(3, 24)).astype(np.float32)])
+    mean, scale = search.embedding_scaler(embeddings, chunk_rows) if standardize else (None, None)
+    rows, similarity = search.top_k_cosine(embeddings, queries, k=50, chunk_rows=chunk_rows, mean=mean,
+                                           scale=scale)
+    expected_rows, expected_similarity = full_sort_top_k(embeddings, queries, 50, standardize)
+    np.testing.assert_allclose(similarity, expected_similarity, atol=2e-5)
+    # the same rows, in the same order, except where float32 and float64 round a near-tie apart
+    assert (rows == expected_rows).mean() > 0.98
+    assert rows[0, :21].tolist() == [10, *range(500, 520)]   # the ties, in row order, whatever the chunks
+    assert rows[1, 0] == 777 and similarity[1, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_scaler_is_scikit_learns_and_k_larger_than_the_rows_returns_them_all():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(3.0, 2.0, size=(257, 5)).astype(np.float32)
+    embeddings[:, 4] = 1.5                       # a constant dimension: scale 1, as StandardScaler
+    mean, scale = search.embedding_scaler(embeddings, chunk_rows=10)
+    scaler = StandardScaler().fit(embeddings.astype(np.float64))
+    np.testing.assert_allclose(mean, scaler.mean_, rtol=1e-6)
+    np.testing.assert_allclose(scale, scaler.scale_, rtol=1e-5)
+    rows, _ = search.top_k_cosine(embeddings[:4], embeddings[:1], k=10)
+    assert sorted(rows[0].tolist()) == [0, 1, 2, 3] and rows[0, 0] == 0
+
+
+def test_rows_that_are_not_finite_are_never_hits_before_finite_ones():
+    embeddings = np.array([[1.0, 0.0], [np.nan, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32)
+    rows, similarity = search.top_k_cosine(embeddings, np.array([[1.0, 0.1]]), k=2, chunk_rows=3)
+    assert rows.tolist() == [[0, 2]]
+    assert np.isfinite(similarity).all()
+    with pytest.raises(ValueError, match="dimensions"):
+        search.top_k_cosine(embeddings, np.ones((1, 3)), k=1)
+
+
+def test_precision_at_k_drops_the_query_tiles_and_counts_the_label():
+    labels = ["a", "a", "b", "a", "b", "a"]
+    assert search.precision_at_k([0, 1, 2, 3], labels, "a", excluded=[0], k=2) == pytest.approx(0.5)
+    assert search.precision_at_k([0, 1, 3, 5], labels, "a", excluded=[0], k=3) == pytest.approx(1.0)
+    assert search.precision_at_k([2, 4], labels, "a", k=50) == 0.0
+    assert np.isnan(search.precision_at_k([0], labels, "a", excluded=[0]))
+    index = pd.DataFrame({"relpath": ["f", "f", "f", "g"], "offset_s": [0.0, 3.0, 6.0, 3.0]})
+    assert search.overlapping_tiles(index, "f", 4.0, 7.0, tile_s=3.0).tolist() == [1, 2]
+    assert search.overlapping_tiles(index, "f", 3.0, 6.0, tile_s=3.0).tolist() == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command on a tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(stage_inputs, tmp_path_factory) -> Path:
+    """A run folder: the shared tiny tile store and its 'trained' (untrained) checkpoint's
+    embeddings, laid out as notebooks 02 and 04 lay them out."""
+    run_dir = tmp_path_factory.mktemp("search_run") / "run"
+    shutil.copytree(stage_inputs["store"], run_dir / "tiles")
+    (run_dir / "pretrain" / "mae").mkdir(parents=True)
+    checkpoint = shutil.copyfile(stage_inputs["checkpoint"], run_dir / "pretrain" / "mae" / "checkpoint.pth")
+    embed_store(run_dir / "tiles", checkpoint, run_dir / "embeddings" / "mae",
+                EmbedConfig(pooling="all", device="cpu", num_workers=0, batch_size=8), rank=0, world_size=1,
+                show_progress=False)
+    return run_dir
+
+
+@pytest.mark.parametrize("space", ["mae_band", "mae_mean", "logmel_stats"])
+def test_a_query_cut_from_a_tile_finds_that_tile_first(tiny_run, stage_inputs, space, capsys):
+    index = TileStore(tiny_run / "tiles").index
+    tile = index[(index["relpath"] == "R2/R2_20190522_000000.wav") & (index["offset_s"] == 2.0)].iloc[0]
+    out_csv = tiny_run / "out" / f"{space}.csv"
+    code = cli_main(["search", "--run", str(tiny_run), "--query", str(tile["path"]), "--offset-s", "2",
+                     "-k", "5", "--space", space, "--out", str(out_csv)] + (["--no-page"] if space != "mae_band" else []))
+    assert code == 0
+    hits = pd.read_csv(out_csv)
+    assert list(hits.columns) == search.RESULT_COLUMNS and len(hits) == 5
+    assert hits.loc[0, "tile_id"] == tile["tile_id"]
+    assert hits.loc[0, "similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert hits.loc[1, "similarity"] < 0.9999          # the other tiles are other sounds
+    assert (hits["similarity"].diff().dropna() <= 0).all()
+    assert hits.loc[0, "file"] == "R2/R2_20190522_000000.wav" and hits.loc[0, "offset_s"] == 2.0
+    assert hits.loc[0, "recorder"] == "R2" and hits.loc[0, "time"].startswith("2019-05-22 00:00:02")
+    if space == "mae_band":   # the page: the query and every hit with a player
+        page = (tiny_run / "search" / f"R2_20190522_000000-{space}" / "index.html").read_text()
+        assert page.count("<audio") == 6 and "query.ogg" in page
+
+
+@pytest.mark.parametrize("space", ["mae_band", "logmel_stats"])
+def test_a_clip_cut_out_of_the_recording_finds_its_tile_first(tiny_run, tmp_path, space):
+    import soundfile as sf
+
+    index = TileStore(tiny_run / "tiles").index
+    tile = index[(index["relpath"] == "R1/R1_20190524_053000.wav") & (index["offset_s"] == 4.0)].iloc[0]
+    samples, rate = sf.read(tile["path"], dtype="float32")
+    clip = tmp_path / "call.wav"            # the tile's second, as a file of its own (the resampler
+    sf.write(clip, samples[4 * rate:5 * rate], rate, subtype="FLOAT")   # sees no audio around it)
+    result = search.search_run(tiny_run, clip, space, config=search.SearchConfig(k=3))
+    assert result.table.loc[0, "tile_id"] == tile["tile_id"]
+    assert result.table.loc[0, "similarity"] > 0.995, result.table
+    assert result.table.loc[1, "similarity"] < result.table.loc[0, "similarity"]
+
+
+def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_run, stage_inputs, tmp_path, capsys):
+    import soundfile as sf
+
+    query = str(Path(stage_inputs["audio"]) / "R2" / "R2_20190522_000000.wav")   # 10 s, 1 s tiles
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(4000, np.float32), 16000)                          # 0.25 s < half a tile
+    cases = {
+        "no run folder": ["--run", str(tmp_path / "missing"), "--query", query, "--space", "mae_mean"],
+        "unknown space 'nope'": ["--run", str(tiny_run), "--query", query, "--space", "nope"],
+        "past the end": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean", "--offset-s", "10"],
+        "not on the tile grid": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean",
+                                 "--offset-s", "2.5"],
+        "a search needs at least 0.5 s": ["--run", str(tiny_run), "--query", str(short), "--space", "mae_mean"],
+        "no query file": ["--run", str(tiny_run), "--query", str(tmp_path / "none.wav"), "--space", "mae_mean"],
+        "no clustering": ["--run", str(tiny_run), "--query", query],
+    }
+    for expected, arguments in cases.items():
+        code = cli_main(["search", *arguments, "--no-page"])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code != 0, expected
+        assert len(error) == 1 and error[0].startswith("soundscape-ssl search: error:"), error
+        assert expected in error[0], error[0]

@@ -83,6 +83,47 @@ def test_rows_that_are_not_finite_are_never_hits_before_finite_ones():
         search.top_k_cosine(embeddings, np.ones((1, 3)), k=1)
 
 
+def test_an_ivf_index_probing_every_list_is_exact_and_the_statistics_are_kept(tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    embeddings = (rng.normal(size=(400, 16)) + rng.normal(size=(8, 16))[rng.integers(8, size=400)]).astype(np.float32)
+    queries = rng.normal(size=(5, 16)).astype(np.float32)
+    mean, scale = search.embedding_scaler(embeddings)
+    statistics = search.SpaceStatistics(mean, scale, search.standardised_row_norms(embeddings, mean, scale))
+    index = search.build_ivf_index(embeddings, statistics, chunk_rows=64)
+    assert index.nlist == 20 and index.ntotal == 400
+    exact_rows, exact_similarity = search.top_k_cosine(embeddings, queries, 10, 64, mean, scale, statistics.norms)
+    rows, similarity = search.ivf_top_k(index, queries, 10, statistics, nprobe=index.nlist)
+    assert rows.tolist() == exact_rows.tolist()
+    np.testing.assert_allclose(similarity, exact_similarity, atol=1e-5)
+    few_rows, _ = search.ivf_top_k(index, queries, 10, statistics, nprobe=1)     # approximate: a subset
+    assert few_rows.shape[1] <= 10 and set(few_rows[0].tolist()) <= set(range(400))
+
+
+def test_space_statistics_are_kept_and_made_again_when_the_rows_change(tmp_path):
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+
+    rows_path = tmp_path / "rows.npy"
+    np.save(rows_path, np.arange(12, dtype=np.float32).reshape(4, 3) ** 1.5)
+    space = search.SearchSpace("toy", np.load(rows_path, mmap_mode="r"), None, None, SpectrogramConfig(),
+                               rows_path, tmp_path)
+    config = search.SearchConfig()
+    first = search.space_statistics(space, config)
+    mean, scale = search.embedding_scaler(np.load(rows_path))
+    np.testing.assert_allclose(first.mean, mean)
+    np.testing.assert_allclose(first.norms, np.linalg.norm((np.load(rows_path) - mean) / scale, axis=1), rtol=1e-6)
+    kept = tmp_path / "search" / "spaces" / "toy.stats.npz"
+    assert kept.is_file()
+    np.testing.assert_array_equal(search.space_statistics(space, config).norms, first.norms)
+    np.save(rows_path, np.ones((4, 3), np.float32) * np.arange(4, dtype=np.float32)[:, None])   # other rows
+    space.embeddings = np.load(rows_path, mmap_mode="r")
+    again = search.space_statistics(space, config)
+    np.testing.assert_allclose(again.mean, [1.5, 1.5, 1.5])
+    raw = search.space_statistics(space, search.SearchConfig(standardize=False))
+    assert raw.mean is None and (tmp_path / "search" / "spaces" / "toy-raw.stats.npz").is_file()
+    np.testing.assert_allclose(raw.norms, np.sqrt(3) * np.arange(4), rtol=1e-6)
+
+
 def test_precision_at_k_drops_the_query_tiles_and_counts_the_label():
     labels = ["a", "a", "b", "a", "b", "a"]
     assert search.precision_at_k([0, 1, 2, 3], labels, "a", excluded=[0], k=2) == pytest.approx(0.5)
@@ -112,13 +153,18 @@ def tiny_run(stage_inputs, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("space", ["mae_band", "mae_mean", "logmel_stats"])
+@pytest.mark.parametrize("space", ["mae_band", "mae_mean", "logmel_stats", "mae_mean ivf"])
 def test_a_query_cut_from_a_tile_finds_that_tile_first(tiny_run, stage_inputs, space, capsys):
+    space, _, index_kind = space.partition(" ")
+    if index_kind:
+        pytest.importorskip("faiss")
     index = TileStore(tiny_run / "tiles").index
     tile = index[(index["relpath"] == "R2/R2_20190522_000000.wav") & (index["offset_s"] == 2.0)].iloc[0]
-    out_csv = tiny_run / "out" / f"{space}.csv"
+    out_csv = tiny_run / "out" / f"{space}{index_kind}.csv"
     code = cli_main(["search", "--run", str(tiny_run), "--query", str(tile["path"]), "--offset-s", "2",
-                     "-k", "5", "--space", space, "--out", str(out_csv)] + (["--no-page"] if space != "mae_band" else []))
+                     "-k", "5", "--space", space, "--out", str(out_csv)]
+                    + (["--no-page"] if space != "mae_band" else [])
+                    + (["--index", index_kind, "--nprobe", "2"] if index_kind else []))
     assert code == 0
     hits = pd.read_csv(out_csv)
     assert list(hits.columns) == search.RESULT_COLUMNS and len(hits) == 5
@@ -128,6 +174,10 @@ def test_a_query_cut_from_a_tile_finds_that_tile_first(tiny_run, stage_inputs, s
     assert (hits["similarity"].diff().dropna() <= 0).all()
     assert hits.loc[0, "file"] == "R2/R2_20190522_000000.wav" and hits.loc[0, "offset_s"] == 2.0
     assert hits.loc[0, "recorder"] == "R2" and hits.loc[0, "time"].startswith("2019-05-22 00:00:02")
+    statistics = tiny_run / "search" / "spaces" / f"{space}.stats.npz"
+    assert statistics.is_file()                         # kept: a second query reads the rows once
+    if index_kind:
+        assert (tiny_run / "search" / "spaces" / f"{space}.ivf.faiss").is_file()
     if space == "mae_band":   # the page: the query and every hit with a player
         page = (tiny_run / "search" / f"R2_20190522_000000-{space}" / "index.html").read_text()
         assert page.count("<audio") == 6 and "query.ogg" in page

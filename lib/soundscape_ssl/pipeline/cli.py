@@ -80,7 +80,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not space:
         raise ValueError(f"{run_dir} has no clustering to take the main space from: name one with --space")
     result = search_run(run_dir, Path(args.query), space, args.offset_s,
-                        SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device))
+                        SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
+                                     nprobe=args.nprobe))
     out_dir = default_out_dir(run_dir, args.query, space)
     csv_path = write_result(result, Path(args.out) if args.out else out_dir / "hits.csv")
     print(csv_path)
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default="", help="CSV of the hits (default RUN_DIR/search/<query>-<space>/hits.csv)")
     search.add_argument("--no-page", action="store_true", help="write the CSV only, no page with audio")
     search.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored at once (bounds memory)")
+    search.add_argument("--index", default="exact", choices=("exact", "ivf"),
+                        help="exact: brute force (default); ivf: a faiss index built once per space and kept "
+                             "(approximate; many queries over millions of tiles; needs faiss-cpu)")
+    search.add_argument("--nprobe", type=int, default=16, help="ivf: index lists searched (more: slower, exacter)")
     search.add_argument("--device", default="cpu", help="where the query is embedded: cpu, cuda or auto")
     search.add_argument("--threads", type=int, default=2, help="threads cutting the hits' clips")
     search.set_defaults(handler=_cmd_search)

@@ -28,11 +28,12 @@ kept in `runs/<id>/search/spaces/` (`space_statistics`), so a query costs one pa
 
 An approximate index (`index="ivf"`: faiss IndexIVFFlat on the same standardised unit vectors,
 optional extra `search`) answers a query in milliseconds once built. `benchmarks/search.py`
-measured it on 2 cores, 1,536-dimensional rows, at recall@50 >= 0.99 against brute force: about
-100x the queries per second at 100k rows, with a build that costs as much as ~70 brute-force
-queries (numbers in the benchmark's docstring). Brute force stays the default: it is exact, needs
-no build and no extra package, and one query of the command is dominated by loading the
-checkpoint and embedding the clip until the archive holds millions of tiles; the index is for
+measured it on the shared 2-core machine, 1,536-dimensional rows, at recall@50 >= 0.99 against
+brute force: 83x the single-query rate at 100k rows (1.6 ms against 0.13 s) and 33x at 1M (40 ms
+against 1.3 s), 6-8x for batches of 64; its build (25 s at 100k, 290 s at 1M) costs as much as
+~200 brute-force queries. Brute force stays the default: it is exact, needs no build and no extra
+package, and one query of the command is dominated by loading the checkpoint and embedding the
+clip until the archive holds millions of tiles. The index is for
 many queries over a large archive (it is built on first use and kept beside the statistics).
 
 Offsets. `offset_s` must lie on the query's tile grid (multiples of `tile_hop_s`, 3 s in the

@@ -132,18 +132,32 @@ def timed_calls(function: Callable[[np.ndarray], Any], batches: list[np.ndarray]
     return seconds, results
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / truth.shape[1] for f, t in zip(found, truth)]))
+def recall_at_k(found: list[np.ndarray], truth: np.ndarray) -> float:
+    """Mean share of each query's true top k (a row of `truth`) among its found rows (an index
+    may return fewer than k)."""
+    return float(np.mean([len(set(np.asarray(f).tolist()) & set(t.tolist())) / truth.shape[1]
+                          for f, t in zip(found, truth)]))
 
 
-def speed(args: argparse.Namespace) -> dict[str, Any]:
+def per_query(results: list[np.ndarray]) -> list[np.ndarray]:
+    """(Q, width) answers of several calls as one list of per-query rows."""
+    return [rows for answer in results for rows in answer]
+
+
+def faiss_or_none():
     try:
         import faiss
     except ImportError:
-        faiss = None
+        return None
+    return faiss
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    faiss = faiss_or_none()
+    if faiss is None:
         print("faiss-cpu is not installed (pip install '.[search]'): brute force only, no index compared",
               file=sys.stderr, flush=True)
-    else:
+    if faiss is not None:
         faiss.omp_set_num_threads(THREADS)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="search-bench-", dir=args.scratch) as scratch:
@@ -204,7 +218,7 @@ def faiss_ivf(embeddings: np.ndarray, statistics: search.SpaceStatistics, single
     tried = {}
     for candidate in sorted({2 ** i for i in range(0, int(math.log2(nlist)) + 1)} | {nlist}):
         nprobe = candidate
-        recall = recall_at_k(np.concatenate([query(q) for q in singles] + [query(batches[0])]), truth)
+        recall = recall_at_k(per_query([query(q) for q in singles] + [query(batches[0])]), truth)
         tried[candidate] = round(recall, 4)
         if recall >= args.target_recall:
             break
@@ -213,7 +227,7 @@ def faiss_ivf(embeddings: np.ndarray, statistics: search.SpaceStatistics, single
     return {"nlist": nlist, "nprobe": nprobe, "recall_by_nprobe": tried, "build_s": build_s,
             "single_median_s": statistics_median(single_s), "single_qps": 1.0 / statistics_median(single_s),
             "batch_median_s": statistics_median(batch_s), "batch_qps": args.batch / statistics_median(batch_s),
-            "recall_at_50_single": recall_at_k(np.concatenate(found_single), np.concatenate(truth_single)),
+            "recall_at_50_single": recall_at_k(per_query(found_single), np.concatenate(truth_single)),
             "recall_at_50_batch": recall_at_k(found_batch[0], truth_batch[0])}
 
 
@@ -296,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
               "input": f"float32 memory map, {args.dims} dims, Gaussian mixture of {args.components} "
                        f"components (noise {args.noise:g}); k = {K}; {args.queries} single queries, "
                        f"batches of {args.batch}", "target_recall": args.target_recall,
-              "faiss_available": version("faiss-cpu") is not None, "by_rows": speed(args), **common}
+              "by_rows": speed(args), **common}
+    result["faiss_available"] = faiss_or_none() is not None
+    if not result["faiss_available"]:
+        result["index"] = "not measured: faiss-cpu is not installed (pip install '.[search]')"
     print(json.dumps(result))
     return 0
 

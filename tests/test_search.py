@@ -220,3 +220,41 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_run, stage_inputs, tmp
         assert code != 0, expected
         assert len(error) == 1 and error[0].startswith("soundscape-ssl search: error:"), error
         assert expected in error[0], error[0]
+
+
+def test_planted_query_calls_are_the_loudest_short_call_of_each_recorder():
+    annotations = pd.DataFrame([
+        # file, recorder, start_s, end_s, label, kind, snr_db
+        ("R1/a.wav", "R1", 1.0, 1.5, "hooter", "bird", 20.0),
+        ("R1/a.wav", "R1", 9.0, 9.5, "hooter", "bird", 30.0),      # R1's loudest hooter
+        ("R2/b.wav", "R2", 4.0, 4.2, "hooter", "bird", 25.0),
+        ("R3/c.wav", "R3", 0.0, 5.0, "hooter", "bird", 40.0),      # longer than a tile: not a query
+        ("R1/a.wav", "R1", 2.0, 2.1, "chipper", "bird", 10.0),
+        ("R1/a.wav", "R1", 0.0, 60.0, "rain", "rain", 50.0),       # not a bird
+    ], columns=["file", "recorder", "start_s", "end_s", "label", "kind", "snr_db"])
+    calls = search.planted_query_calls(annotations, tile_s=3.0, per_label=2)
+    assert list(zip(calls["label"], calls["recorder"], calls["start_s"])) == [
+        ("chipper", "R1", 2.0), ("hooter", "R1", 9.0), ("hooter", "R2", 4.0)]
+    assert len(search.planted_query_calls(annotations, tile_s=3.0, per_label=1)) == 2
+
+
+def test_query_precision_excludes_the_query_tiles_and_counts_the_label(tiny_run, tmp_path):
+    import soundfile as sf
+
+    index = TileStore(tiny_run / "tiles").index
+    path = index.loc[index["relpath"] == "R2/R2_20190522_000000.wav", "path"].iloc[0]
+    samples, rate = sf.read(path, dtype="float32")
+    clip = tmp_path / "clip.wav"                      # 3.5-4.5 s: overlaps the tiles at 3 and 4 s
+    sf.write(clip, samples[int(3.5 * rate):int(4.5 * rate)], rate, subtype="FLOAT")
+    queries = pd.DataFrame([{"label": "a", "clip": str(clip), "relpath": "R2/R2_20190522_000000.wav",
+                             "start_s": 3.5, "stop_s": 4.5}])
+    own = index.index[(index["relpath"] == "R2/R2_20190522_000000.wav") & index["offset_s"].isin([3.0, 4.0])]
+    everything = search.query_precision(tiny_run, "mae_mean", queries, ["a"] * len(index), k=5)
+    assert everything.loc[0, "precision_at_k"] == 1.0
+    assert everything.loc[0, "n_label_tiles"] == len(index) - 2
+    assert everything.loc[0, "excluded_tiles"] == ";".join(str(t) for t in own)
+    only_own = np.where(index.index.isin(own), "a", "b")
+    present = np.where(index.index.isin(own), "a", "a;b")          # "a" is in every tile, dominant in none left
+    scored = search.query_precision(tiny_run, "mae_mean", queries, only_own, k=5, present_labels=present)
+    assert scored.loc[0, "precision_at_k"] == 0.0 and scored.loc[0, "max_precision"] == 0.0
+    assert scored.loc[0, "precision_present_at_k"] == 1.0

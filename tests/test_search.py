@@ -198,6 +198,19 @@ def test_a_clip_cut_out_of_the_recording_finds_its_tile_first(tiny_run, tmp_path
     assert result.table.loc[1, "similarity"] < result.table.loc[0, "similarity"]
 
 
+def test_an_offset_off_the_tile_grid_is_cut_out_as_the_window_rule_cuts_a_tile(tiny_run, stage_inputs, tmp_path):
+    query = Path(stage_inputs["audio"]) / "R2" / "R2_20190522_000000.wav"          # 1 s tiles
+    space = search.open_space(tiny_run, "mae_mean")
+    on_grid = search.embed_query(space, query, 2.0)
+    span = search.cut_span(query, 2.0, space.spectrogram, tmp_path / "span.wav")  # the same span, cut out
+    cut = search.embed_query(space, span, 0.0)
+    assert np.dot(on_grid, cut) / np.linalg.norm(on_grid) / np.linalg.norm(cut) > 0.9999
+    between = search.embed_query(space, query, 2.5)                                 # half-way to the next tile
+    assert not np.allclose(between, on_grid, atol=1e-3)
+    result = search.search_run(tiny_run, query, "mae_mean", offset_s=2.5, config=search.SearchConfig(k=3))
+    assert len(result.table) == 3 and result.offset_s == 2.5
+
+
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_run, stage_inputs, tmp_path, capsys):
     import soundfile as sf
 
@@ -208,8 +221,7 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_run, stage_inputs, tmp
         "no run folder": ["--run", str(tmp_path / "missing"), "--query", query, "--space", "mae_mean"],
         "unknown space 'nope'": ["--run", str(tiny_run), "--query", query, "--space", "nope"],
         "past the end": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean", "--offset-s", "10"],
-        "not on the tile grid": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean",
-                                 "--offset-s", "2.5"],
+        "must be >= 0 s": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean", "--offset-s", "-1"],
         "a search needs at least 0.5 s": ["--run", str(tiny_run), "--query", str(short), "--space", "mae_mean"],
         "no query file": ["--run", str(tiny_run), "--query", str(tmp_path / "none.wav"), "--space", "mae_mean"],
         "no clustering": ["--run", str(tiny_run), "--query", query],

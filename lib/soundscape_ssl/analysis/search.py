@@ -36,9 +36,10 @@ package, and one query of the command is dominated by loading the checkpoint and
 clip until the archive holds millions of tiles. The index is for
 many queries over a large archive (it is built on first use and kept beside the statistics).
 
-Offsets. `offset_s` must lie on the query's tile grid (multiples of `tile_hop_s`, 3 s in the
-demo) because the query goes through the audio command's window rule; cut the clip to start at
-the call for any other start (`sox in.wav out.wav trim 7.2`). A span that runs past the end of
+Offsets. The query is the tile-long span of the clip from `offset_s`. On the clip's tile grid
+(multiples of `tile_hop_s`, 3 s in the demo) it is embedded exactly as the audio command embeds
+that span; any other offset is first cut out at the tiles' rate through the one reader
+(`cut_span`: resampled with the audio around it, as a tile is). A span that runs past the end of
 the clip is zero-padded and kept when at least half of it is audio, as for the archive's tiles.
 """
 
@@ -56,7 +57,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 
+from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text, file_sha256
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import SpectrogramConfig
@@ -288,8 +291,8 @@ def logmel_space(run_dir: Path, store: TileStore, chunk_rows: int = DEFAULT_CHUN
 
 
 def check_query(query: str | os.PathLike, offset_s: float, spectrogram: SpectrogramConfig) -> Path:
-    """The query file, or SearchInputError when it is missing or unreadable, its offset is off the
-    tile grid or negative, or less than half a tile of it lies after the offset."""
+    """The query file, or SearchInputError when it is missing or unreadable, its offset is
+    negative, or less than half a tile of it lies after the offset."""
     path = Path(query)
     if not path.is_file():
         raise SearchInputError(f"no query file {path}")
@@ -297,15 +300,9 @@ def check_query(query: str | os.PathLike, offset_s: float, spectrogram: Spectrog
     if not recording.readable:
         raise SearchInputError(f"query {path} cannot be read ({recording.reason}: {recording.detail})")
     duration_s = recording.frames / recording.sample_rate_hz if recording.sample_rate_hz else 0.0
-    hop_s, tile_s = spectrogram.tile_hop_s, spectrogram.tile_s
+    tile_s = spectrogram.tile_s
     if not math.isfinite(offset_s) or offset_s < 0:
         raise SearchInputError(f"--offset-s must be >= 0 s, got {offset_s:g}")
-    number = round(offset_s / hop_s)
-    if abs(number * hop_s - offset_s) > 1e-6:
-        raise SearchInputError(
-            f"--offset-s {offset_s:g} s is not on the tile grid of {hop_s:g} s (nearest: "
-            f"{math.floor(offset_s / hop_s) * hop_s:g} or {math.ceil(offset_s / hop_s) * hop_s:g} s); cut the clip "
-            f"to start at the call instead (sox {path.name} query.wav trim {offset_s:g} {tile_s:g})")
     needed_s = offset_s + tile_s / 2
     if duration_s + 1e-9 < needed_s:
         if offset_s == 0:
@@ -316,10 +313,40 @@ def check_query(query: str | os.PathLike, offset_s: float, spectrogram: Spectrog
     return path
 
 
+def cut_span(path: str | os.PathLike, offset_s: float, spectrogram: SpectrogramConfig,
+             out_path: str | os.PathLike) -> Path:
+    """The tile-long span of `path` from `offset_s` (any offset), read through the one reader at the
+    tiles' rate (resampled with the audio around it, as a tile is) and written as a float WAV at
+    that rate: its span at 0 s is then the tile the window rule would cut at `offset_s`."""
+    rule = WindowRule.from_seconds(spectrogram.sample_rate_hz, spectrogram.tile_s, spectrogram.tile_hop_s)
+    start = round(offset_s * rule.sample_rate_hz)
+    losses: list[WindowLoss] = []
+    try:
+        audio = AudioFile(str(path))
+    except AudioOpenError as error:
+        raise SearchInputError(f"query {path} cannot be read: {error}") from None
+    with audio:
+        batches = list(read_windows(audio, rule, np.array([0]), np.array([start]), losses, block_s=rule.window_s,
+                                    lowpass_filter_width=spectrogram.resample_lowpass_filter_width,
+                                    rolloff=spectrogram.resample_rolloff))
+    if not batches:
+        reason = "; ".join(f"{loss.reason}: {loss.detail}" for loss in losses) or "no audio there"
+        raise SearchInputError(f"query {path} at {offset_s:g} s gave no tile ({reason})")
+    batch = batches[0]
+    valid = round(float(batch.valid_s[0]) * rule.sample_rate_hz)
+    sf.write(out_path, batch.waveforms[0, :valid].cpu().numpy(), rule.sample_rate_hz, subtype="FLOAT")
+    return Path(out_path)
+
+
 def embed_query(space: SearchSpace, query: str | os.PathLike, offset_s: float = 0.0,
                 device: str = "cpu") -> np.ndarray:
     """The query span's (D,) vector in `space`, made as the space's tiles were made."""
     path = check_query(query, offset_s, space.spectrogram)
+    hop_s = space.spectrogram.tile_hop_s
+    if abs(round(offset_s / hop_s) * hop_s - offset_s) > 1e-6:     # off the grid: cut the span out
+        with tempfile.TemporaryDirectory(prefix="search-span-") as scratch:
+            span = cut_span(path, offset_s, space.spectrogram, Path(scratch) / "span.wav")
+            return embed_query(space, span, 0.0, device)
     if space.checkpoint is None:
         _, tiles_db, problems = audio_tiles_db(path, space.spectrogram, [offset_s])
         if len(tiles_db) != 1:

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (runs/<run_id>)")
     search.add_argument("--query", required=True, metavar="CLIP", help="an audio file holding the call")
     search.add_argument("--offset-s", type=float, default=0.0,
-                        help="start of the query's tile in the clip, on the tile grid (default 0)")
+                        help="start of the query's tile-long span in the clip, s (default 0)")
     search.add_argument("-k", "--k", type=int, default=50, help="tiles returned (default 50)")
     search.add_argument("--space", default="", help="e.g. vicreg_band or logmel_stats (default: the run's "
                                                     "clustered main space)")

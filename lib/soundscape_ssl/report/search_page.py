@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import pandas as pd
 import soundfile as sf
 
 from ..analysis.embed import audio_tiles_db
+from ..analysis.search import cut_span
 from ..core.stage import PlanMismatchError, atomic_write_text
 from ..tiles.store import TileStore
 from .clips import AUDIO_FORMATS, ClipConfig, cut_clips, prepare_clip, read_tile_audio
@@ -52,12 +54,17 @@ class HitCard:
 def _query_media(query: str, offset_s: float, store: TileStore, out_dir: Path, config: ClipConfig
                  ) -> tuple[str, str, str]:
     """(clip, thumbnail, why there is no clip) of the query's span, written into `out_dir`."""
+    hop_s = store.config.tile_hop_s
+    if abs(round(offset_s / hop_s) * hop_s - offset_s) > 1e-6:     # off the tile grid: its span cut out
+        with tempfile.TemporaryDirectory(prefix="search-page-") as scratch:
+            span = cut_span(query, offset_s, store.config, Path(scratch) / "span.wav")
+            return _query_media(str(span), 0.0, store, out_dir, config)
     thumbnail = ""
     _, tiles_db, _ = audio_tiles_db(query, store.config, [offset_s])
     if len(tiles_db):
         thumbnail = "query.png"
         TileThumbnails(store.config, dpi=config.thumbnail_dpi).write_png(
-            tiles_db[0].astype("float32"), out_dir / thumbnail, title=f"query at {offset_s:g} s")
+            tiles_db[0].astype("float32"), out_dir / thumbnail, title="query")
     audio_of, lost = read_tile_audio(query, [offset_s], store.config)
     if 0 not in audio_of:
         return "", thumbnail, lost.get(0, "no audio")

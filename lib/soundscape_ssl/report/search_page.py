@@ -108,7 +108,8 @@ def write_search_page(run_dir: str | os.PathLike, hits: pd.DataFrame, record: di
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     environment = manifest.get("environment", {})
     page = _environment().get_template("search.html.j2").render(
-        root="", run_id=manifest.get("run_id", run_dir.name), clusters=[],
+        # no cluster or outlier links in the top bar: this page lives outside the run's report
+        root="", run_id=manifest.get("run_id", run_dir.name), clusters=[], outliers=[],
         profile=Path(str(manifest.get("profile", ""))).stem or "unknown",
         git_sha=environment.get("git_sha") or "unknown", git_dirty=environment.get("git_dirty"),
         record=record, cards=cards, query_clip=query_clip, query_thumbnail=query_thumbnail,

@@ -36,7 +36,7 @@ test: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# The `bench` extra (librosa: a baseline the benchmarks measure against; scikit-maad, the other, is a runtime dependency).
+# The `bench` extra (librosa and faiss-cpu: baselines the benchmarks measure against; scikit-maad, the other, is a runtime dependency).
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check -e ".[test,bench]"
 	touch $@
@@ -57,7 +57,10 @@ BENCH_ARGS_inventory := --n-files 500 --n-recorders 5 --baseline-files 100 --thr
 BENCH_ARGS_pretrain := --model vit_tiny --depth 2 --batch-size 4 --dino-out-dim 1024 --local-crops 2 \
 	--steps 2 --repeats 1 --loader-batches 2 --matmul-size 256
 BENCH_ARGS_tiling := --minutes 1 --file-s 30 --repeats 1 --png-repeats 1 --png-minutes 0.25 --skip-memory
+BENCH_ARGS_search := --rows 20000 --dims 256 --components 20 --queries 5 --batch 16 --batch-repeats 1
 # species: a sliver of the pool, two steps, one labelled set (its own default is 20 min per method).
+# labelling: needs a finished demo run (make figures); skipped with a JSON line when there is none.
+BENCH_ARGS_labelling := --run runs/$(FIGURES_RUN_ID) --largest 5 --skip-missing-run --out runs/labelling-quick
 BENCH_ARGS_species := --pool-max-files 4 --steps 2 --methods vicreg --sets xeno-canto-phoebe-10sp \
 	--no-birdnet --n-bootstrap 40 --out runs/species-quick
 BENCH_DEVICE_ARGS_embed := --device $(BENCH_DEVICE)

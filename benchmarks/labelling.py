@@ -13,6 +13,9 @@ Everything is written under `--out`; the run folder is only read.
 
     python benchmarks/labelling.py --run runs/reference --out runs/labelling-reference
 
+Without a finished run it fails with one line; `--skip-missing-run` (what `make bench` passes) prints
+a JSON line saying it skipped, and why, instead.
+
 The last line printed is one JSON object.
 """
 
@@ -32,16 +35,27 @@ from soundscape_ssl.core.cli import CommandParser, run_command
 
 def main(argv: list[str]) -> int:
     parser = CommandParser(prog="benchmarks/labelling.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a finished run on the synthetic archive")
-    parser.add_argument("--out", required=True, help="folder for the names files, labels and precision.csv")
+    parser.add_argument("--run", default="runs/reference",
+                        help="a finished run on the synthetic archive (default: runs/reference, `make figures`)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the names files, labels and precision.csv (default: runs/labelling-<run>)")
+    parser.add_argument("--skip-missing-run", action="store_true",
+                        help="no finished run at --run: print a JSON line saying so and exit 0 (make bench)")
     parser.add_argument("--archive", default=None, help="the synthetic archive (default: archive_dir of RUN/params.yaml)")
     parser.add_argument("--largest", type=int, default=20, help="clusters named (largest first)")
     parser.add_argument("--space", default=None, help="the clustering (default: the run's only one)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run)
+    if not (run_dir / "params.yaml").is_file():
+        reason = f"{run_dir} is not a finished run (no params.yaml): run `make figures` or `make demo` first"
+        if args.skip_missing_run:
+            print(json.dumps({"benchmark": "labelling", "skipped": reason}))
+            return 0
+        raise ValueError(reason)
+    out_dir = Path(args.out) if args.out else Path("runs") / f"labelling-{run_dir.name}"
     archive = args.archive or yaml.safe_load((run_dir / "params.yaml").read_text())["archive_dir"]
     started = time.perf_counter()
-    scores, by_confidence, summary = measure_labelling(run_dir, archive, Path(args.out), args.largest, args.space)
+    scores, by_confidence, summary = measure_labelling(run_dir, archive, out_dir, args.largest, args.space)
     print(scores.round(3).to_string(index=False))
     print(by_confidence.round(3).to_string(index=False))
     print(summary.line())

@@ -851,6 +851,26 @@ def _file_spans(path: str, config: SpectrogramConfig, front_end: LogMelFrontEnd,
                  for loss in losses)
 
 
+def audio_tiles_db(path: str | os.PathLike, spectrogram: SpectrogramConfig,
+                   offsets_s: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The float16 dB tiles of a file's spans (all, or those starting at `offsets_s`, which must lie
+    on the grid of `tile_hop_s`), cut exactly as the audio command cuts them, on the CPU: (offsets
+    in s, (n, n_mels, n_frames) tiles, problems as "reason: detail" lines). For spaces computed
+    from the tiles themselves (the log-mel statistics), which need a file's tiles, not a backbone."""
+    path = str(Path(path).expanduser().resolve())
+    numbers = None if offsets_s is None else span_numbers(offsets_s, spectrogram, path)
+    device = torch.device("cpu")
+    skips: list[_Skip] = []
+    offsets, tiles = [], []
+    for block in _file_spans(path, spectrogram, LogMelFrontEnd(spectrogram, device), device, skips, numbers):
+        offsets.append(block.offset_s)
+        tiles.append(block.tiles_db.numpy())
+    shape = (0, spectrogram.n_mels, spectrogram.n_frames)
+    return (np.concatenate(offsets) if offsets else np.zeros(0),
+            np.concatenate(tiles) if tiles else np.zeros(shape, np.float16),
+            [f"{skip.reason}: {skip.detail}" for skip in skips])
+
+
 def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[str, Any]]:
     """The front end and normalisation the backbone was trained with; errors when missing."""
     metadata = loaded.metadata

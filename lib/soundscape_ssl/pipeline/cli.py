@@ -79,13 +79,33 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ..analysis.search import SearchConfig, default_out_dir, require_run, search_run, write_result
+    from ..report.search_page import write_search_page
+    from ..report.site import find_main_space
+
+    run_dir = require_run(Path(args.run))
+    space = args.space or find_main_space(run_dir)
+    if not space:
+        raise ValueError(f"{run_dir} has no clustering to take the main space from: name one with --space")
+    result = search_run(run_dir, Path(args.query), space, args.offset_s,
+                        SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
+                                     nprobe=args.nprobe))
+    out_dir = default_out_dir(run_dir, args.query, space)
+    csv_path = write_result(result, Path(args.out) if args.out else out_dir / "hits.csv")
+    print(csv_path)
+    if not args.no_page:
+        print(write_search_page(run_dir, result.table, result.record(), out_dir, threads=args.threads))
+    return 0
+
+
 # subcommand -> module whose `main(argv)` takes the remaining arguments unchanged (it is also run
 # as `python -m`, e.g. under torchrun, and fails the same way: `core.cli.run_command`)
 PASSTHROUGH_COMMANDS = {"tile": "soundscape_ssl.tiles.tiling", "embed": "soundscape_ssl.analysis.embed",
                         "validate": "soundscape_ssl.analysis.validate",
                         "indices": "soundscape_ssl.analysis.indices"}
 # subcommands whose parser is built here
-OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures", "label")
+OWN_COMMANDS = ("run", "synth-archive", "inventory", "report", "figures", "label", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--space", default=None, help="the clustering to label (default: the run's only one)")
     label.add_argument("--out", default=None, help="output folder (default: RUN_DIR/labels)")
     label.set_defaults(handler=_cmd_label)
+
+    search = commands.add_parser("search", help="the tiles of a run nearest a query clip (search by example): "
+                                                "CSV and a page with audio under RUN_DIR/search/")
+    search.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (runs/<run_id>)")
+    search.add_argument("--query", required=True, metavar="CLIP", help="an audio file holding the call")
+    search.add_argument("--offset-s", type=float, default=0.0,
+                        help="start of the query's tile-long span in the clip, s (default 0)")
+    search.add_argument("-k", "--k", type=int, default=50, help="tiles returned (default 50)")
+    search.add_argument("--space", default="", help="e.g. vicreg_band or logmel_stats (default: the run's "
+                                                    "clustered main space)")
+    search.add_argument("--out", default="", help="CSV of the hits (default RUN_DIR/search/<query>-<space>/hits.csv)")
+    search.add_argument("--no-page", action="store_true", help="write the CSV only, no page with audio")
+    search.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored at once (bounds memory)")
+    search.add_argument("--index", default="exact", choices=("exact", "ivf"),
+                        help="exact: brute force (default); ivf: a faiss index built once per space and kept "
+                             "(approximate; many queries over millions of tiles; needs faiss-cpu)")
+    search.add_argument("--nprobe", type=int, default=16, help="ivf: index lists searched (more: slower, exacter)")
+    search.add_argument("--device", default="cpu", help="where the query is embedded: cpu, cuda or auto")
+    search.add_argument("--threads", type=int, default=2, help="threads cutting the hits' clips")
+    search.set_defaults(handler=_cmd_search)
 
     # Listed for --help only: main() hands their arguments to the module's own parser.
     commands.add_parser("tile", help="tile an inventory into a log-mel tile store "

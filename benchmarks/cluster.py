@@ -39,20 +39,9 @@ import os
 import sys
 
 
-def _threads_from_argv(argv: list[str], default: int) -> int:
-    """--threads must act before numpy/numba load, so it is read ahead of argparse."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return default
+from soundscape_ssl.core.threads import pin_threads_from_argv  # noqa: E402  (imports nothing heavy)
 
-
-THREADS = _threads_from_argv(sys.argv[1:], default=os.cpu_count() or 1)
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-             "NUMBA_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
+THREADS = pin_threads_from_argv(sys.argv[1:], default=os.cpu_count() or 1)  # before numpy loads
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

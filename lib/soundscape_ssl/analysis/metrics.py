@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn
 from sklearn import metrics as skm
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
@@ -50,6 +51,11 @@ logger = logging.getLogger(__name__)
 # intervals are set by the number of groups, not of rows. Notebook 06 caps its kNN tasks likewise
 # (knn_max_rows = 20000).
 SCORE_MAX_ROWS = 20_000
+# scikit-learn's brute-force neighbour search holds test x train distances in blocks of at most
+# this many MiB (its default, 1024, let a 20k-row fold hold 0.5 GB at once: benchmarks/scale.py).
+# Blocks split the test rows only; the demo's folds (~600 x 2,300 rows) fit in one block, so its
+# scores are unchanged.
+KNN_WORKING_MEMORY_MIB = 64
 
 
 # --------------------------------------------------------------------------- input checks
@@ -419,7 +425,8 @@ def knn_cross_validate(embeddings: Any, labels: Any, groups: Any,
         classifier = KNeighborsClassifier(n_neighbors=k, metric=config.metric,
                                           weights=config.weights, algorithm="brute")
         classifier.fit(train_x, true_codes[train])
-        predicted_codes[test] = classifier.predict(test_x)
+        with sklearn.config_context(working_memory=KNN_WORKING_MEMORY_MIB):
+            predicted_codes[test] = classifier.predict(test_x)
         fold_of_row[test] = fold
         missing_classes = np.setdiff1d(np.unique(true_codes[test]), np.unique(true_codes[train]))
         if missing_classes.size:

@@ -39,6 +39,13 @@ and loading the model are outside the timed part and reported as setup_s):
 The ratios are those of the largest size against the smallest, run in the same invocation (the
 named baseline). Goals (issue 14): time per tile within 1.3x, peak memory at most 1.5x.
 
+Measured (defaults, 2 threads, the 2-core machine when quiet; README "The whole archive"): s per
+1,000 tiles at 10k / 40k / 160k: cluster 0.34 / 0.25 / 0.09, map 3.47 / 0.99 / 0.36, baselines
+1.95 / 0.91 / 0.56, scoring 0.80 / 0.58 / 0.18; embed 4.86 (2.5k) / 4.05 (10k). Peak anonymous
+memory 160k / 10k: 1.05, 1.26, 1.00, 1.16 (embed 10k / 2.5k: 1.04); peak RSS 1.13, 1.27, 2.36
+(the store's mapped pages), 1.34 (embed 1.30). Under a load of 7-8 from other jobs the same stages
+took 1.3-14x longer.
+
 Thread counts (torch, OpenMP, MKL, OpenBLAS, numba) are set to --threads before numpy loads.
 The last line on stdout is one JSON object; a readable table goes to stderr.
 

@@ -56,6 +56,7 @@ BENCH_ARGS_indices := --files 2 --file-s 15 --repeats 1 --embed-batches 1
 BENCH_ARGS_inventory := --n-files 500 --n-recorders 5 --baseline-files 100 --threads 1,2 --repeats 1 --modes warm
 BENCH_ARGS_pretrain := --model vit_tiny --depth 2 --batch-size 4 --dino-out-dim 1024 --local-crops 2 \
 	--steps 2 --repeats 1 --loader-batches 2 --matmul-size 256
+BENCH_ARGS_scale := --sizes 300 600 --embed-sizes 300 --n-bootstrap 50 --work-dir runs/scale-quick
 BENCH_ARGS_tiling := --minutes 1 --file-s 30 --repeats 1 --png-repeats 1 --png-minutes 0.25 --skip-memory
 BENCH_ARGS_search := --rows 20000 --dims 256 --components 20 --queries 5 --batch 16 --batch-repeats 1
 # species: a sliver of the pool, two steps, one labelled set (its own default is 20 min per method).

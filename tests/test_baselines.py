@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,26 @@ def test_compute_baselines_names_its_spaces():
                                progress=False)
     assert {name: space.shape for name, space in spaces.items()} == {
         "logmel_stats_deltas": (50, 4 * N_MELS), "pca4": (50, 4)}
+
+
+def test_baselines_written_to_files_equal_the_in_memory_ones_and_come_back_memory_mapped(tmp_path):
+    """Streaming the features into .npy files batch by batch changes no value; the returned
+    arrays are memory maps of the files (nothing N x D stays in memory)."""
+    tiles = random_tiles(70).astype(np.float32)
+    tiles[9, 2, 3] = np.inf                                   # a broken tile stays a NaN row on disk too
+    config = BaselineConfig(with_deltas=True, pca_n_components=4, pca_fit_subsample=40, batch_tiles=16)
+    in_memory = compute_baselines(tiles, config, progress=False)
+    on_disk = compute_baselines(ToyStore(tiles), config, progress=False, out_dir=tmp_path / "baselines")
+    assert sorted(on_disk) == sorted(in_memory) == ["logmel_stats_deltas", "pca4"]
+    for name, features in on_disk.items():
+        assert isinstance(features, np.memmap) and Path(features.filename) == tmp_path / "baselines" / f"{name}.npy"
+        np.testing.assert_array_equal(np.asarray(features), in_memory[name])
+        assert np.isnan(features[9]).all()
+    # the single-feature entry points take an out_path too, and refuse a PCA of another tile shape
+    path = tmp_path / "stats.npy"
+    np.testing.assert_array_equal(logmel_stats_features(tiles, batch_tiles=7, progress=False, out_path=path),
+                                  logmel_stats_features(tiles, batch_tiles=70, progress=False))
+    pca = fit_tile_pca(tiles[:, :, :16], n_components=2, progress=False)
+    with pytest.raises(ValueError, match="fitted on"):
+        tile_pca_features(tiles, pca, progress=False, out_path=tmp_path / "pca.npy")
+    assert not (tmp_path / "pca.npy").exists()

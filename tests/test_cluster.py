@@ -137,3 +137,45 @@ def test_umap_map_is_deterministic_and_keeps_blobs_apart():
     distance = np.linalg.norm(first[:, None] - first[None], axis=2)
     np.fill_diagonal(distance, np.inf)
     assert (truth[distance.argmin(axis=1)] == truth).mean() > 0.98
+
+
+def test_streamed_from_a_memory_map_and_in_chunks_equals_in_memory(tmp_path, blobs):
+    """Bounded memory changes nothing: fitting on a read-only memory map with tiny assignment
+    chunks gives the same model, labels and distances as one big in-memory chunk."""
+    embeddings, _ = blobs
+    path = tmp_path / "embeddings.npy"
+    np.save(path, embeddings)
+    mapped = np.load(path, mmap_mode="r")
+    whole = ClusterConfig(n_clusters=8, fit_subsample=1000, seed=3, n_init=2,
+                          assign_chunk_rows=len(embeddings), silhouette_subsample=2000)
+    chunked = ClusterConfig(**{**whole.to_dict(), "assign_chunk_rows": 97})
+    in_memory = fit_clusters(embeddings, whole, progress=False)
+    streamed = fit_clusters(mapped, chunked, progress=False)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(streamed.labels, in_memory.labels)
+    np.testing.assert_array_equal(streamed.distances, in_memory.distances)
+    np.testing.assert_array_equal(streamed.centroids, in_memory.centroids)
+    assert streamed.silhouette == in_memory.silhouette
+
+
+def test_chosen_rows_cluster_as_if_they_were_copied_out(tmp_path, blobs):
+    """`rows` reads a subset where it lies: the same result as clustering embeddings[rows]."""
+    embeddings, _ = blobs
+    path = tmp_path / "embeddings.npy"
+    np.save(path, embeddings)
+    mask = np.random.default_rng(5).random(len(embeddings)) < 0.6
+    config = ClusterConfig(n_clusters=8, fit_subsample=1000, seed=3, n_init=2, assign_chunk_rows=333,
+                           silhouette_subsample=1500)
+    copied = fit_clusters(embeddings[mask], config, progress=False)
+    for rows in (mask, np.flatnonzero(mask)):
+        chosen = fit_clusters(np.load(path, mmap_mode="r"), config, progress=False, rows=rows)
+        np.testing.assert_array_equal(chosen.labels, copied.labels)
+        np.testing.assert_array_equal(chosen.distances, copied.distances)
+        np.testing.assert_array_equal(chosen.fit_indices, copied.fit_indices)
+        assert chosen.silhouette == copied.silhouette
+    bad = embeddings.copy()
+    bad[np.flatnonzero(~mask)[0]] = np.nan   # a NaN outside the chosen rows does not matter ...
+    assert fit_clusters(bad, config, progress=False, rows=mask).labels.shape == (mask.sum(),)
+    bad[np.flatnonzero(mask)[3]] = np.nan    # ... one inside does, named by its row
+    with pytest.raises(ValueError, match=f"row {np.flatnonzero(mask)[3]}"):
+        fit_clusters(bad, config, progress=False, rows=mask)

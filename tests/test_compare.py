@@ -242,3 +242,29 @@ def test_config_round_trips_and_rejects_bad_values():
         compare.CompareConfig(knn_tasks=("weather",))
     with pytest.raises(ValueError):
         compare.CompareConfig.from_dict({"confidence": 0.5})
+
+
+def test_memory_mapped_float16_spaces_score_as_their_float32_copies(tmp_path):
+    """Notebook 06 hands BirdNET's float16 embeddings and the other spaces over memory-mapped,
+    never copied whole: the table is the one of the in-memory float32 copies, NaN rows included."""
+    from soundscape_ssl.analysis.cluster import fit_clusters
+
+    index, detections = _archive()
+    spaces = _spaces(index, detections)
+    spaces["species"][5] = np.nan                      # a row left out of every space
+    mapped = {}
+    for name, space in spaces.items():
+        np.save(tmp_path / f"{name}.npy", space.astype(np.float16))
+        mapped[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+    copies = {name: np.asarray(space, dtype=np.float32) for name, space in mapped.items()}
+    config = _config()
+    from_maps = compare.compare_output_spaces(mapped, index, detections, config)
+    from_copies = compare.compare_output_spaces(copies, index, detections, config)
+    pd.testing.assert_frame_equal(from_maps, from_copies)
+    # cluster_spaces reads the comparable rows where they lie: as fitting on the copied-out rows
+    keep = compare.comparable_rows(mapped, compare.tile_labels(index, detections, config))
+    assert not keep[5]
+    labels = compare.cluster_spaces(mapped, config.cluster, keep)["mixed"]
+    assert (labels[~keep] == -1).all()
+    np.testing.assert_array_equal(labels[keep], fit_clusters(copies["mixed"][keep], config.cluster,
+                                                             progress=False).labels)

@@ -251,3 +251,45 @@ def test_score_spaces_and_paired_against_a_reference():
     assert sorted(paired.index) == ["ari", "knn_accuracy", "nmi"]
     with pytest.raises(KeyError, match="no space"):
         paired_against(scored, "logmel", groups, "recording")
+
+
+def test_scoring_subsamples_above_the_cap_and_says_how_many_rows_it_scored(tmp_path):
+    from soundscape_ssl.analysis.cluster import subsample_indices
+
+    embeddings, labels, groups = separated_groups_with_one_mislabelled()   # 82 rows
+    noise = np.random.default_rng(0).normal(size=(82, 2))
+    np.save(tmp_path / "toy.npy", embeddings)
+    mapped = np.load(tmp_path / "toy.npy", mmap_mode="r")
+    knn_config = KnnConfig(k=5, n_bootstrap=200, seed=4)
+    # At or below the cap every row is scored, exactly as without a cap (the demo's case).
+    capped = spaces_table(score_spaces({"toy": mapped, "random": noise}, labels, groups, "recording",
+                                       knn_config, progress=False, max_rows=82))
+    uncapped = spaces_table(score_spaces({"toy": embeddings, "random": noise}, labels, groups, "recording",
+                                         knn_config, progress=False, max_rows=None))
+    assert (capped["n_scored"] == 82).all() and (capped["n_rows"] == 82).all()
+    assert capped.equals(uncapped)
+    # Above the cap: one seeded subsample for every space, its size in the table.
+    cluster_labels = (labels == "b").astype(int)
+    scored = score_spaces({"toy": mapped, "random": noise}, labels, groups, "recording", knn_config,
+                          cluster_labels={"toy": cluster_labels}, progress=False, max_rows=40)
+    rows = subsample_indices(82, 40, knn_config.seed)
+    table = spaces_table(scored)
+    assert (table["n_scored"] == 40).all() and (table["n_rows"] == 82).all()
+    for result in scored.values():
+        np.testing.assert_array_equal(result.scored_rows, rows)
+        np.testing.assert_array_equal(result.knn.true_labels, labels[rows])
+        assert result.clusters.shape == (40,) and result.embeddings.shape == (40, 2)
+    np.testing.assert_array_equal(scored["toy"].clusters, cluster_labels[rows])
+    # ... and its scores are those of the subsample scored on its own
+    alone = score_space("toy", embeddings[rows], labels[rows], groups[rows], "recording", knn_config,
+                        cluster_labels=cluster_labels[rows], max_rows=None)
+    assert scored["toy"].knn.accuracy == alone.knn.accuracy
+    assert scored["toy"].agreement == alone.agreement
+    # Pairing takes the groups of all rows and keeps those of the scored ones.
+    paired = paired_against(scored, "random", groups, "recording", n_bootstrap=100).set_index("metric")
+    n_groups = len(np.unique(groups[rows]))
+    assert paired.loc["knn_accuracy", "interval_method"].startswith(f"percentile bootstrap over {n_groups} ")
+    other = score_spaces({"toy": embeddings}, labels, groups, "recording", knn_config, progress=False,
+                         max_rows=30)
+    with pytest.raises(ValueError, match="different rows"):
+        paired_against({**scored, "other": other["toy"]}, "random", groups, "recording", n_bootstrap=10)

@@ -349,3 +349,22 @@ def test_rank_and_threads_helpers(monkeypatch):
     with torch_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == previous
+
+
+def test_atomic_npy_memmap_writes_in_pieces_and_leaves_nothing_on_failure(tmp_path):
+    import numpy as np
+
+    from soundscape_ssl.core.stage import atomic_npy_memmap
+
+    path = tmp_path / "features.npy"
+    with atomic_npy_memmap(path, (5, 3), np.float32) as out:
+        assert not path.exists()                   # nothing visible until the block ends
+        for row in range(5):
+            out[row] = row
+    np.testing.assert_array_equal(np.load(path), np.repeat(np.arange(5, dtype=np.float32)[:, None], 3, axis=1))
+    with pytest.raises(RuntimeError, match="broken"):
+        with atomic_npy_memmap(path, (5, 3), np.float32) as out:
+            out[:] = -1
+            raise RuntimeError("broken writer")
+    assert np.load(path)[4, 0] == 4                # the old complete file, not a part of the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]

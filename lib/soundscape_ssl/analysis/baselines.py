@@ -13,18 +13,28 @@ Tiles are read in batches, so any of these work on a memory-mapped store: `tiles
 `soundscape_ssl.tiles.store.TileStore` (anything with `__len__`, `__getitem__(i)` and
 `read_range(start, stop)`). Every batch is converted to float32 before arithmetic: float16
 sums over 256 frames would lose ~0.1 dB.
+
+The features themselves are (N, D): given an `out_path` (or `compute_baselines(out_dir=...)`),
+they are written batch by batch into a `.npy` file (`core.stage.atomic_npy_memmap`) and returned
+memory-mapped, so memory stays bounded by the batch whatever N is; without one they are an
+in-memory array (small stores, tests). Both give the same values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
+
+from ..core.stage import atomic_npy_memmap
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +94,21 @@ def iter_tile_batches(tiles: Any, batch_tiles: int = 512, desc: str | None = Non
         yield start, _read_range(tiles, start, min(n_tiles, start + batch_tiles))
 
 
+@contextlib.contextmanager
+def _features_out(out_path: str | os.PathLike | None, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Where features are written: an in-memory float32 array, or a .npy file at out_path."""
+    if out_path is None:
+        yield np.empty(shape, dtype=np.float32)
+    else:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_npy_memmap(out_path, shape, np.float32) as out:
+            yield out
+
+
+def _features_result(out_path: str | os.PathLike | None, features: np.ndarray) -> np.ndarray:
+    return features if out_path is None else np.load(out_path, mmap_mode="r")
+
+
 def _warn_non_finite(n_bad: int, n_tiles: int, what: str) -> None:
     if n_bad:
         logger.warning("%d of %d tiles contain NaN or inf: their %s rows are NaN", n_bad, n_tiles, what)
@@ -115,31 +140,35 @@ def logmel_stats_feature_names(n_mels: int, with_deltas: bool = False) -> list[s
 
 
 def logmel_stats_features(tiles: Any, with_deltas: bool = False, delta_width_frames: int = 2,
-                          batch_tiles: int = 512, progress: bool = True) -> np.ndarray:
+                          batch_tiles: int = 512, progress: bool = True,
+                          out_path: str | os.PathLike | None = None) -> np.ndarray:
     """Per mel band, mean and std (population, over time) of each tile's dB values: (N, 2 n_mels).
 
     With deltas, the mean and std of `time_deltas` follow: (N, 4 n_mels). Column order:
     `logmel_stats_feature_names`. float32. A tile with NaN/inf values gives a NaN row (logged),
-    so rows stay aligned with the tile index.
+    so rows stay aligned with the tile index. With `out_path`, written there batch by batch and
+    returned memory-mapped.
     """
     n_tiles = _n_tiles(tiles)
     n_mels, _ = _tile_shape(tiles)
     n_features = (4 if with_deltas else 2) * n_mels
-    features = np.empty((n_tiles, n_features), dtype=np.float32)
     n_bad = 0
-    for start, batch in iter_tile_batches(tiles, batch_tiles, "log-mel statistics" if progress else None):
-        stop = start + batch.shape[0]
-        features[start:stop, :n_mels] = batch.mean(axis=2)
-        features[start:stop, n_mels:2 * n_mels] = batch.std(axis=2)
-        if with_deltas:
-            deltas = time_deltas(batch, delta_width_frames)
-            features[start:stop, 2 * n_mels:3 * n_mels] = deltas.mean(axis=2)
-            features[start:stop, 3 * n_mels:] = deltas.std(axis=2)
-        bad = ~np.isfinite(batch).all(axis=(1, 2))
-        features[start:stop][bad] = np.nan
-        n_bad += int(bad.sum())
+    with _features_out(out_path, (n_tiles, n_features)) as features:
+        for start, batch in iter_tile_batches(tiles, batch_tiles, "log-mel statistics" if progress else None):
+            stop = start + batch.shape[0]
+            block = np.empty((batch.shape[0], n_features), dtype=np.float32)
+            block[:, :n_mels] = batch.mean(axis=2)
+            block[:, n_mels:2 * n_mels] = batch.std(axis=2)
+            if with_deltas:
+                deltas = time_deltas(batch, delta_width_frames)
+                block[:, 2 * n_mels:3 * n_mels] = deltas.mean(axis=2)
+                block[:, 3 * n_mels:] = deltas.std(axis=2)
+            bad = ~np.isfinite(batch).all(axis=(1, 2))
+            block[bad] = np.nan
+            features[start:stop] = block
+            n_bad += int(bad.sum())
     _warn_non_finite(n_bad, n_tiles, "log-mel statistics")
-    return features
+    return _features_result(out_path, features)
 
 
 # --------------------------------------------------------------------------- PCA of raw tiles
@@ -183,40 +212,52 @@ def fit_tile_pca(tiles: Any, n_components: int = 64, fit_subsample: int | None =
 
 
 def tile_pca_features(tiles: Any, pca: PCA, batch_tiles: int = 512,
-                      progress: bool = True) -> np.ndarray:
-    """Project every tile onto a fitted tile PCA: (N, n_components) float32, in tile order."""
+                      progress: bool = True, out_path: str | os.PathLike | None = None) -> np.ndarray:
+    """Project every tile onto a fitted tile PCA: (N, n_components) float32, in tile order.
+    With `out_path`, written there batch by batch and returned memory-mapped."""
     n_tiles = _n_tiles(tiles)
-    features = np.empty((n_tiles, pca.n_components_), dtype=np.float32)
+    n_mels, n_frames = _tile_shape(tiles)
+    if n_mels * n_frames != pca.components_.shape[1]:
+        raise ValueError(f"tiles have {n_mels * n_frames} values, the PCA was fitted on "
+                         f"{pca.components_.shape[1]}")
     # (x - mean) @ components.T in float32: sklearn's transform would upcast a 64 MiB batch
     mean = pca.mean_.astype(np.float32)
     components_t = np.ascontiguousarray(pca.components_.astype(np.float32).T)
     n_bad = 0
-    for start, batch in iter_tile_batches(tiles, batch_tiles, "PCA transform" if progress else None):
-        flat = batch.reshape(batch.shape[0], -1)
-        if flat.shape[1] != pca.components_.shape[1]:
-            raise ValueError(f"tiles have {flat.shape[1]} values, the PCA was fitted on "
-                             f"{pca.components_.shape[1]}")
-        finite = np.isfinite(flat).all(axis=1)
-        projected = np.full((flat.shape[0], pca.n_components_), np.nan, dtype=np.float32)
-        projected[finite] = (flat[finite] - mean) @ components_t
-        features[start:start + flat.shape[0]] = projected
-        n_bad += int((~finite).sum())
+    with _features_out(out_path, (n_tiles, pca.n_components_)) as features:
+        for start, batch in iter_tile_batches(tiles, batch_tiles, "PCA transform" if progress else None):
+            flat = batch.reshape(batch.shape[0], -1)
+            finite = np.isfinite(flat).all(axis=1)
+            projected = np.full((flat.shape[0], pca.n_components_), np.nan, dtype=np.float32)
+            projected[finite] = (flat[finite] - mean) @ components_t
+            features[start:start + flat.shape[0]] = projected
+            n_bad += int((~finite).sum())
     _warn_non_finite(n_bad, n_tiles, "PCA")
-    return features
+    return _features_result(out_path, features)
 
 
 def compute_baselines(tiles: Any, config: BaselineConfig | None = None,
-                      progress: bool = True) -> dict[str, np.ndarray]:
-    """The baseline output spaces the config asks for, by name: "logmel_stats", "pca"."""
+                      progress: bool = True, out_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The baseline output spaces the config asks for, by name: "logmel_stats", "pca<n>".
+
+    With `out_dir`, each is written to `out_dir/<name>.npy` batch by batch and returned
+    memory-mapped (memory bounded by `config.batch_tiles` and the PCA fit subsample, not by N);
+    the files are rewritten on every call (seconds per thousand tiles)."""
     config = config or BaselineConfig()
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+    def path_of(name: str) -> Path | None:
+        return None if out_dir is None else Path(out_dir) / f"{name}.npy"
+
     spaces: dict[str, np.ndarray] = {}
     if config.logmel_stats:
         name = "logmel_stats_deltas" if config.with_deltas else "logmel_stats"
         spaces[name] = logmel_stats_features(tiles, config.with_deltas, config.delta_width_frames,
-                                             config.batch_tiles, progress)
+                                             config.batch_tiles, progress, out_path=path_of(name))
     if config.pca:
         pca = fit_tile_pca(tiles, config.pca_n_components, config.pca_fit_subsample,
                            config.batch_tiles, config.seed, progress)
-        spaces[f"pca{config.pca_n_components}"] = tile_pca_features(tiles, pca, config.batch_tiles,
-                                                                    progress)
+        name = f"pca{config.pca_n_components}"
+        spaces[name] = tile_pca_features(tiles, pca, config.batch_tiles, progress, out_path=path_of(name))
     return spaces

@@ -75,8 +75,8 @@ from tqdm.auto import tqdm
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.config import config_from_mapping
-from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_write, file_sha256, read_plan,
-                          reserve_space)
+from ..core.stage import (StagePlan, StageRun, UnitOutput, atomic_npy_memmap, atomic_write, file_sha256,
+                          read_plan)
 from ..recordings.archive import probe_recording
 
 logger = logging.getLogger(__name__)
@@ -852,17 +852,12 @@ def _merge_shards(out_dir: Path) -> dict[str, Any]:
     destination[order] = np.arange(len(order))  # row of each shard-order row in tile_id order
 
     def gather(kind: str, filename: str, width: int, dtype: str) -> None:
-        n_bytes = len(order) * width * np.dtype(dtype).itemsize
-        with atomic_write(out_dir / filename, expected_bytes=n_bytes) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(order), width))
-            reserve_space(tmp, tmp.stat().st_size)
+        with atomic_npy_memmap(out_dir / filename, (len(order), width), dtype) as out:
             row = 0
             for k in range(n_shards):  # one shard in memory at a time
                 part = np.load(_shard_paths(out_dir, k)[kind], mmap_mode="r")
                 out[destination[row:row + len(part)]] = part
                 row += len(part)
-            out.flush()
-            del out
 
     gather("embeddings", EMBEDDINGS_FILE, EMBEDDING_DIM, config.embedding_dtype)
     if config.save_confidences:

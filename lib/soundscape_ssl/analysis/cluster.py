@@ -202,25 +202,30 @@ class ClusterResult:
         )
 
 
-def _check_embeddings(embeddings: np.ndarray, chunk_rows: int = 65_536) -> np.ndarray:
-    """A 2-D float array with finite values (checked in chunks: works on memory maps)."""
+def _check_embeddings(embeddings: np.ndarray, chunk_rows: int = 65_536,
+                      rows: np.ndarray | None = None) -> np.ndarray:
+    """A 2-D float array with finite values (checked in chunks: works on memory maps).
+
+    With `rows` (sorted row indices), only those rows are checked."""
     embeddings = np.asarray(embeddings)  # a view of a memory map, not a copy
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (rows, dims), got shape {embeddings.shape}")
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
-        raise ValueError(f"embeddings are empty: shape {embeddings.shape}")
+    n_rows = embeddings.shape[0] if rows is None else len(rows)
+    if n_rows == 0 or embeddings.shape[1] == 0:
+        raise ValueError(f"embeddings are empty: shape {embeddings.shape}, {n_rows} rows chosen")
     bad_rows = 0
     first_bad = None
-    for start, stop in _chunks(embeddings.shape[0], chunk_rows):
-        finite = np.isfinite(embeddings[start:stop]).all(axis=1)
+    for start, stop in _chunks(n_rows, chunk_rows):
+        finite = np.isfinite(take_rows(embeddings, rows, start, stop)).all(axis=1)
         if not finite.all():
             bad_rows += int((~finite).sum())
             if first_bad is None:
-                first_bad = start + int(np.flatnonzero(~finite)[0])
+                position = start + int(np.flatnonzero(~finite)[0])
+                first_bad = position if rows is None else int(rows[position])
     if bad_rows:
-        raise ValueError(f"{bad_rows} of {embeddings.shape[0]} embedding rows contain NaN or inf "
+        raise ValueError(f"{bad_rows} of {n_rows} embedding rows contain NaN or inf "
                          f"(first: row {first_bad}); drop or recompute them before clustering")
     return embeddings
 
@@ -228,6 +233,32 @@ def _check_embeddings(embeddings: np.ndarray, chunk_rows: int = 65_536) -> np.nd
 def _chunks(n_rows: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n_rows, chunk_rows):
         yield start, min(n_rows, start + chunk_rows)
+
+
+def take_rows(embeddings: np.ndarray, rows: np.ndarray | None, start: int, stop: int) -> np.ndarray:
+    """Chosen rows [start, stop) of `embeddings`: a slice when every row is chosen (rows None),
+    else the rows `rows[start:stop]`. Reads only those rows of a memory map."""
+    return embeddings[start:stop] if rows is None else embeddings[rows[start:stop]]
+
+
+def _chosen(embeddings: np.ndarray, rows: np.ndarray | None, positions: np.ndarray) -> np.ndarray:
+    """The chosen rows at `positions` (positions count chosen rows, not all rows)."""
+    return embeddings[positions] if rows is None else embeddings[rows[positions]]
+
+
+def _as_row_indices(rows: np.ndarray | None, n_rows: int) -> np.ndarray | None:
+    """Sorted int64 row indices from a boolean mask or indices (None stays None: all rows)."""
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_rows,):
+            raise ValueError(f"a row mask must have {n_rows} entries, got shape {rows.shape}")
+        return np.flatnonzero(rows).astype(np.int64)
+    rows = np.sort(rows.astype(np.int64))
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows):
+        raise ValueError(f"row indices must be in 0..{n_rows - 1}")
+    return rows
 
 
 def subsample_indices(n_rows: int, size: int | None, seed: int) -> np.ndarray:
@@ -260,8 +291,10 @@ def _standardize(rows: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nd
 
 def assign_to_centroids(embeddings: np.ndarray, centroids: np.ndarray, scaler_mean: np.ndarray,
                         scaler_scale: np.ndarray, chunk_rows: int = 32_768,
-                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (int32) and Euclidean distance to it (float32) for every row.
+                        progress: bool = False, rows: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (int32) and Euclidean distance to it (float32) for every row
+    (or for the sorted row indices `rows`, in their order).
 
     Rows are standardised and scored one chunk at a time, so the peak extra memory is
     about chunk_rows x (dims + k) floats whatever N is. Ties go to the lower cluster index,
@@ -269,25 +302,25 @@ def assign_to_centroids(embeddings: np.ndarray, centroids: np.ndarray, scaler_me
     """
     centroids = np.asarray(centroids, dtype=np.float32)
     centroid_sq_norms = np.einsum("kd,kd->k", centroids, centroids)
-    n_rows = embeddings.shape[0]
+    n_rows = embeddings.shape[0] if rows is None else len(rows)
     labels = np.empty(n_rows, dtype=np.int32)
     distances = np.empty(n_rows, dtype=np.float32)
     chunks = list(_chunks(n_rows, chunk_rows))
     for start, stop in tqdm(chunks, desc="assign to centroids", unit="chunk",
                             disable=not progress or len(chunks) < 2):
-        rows = _standardize(embeddings[start:stop], scaler_mean, scaler_scale)
+        chunk = _standardize(take_rows(embeddings, rows, start, stop), scaler_mean, scaler_scale)
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one BLAS call per chunk
-        sq = np.einsum("nd,nd->n", rows, rows)[:, None] - 2.0 * (rows @ centroids.T) + centroid_sq_norms
+        sq = np.einsum("nd,nd->n", chunk, chunk)[:, None] - 2.0 * (chunk @ centroids.T) + centroid_sq_norms
         nearest = np.argmin(sq, axis=1)
         labels[start:stop] = nearest
         # The expansion cancels digits in float32; the distance to the chosen centroid is
         # recomputed directly (one subtraction per row, no k factor).
-        distances[start:stop] = np.linalg.norm(rows - centroids[nearest], axis=1)
+        distances[start:stop] = np.linalg.norm(chunk - centroids[nearest], axis=1)
     return labels, distances
 
 
 def fit_clusters(embeddings: np.ndarray, config: ClusterConfig | None = None,
-                 progress: bool = True) -> ClusterResult:
+                 progress: bool = True, rows: np.ndarray | None = None) -> ClusterResult:
     """KMeans on the standardised, full-dimensional embedding, fitted on a subsample; all rows assigned.
 
     embeddings: (N, D) float array (a memory map works; only the subsample and one chunk at a time
@@ -295,14 +328,21 @@ def fit_clusters(embeddings: np.ndarray, config: ClusterConfig | None = None,
     random rows; every row is then assigned to its nearest centroid. `config.n_clusters` is
     clipped, with a warning, when there are fewer fit rows than clusters. The silhouette is
     computed on `config.silhouette_subsample` random rows of all N (it is quadratic in rows).
+
+    rows: cluster only these rows (a boolean mask or row indices; default all), read from
+    `embeddings` where they lie, so a subset of a memory map is never copied whole. The result
+    then describes the chosen rows in order (labels[i] is row rows[i]; `fit_indices` count chosen
+    rows), exactly as if `embeddings[rows]` had been passed.
     """
     config = config or ClusterConfig()
-    embeddings = _check_embeddings(embeddings)
-    n_rows, dims = embeddings.shape
+    rows = _as_row_indices(rows, np.shape(embeddings)[0])
+    embeddings = _check_embeddings(embeddings, rows=rows)
+    n_rows = embeddings.shape[0] if rows is None else len(rows)
+    dims = embeddings.shape[1]
     started = time.perf_counter()
 
     fit_indices = subsample_indices(n_rows, config.fit_subsample, config.seed)
-    fit_rows = np.asarray(embeddings[fit_indices], dtype=np.float32)
+    fit_rows = np.asarray(_chosen(embeddings, rows, fit_indices), dtype=np.float32)
     scaler_mean, scaler_scale = _fit_scaler(fit_rows, config.standardize)
     fit_rows = _standardize(fit_rows, scaler_mean, scaler_scale)
 
@@ -332,10 +372,10 @@ def fit_clusters(embeddings: np.ndarray, config: ClusterConfig | None = None,
                 time.perf_counter() - started)
 
     labels, distances = assign_to_centroids(embeddings, centroids, scaler_mean, scaler_scale,
-                                            config.assign_chunk_rows, progress=progress)
+                                            config.assign_chunk_rows, progress=progress, rows=rows)
     cluster_sizes = np.bincount(labels, minlength=n_clusters).astype(np.int64)
     silhouette = _subsample_silhouette(embeddings, labels, scaler_mean, scaler_scale,
-                                       config.silhouette_subsample, config.seed)
+                                       config.silhouette_subsample, config.seed, rows)
     return ClusterResult(labels=labels, distances=distances, centroids=centroids,
                          scaler_mean=scaler_mean, scaler_scale=scaler_scale,
                          cluster_sizes=cluster_sizes, fit_indices=fit_indices,
@@ -344,15 +384,16 @@ def fit_clusters(embeddings: np.ndarray, config: ClusterConfig | None = None,
 
 
 def _subsample_silhouette(embeddings: np.ndarray, labels: np.ndarray, scaler_mean: np.ndarray,
-                          scaler_scale: np.ndarray, size: int, seed: int) -> float:
-    """Mean silhouette (Euclidean, standardised space) on `size` random rows; NaN when undefined."""
+                          scaler_scale: np.ndarray, size: int, seed: int,
+                          rows: np.ndarray | None = None) -> float:
+    """Mean silhouette (Euclidean, standardised space) on `size` random (chosen) rows; NaN when undefined."""
     # A different stream from the fit subsample's, so the score is not taken on the fitted rows only.
-    rows = subsample_indices(embeddings.shape[0], size, seed + 1)
-    sample_labels = labels[rows]
+    positions = subsample_indices(len(labels), size, seed + 1)
+    sample_labels = labels[positions]
     n_labels = len(np.unique(sample_labels))
-    if not 2 <= n_labels <= rows.size - 1:
+    if not 2 <= n_labels <= positions.size - 1:
         return float("nan")
-    sample = _standardize(embeddings[rows], scaler_mean, scaler_scale)
+    sample = _standardize(_chosen(embeddings, rows, positions), scaler_mean, scaler_scale)
     return float(silhouette_score(sample, sample_labels, metric="euclidean"))
 
 

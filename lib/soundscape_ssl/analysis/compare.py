@@ -58,6 +58,8 @@ from ..core.config import config_from_mapping
 
 logger = logging.getLogger(__name__)
 
+CHUNK_ROWS = 65_536   # rows of a space checked at once (memory maps are read in such chunks)
+
 NO_DETECTION = "none"                       # pseudo-label of a scored tile without a confident detection
 KNN_TASKS = ("species", "recorder", "habitat", "hour")   # BirdNET comparison (notebook 06)
 SEPARATION_TASKS = ("recorder", "habitat", "hour", "week")  # the sequel's separation table (notebook 08)
@@ -192,15 +194,22 @@ def tile_labels(tile_index: pd.DataFrame, detections: pd.DataFrame,
     return frame
 
 
+def finite_rows(space: Any) -> np.ndarray:
+    """Boolean per row: every value finite. Read in chunks of rows (a memory map is never copied whole)."""
+    space = np.asarray(space)
+    return np.concatenate([np.isfinite(space[start:start + CHUNK_ROWS]).all(axis=1)
+                           for start in range(0, len(space), CHUNK_ROWS)] or [np.ones(0, bool)])
+
+
 def comparable_rows(spaces: Mapping[str, Any], labels: pd.DataFrame) -> np.ndarray:
     """Boolean per tile: BirdNET scored it and its row is finite in every space (logged counts)."""
     keep = labels["scored"].to_numpy(bool).copy()
     logger.info("%d of %d tiles were scored by BirdNET", int(keep.sum()), len(keep))
     for name, space in spaces.items():
-        space = np.asarray(space)
+        space = np.asarray(space)  # a memory map stays one
         if space.ndim != 2 or space.shape[0] != len(labels):
             raise ValueError(f"space {name!r} has shape {space.shape}; expected ({len(labels)}, D)")
-        finite = np.isfinite(space).all(axis=1)
+        finite = finite_rows(space)
         if not finite.all():
             logger.warning("space %r: %d of %d rows are not finite and are left out of every space",
                            name, int((~finite).sum()), len(finite))
@@ -273,7 +282,8 @@ def cluster_spaces(spaces: Mapping[str, Any], config: ClusterConfig, rows: np.nd
         space = np.asarray(space)
         mask = np.ones(space.shape[0], bool) if rows is None else np.asarray(rows, bool)
         full = np.full(space.shape[0], -1, dtype=np.int32)
-        result = fit_clusters(np.asarray(space[mask], dtype=np.float32), config, progress=progress)
+        # the chosen rows are read where they lie (a memory map is never copied whole)
+        result = fit_clusters(space, config, progress=progress, rows=None if rows is None else mask)
         full[mask] = result.labels
         labels[name] = full
         logger.info("space %r: %d clusters over %d tiles (silhouette %.3f)", name, result.n_clusters,
@@ -345,13 +355,18 @@ def prepare_knn_task(task: str, labels: pd.DataFrame, config: CompareConfig) -> 
     return _KnnTask(task, grouping, None, None, None, note)
 
 
-def score_knn(space: np.ndarray, task: _KnnTask, config: KnnConfig) -> tuple[dict[str, Any], str]:
+def score_knn(space: np.ndarray, task: _KnnTask, config: KnnConfig,
+              kept_rows: np.ndarray | None = None) -> tuple[dict[str, Any], str]:
+    """One kNN task on one space. `task.rows` count comparable tiles; `kept_rows` maps them to rows
+    of `space` (None: `space` holds only the comparable tiles). Only the task's rows are read."""
     row = _nan_knn(task.name)
     row[f"knn_{task.name}_grouping"] = task.grouping
     if task.rows is None:
         return row, task.note
+    space_rows = task.rows if kept_rows is None else kept_rows[task.rows]
     try:
-        result = metrics.knn_cross_validate(space[task.rows], task.labels, task.groups, config, task.grouping)
+        result = metrics.knn_cross_validate(np.asarray(space[space_rows], dtype=np.float32), task.labels,
+                                            task.groups, config, task.grouping)
     except ValueError as error:  # e.g. a fold splitter that cannot honour the groups
         logger.warning("kNN %s skipped: %s", task.name, error)
         return row, f"kNN {task.name}: {error}"
@@ -436,20 +451,21 @@ def compare_output_spaces(spaces: Mapping[str, Any], tile_index: pd.DataFrame, d
         cluster_labels.update(cluster_spaces(missing, config.cluster, keep))
 
     rows = []
+    kept_rows = np.flatnonzero(keep)   # row of `spaces` of each comparable tile
     for name, space in spaces.items():
-        space_kept = np.asarray(np.asarray(space)[keep], dtype=np.float32)
+        space = np.asarray(space)       # a memory map stays one; kNN reads only its task's rows
         clusters = np.asarray(cluster_labels[name])
         if clusters.shape != (len(labels),):
             raise ValueError(f"cluster labels of {name!r} have shape {clusters.shape}; expected ({len(labels)},)")
         clusters = clusters[keep]
         if (clusters < 0).any():
             raise ValueError(f"cluster labels of {name!r} leave comparable tiles unassigned (-1)")
-        row: dict[str, Any] = {"output_space": name, "n_dims": int(space_kept.shape[1]),
+        row: dict[str, Any] = {"output_space": name, "n_dims": int(space.shape[1]),
                                "n_tiles": int(keep.sum())}
         cluster_row, notes = _score_clusters(clusters, kept, config)
         row.update(cluster_row)
         for task in tasks:
-            knn_row, note = score_knn(space_kept, task, config.knn)
+            knn_row, note = score_knn(space, task, config.knn, kept_rows)
             row.update(knn_row)
             if note:
                 notes.append(note)

@@ -143,13 +143,14 @@ def separation_table(spaces: Mapping[str, Any], tile_index: pd.DataFrame,
         space = np.asarray(space)
         if space.shape[0] != len(labels):
             raise ValueError(f"space {name!r} has {space.shape[0]} rows; the tile index has {len(labels)}")
-        keep &= np.isfinite(space).all(axis=1)
+        keep &= compare.finite_rows(space)
     kept = labels[keep].reset_index(drop=True)
+    kept_rows = np.flatnonzero(keep)
     rows = []
     for task_name in config.knn_tasks:
         task = compare.prepare_knn_task(task_name, kept, config)
         for name, space in spaces.items():
-            scores, note = compare.score_knn(np.asarray(space, dtype=np.float32)[keep], task, config.knn)
+            scores, note = compare.score_knn(np.asarray(space), task, config.knn, kept_rows)
             row = {key.removeprefix(f"knn_{task_name}_"): value for key, value in scores.items()}
             rows.append({"task": task_name, "space": name, **row, "note": note})
     columns = ["task", "space", "grouping", "accuracy", "interval_low", "interval_high", "majority_share",

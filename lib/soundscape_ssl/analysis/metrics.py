@@ -33,16 +33,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn
 from sklearn import metrics as skm
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from .cluster import ClusterConfig, fit_clusters
+from .cluster import ClusterConfig, fit_clusters, subsample_indices
 from ..core.stats import (DEFAULT_LEVEL, PAIRED_COLUMNS, GroupBootstrap, Interval, agreement_intervals, codes,
                           paired_accuracy, paired_agreement, paired_table, t_interval)
 
 logger = logging.getLogger(__name__)
+
+# Above this many rows, `score_space` scores a seeded random subsample of rows (the same rows for
+# every space of one `score_spaces` call) and says so in `n_scored`: brute-force kNN is quadratic
+# in rows and every bootstrap resample recomputes the agreement over all rows, while the scores'
+# intervals are set by the number of groups, not of rows. Notebook 06 caps its kNN tasks likewise
+# (knn_max_rows = 20000).
+SCORE_MAX_ROWS = 20_000
+# scikit-learn's brute-force neighbour search holds test x train distances in blocks of at most
+# this many MiB (its default, 1024, let a 20k-row fold hold 0.5 GB at once: benchmarks/scale.py).
+# Blocks split the test rows only; the demo's folds (~600 x 2,300 rows) fit in one block, so its
+# scores are unchanged.
+KNN_WORKING_MEMORY_MIB = 64
 
 
 # --------------------------------------------------------------------------- input checks
@@ -66,13 +79,14 @@ def _same_length(**arrays: np.ndarray) -> int:
     return next(iter(lengths.values()))
 
 
-def _check_finite_embeddings(embeddings: Any) -> np.ndarray:
-    embeddings = np.asarray(embeddings)
+def _check_finite_embeddings(embeddings: Any, chunk_rows: int = 65_536) -> np.ndarray:
+    embeddings = np.asarray(embeddings)  # a memory map stays one: checked in chunks, never copied whole
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D (rows, dims), got shape {embeddings.shape}")
     if not np.issubdtype(embeddings.dtype, np.number):
         raise ValueError(f"embeddings must be numeric, got {embeddings.dtype}")
-    finite_rows = np.isfinite(embeddings).all(axis=1)
+    finite_rows = np.concatenate([np.isfinite(embeddings[start:start + chunk_rows]).all(axis=1)
+                                  for start in range(0, len(embeddings), chunk_rows)] or [np.ones(0, bool)])
     if not finite_rows.all():
         bad = np.flatnonzero(~finite_rows)
         raise ValueError(f"{bad.size} of {len(embeddings)} embedding rows contain NaN or inf "
@@ -411,7 +425,8 @@ def knn_cross_validate(embeddings: Any, labels: Any, groups: Any,
         classifier = KNeighborsClassifier(n_neighbors=k, metric=config.metric,
                                           weights=config.weights, algorithm="brute")
         classifier.fit(train_x, true_codes[train])
-        predicted_codes[test] = classifier.predict(test_x)
+        with sklearn.config_context(working_memory=KNN_WORKING_MEMORY_MIB):
+            predicted_codes[test] = classifier.predict(test_x)
         fold_of_row[test] = fold
         missing_classes = np.setdiff1d(np.unique(true_codes[test]), np.unique(true_codes[train]))
         if missing_classes.size:
@@ -468,17 +483,23 @@ class SpaceScores:
     """
 
     name: str
-    embeddings: np.ndarray             # (N, D) the rows that were scored
+    embeddings: np.ndarray             # (n_scored, D) the rows that were scored
     knn: KnnResult
-    clusters: np.ndarray               # (N,) KMeans cluster of every row
+    clusters: np.ndarray               # (n_scored,) KMeans cluster of every scored row
     agreement: dict[str, Any]
     agreement_intervals: dict[str, Interval]
     silhouette: float                  # of the clustering (NaN when not computed)
+    scored_rows: np.ndarray            # (n_scored,) sorted indices of the scored rows among all rows
+    n_total_rows: int                  # rows of the space (n_scored < n_total_rows: a subsample)
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored_rows.size)
 
     def row(self) -> dict[str, Any]:
-        """The space's scalar scores as one flat table row."""
-        row: dict[str, Any] = {"output_space": self.name, "n_rows": int(self.embeddings.shape[0]),
-                               "n_dims": int(self.embeddings.shape[1])}
+        """The space's scalar scores as one flat table row (n_rows: all rows; n_scored: those scored)."""
+        row: dict[str, Any] = {"output_space": self.name, "n_rows": self.n_total_rows,
+                               "n_scored": self.n_scored, "n_dims": int(self.embeddings.shape[1])}
         row.update(self.knn.summary())
         for name in ("nmi", "ari", "v_measure"):
             row[name] = self.agreement[name]
@@ -492,17 +513,34 @@ class SpaceScores:
 
 def score_space(name: str, embeddings: Any, labels: Any, groups: Any, grouping: str,
                 knn_config: KnnConfig | None = None, cluster_config: ClusterConfig | None = None,
-                cluster_labels: Any = None, silhouette: float = float("nan")) -> SpaceScores:
+                cluster_labels: Any = None, silhouette: float = float("nan"),
+                max_rows: int | None = SCORE_MAX_ROWS) -> SpaceScores:
     """Grouped kNN and KMeans agreement of one output space, with intervals over resampled groups.
 
     labels, groups: one per row (no missing label); `grouping` names the groups ("recorder" ...).
     The clustering is `cluster_labels` when given (with its `silhouette`), else
     `cluster.fit_clusters(embeddings, cluster_config)` (default: k = the number of labels, all
-    rows). Rows with NaN are an error (see `knn_cross_validate`).
+    scored rows). Rows with NaN are an error (see `knn_cross_validate`).
+
+    With more than `max_rows` rows (None: no cap), everything is scored on
+    `cluster.subsample_indices(N, max_rows, knn_config.seed)`: only those rows of a memory map
+    are read, and `scored_rows` / the table's `n_scored` say which and how many. At or below the
+    cap every row is scored, as before.
     """
     knn_config = knn_config or KnnConfig()
     embeddings = _check_finite_embeddings(embeddings)
     labels = _as_1d(labels, "labels")
+    groups = _as_1d(groups, "groups")
+    n_total = _same_length(embeddings=embeddings, labels=labels, groups=groups)
+    scored_rows = subsample_indices(n_total, max_rows, knn_config.seed)
+    if scored_rows.size < n_total:
+        logger.info("%s: scoring a seeded subsample of %d of %d rows", name, scored_rows.size, n_total)
+        embeddings, labels, groups = embeddings[scored_rows], labels[scored_rows], groups[scored_rows]
+        if cluster_labels is not None:
+            cluster_labels = _as_1d(cluster_labels, "cluster_labels")
+            if len(cluster_labels) != n_total:
+                raise ValueError(f"cluster_labels have {len(cluster_labels)} rows, the space {n_total}")
+            cluster_labels = cluster_labels[scored_rows]
     knn = knn_cross_validate(embeddings, labels, groups, knn_config, grouping)
     if cluster_labels is None:
         cluster_config = cluster_config or ClusterConfig(n_clusters=len(knn.classes), fit_subsample=None,
@@ -515,18 +553,20 @@ def score_space(name: str, embeddings: Any, labels: Any, groups: Any, grouping: 
     intervals = ({name: _no_bootstrap(knn_config) for name in ("nmi", "v_measure", "ari")} if bootstrap is None
                  else agreement_intervals(bootstrap, labels, cluster_labels, knn_config.confidence_level))
     return SpaceScores(name, np.asarray(embeddings), knn, cluster_labels,
-                       clustering_agreement(cluster_labels, labels), intervals, float(silhouette))
+                       clustering_agreement(cluster_labels, labels), intervals, float(silhouette),
+                       scored_rows, n_total)
 
 
 def score_spaces(spaces: Mapping[str, Any], labels: Any, groups: Any, grouping: str,
                  knn_config: KnnConfig | None = None, cluster_config: ClusterConfig | None = None,
                  cluster_labels: Mapping[str, Any] | None = None, silhouettes: Mapping[str, float] | None = None,
-                 progress: bool = True) -> dict[str, SpaceScores]:
+                 progress: bool = True, max_rows: int | None = SCORE_MAX_ROWS) -> dict[str, SpaceScores]:
     """`score_space` for every space (name -> (N, D), rows aligned with labels and groups), all
-    clustered with one `cluster_config` unless their `cluster_labels` are given."""
+    clustered with one `cluster_config` unless their `cluster_labels` are given. Above `max_rows`
+    every space is scored on the same seeded subsample of rows (so `paired_against` pairs them)."""
     cluster_labels, silhouettes = dict(cluster_labels or {}), dict(silhouettes or {})
     return {name: score_space(name, array, labels, groups, grouping, knn_config, cluster_config,
-                              cluster_labels.get(name), silhouettes.get(name, float("nan")))
+                              cluster_labels.get(name), silhouettes.get(name, float("nan")), max_rows)
             for name, array in tqdm(spaces.items(), desc="scoring", unit="space", disable=not progress)}
 
 
@@ -548,6 +588,13 @@ def paired_against(scored: Mapping[str, SpaceScores], reference: str, groups: An
     if reference not in scored:
         raise KeyError(f"no space {reference!r} was scored; scored: {sorted(scored)}")
     base = scored[reference]
+    for name, result in scored.items():
+        if not np.array_equal(result.scored_rows, base.scored_rows):
+            raise ValueError(f"{name!r} and {reference!r} were scored on different rows: score them in one "
+                             "score_spaces call (one subsample) to pair them")
+    groups = _as_1d(groups, "groups")
+    if len(groups) == base.n_total_rows and base.n_scored < base.n_total_rows:
+        groups = groups[base.scored_rows]   # groups of all rows: keep those of the scored subsample
     bootstrap = GroupBootstrap(groups, n_bootstrap, seed, unit=grouping)
     tables = []
     for name, result in scored.items():

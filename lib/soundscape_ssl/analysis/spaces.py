@@ -94,7 +94,9 @@ def embed_checkpoints(store_dir: str | os.PathLike, checkpoints: Mapping[str, Pa
     Each checkpoint embeds into `embeddings_root/<name>/` (`embed.embed_store`: resumable). A
     finished folder (its config.json written) is read, never redone, so notebooks share it; a
     folder that cannot serve (started with another plan, lacking a pooling) is skipped with a
-    note. Returns ({name: {pooling: (N, D) float32}}, notes).
+    note. Returns ({name: {pooling: (N, D) array}}, notes): each array is the file memory-mapped
+    read-only, in its stored dtype (`embed.load_embeddings`), never read whole into memory; the
+    analysis functions read it in chunks or subsamples.
     """
     spaces: dict[str, dict[str, np.ndarray]] = {}
     notes: list[str] = []
@@ -103,8 +105,7 @@ def embed_checkpoints(store_dir: str | os.PathLike, checkpoints: Mapping[str, Pa
         try:
             if not (out_dir / "config.json").is_file():
                 embed_store(store_dir, checkpoint, out_dir, config, show_progress=show_progress)
-            spaces[name] = {pooling: np.asarray(load_embeddings(out_dir, pooling), dtype=np.float32)
-                            for pooling in config.poolings}
+            spaces[name] = {pooling: load_embeddings(out_dir, pooling) for pooling in config.poolings}
         except ValueError as error:
             notes.append(f"{name}: embeddings in {out_dir} unusable ({error}), skipped")
             logger.warning(notes[-1])

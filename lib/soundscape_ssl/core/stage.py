@@ -267,6 +267,22 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def atomic_npy_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> Iterator[Any]:
+    """Write a `.npy` file of `shape` and `dtype` piece by piece, atomically: the block fills the
+    yielded writable memory map (its disk space reserved first), then the file is flushed and
+    committed by `atomic_write`. An array larger than memory is written a chunk at a time."""
+    import numpy as np
+
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    with atomic_write(path, expected_bytes=n_bytes) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        reserve_space(tmp, tmp.stat().st_size)
+        yield out
+        out.flush()
+        del out
+
+
 def reserve_space(path: str | os.PathLike, n_bytes: int) -> None:
     """Allocate `n_bytes` of `path` on disk now. Memory-mapped writes to a file the disk cannot
     hold end in SIGBUS, not an error; reserving first turns a full disk into an OSError here."""

@@ -60,20 +60,9 @@ import os
 import sys
 
 
-def _threads_from_argv(argv: list[str], default: int) -> int:
-    """--threads must act before numpy/numba/torch load, so it is read ahead of argparse."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return default
+from soundscape_ssl.core.threads import pin_threads_from_argv  # noqa: E402  (imports nothing heavy)
 
-
-THREADS = _threads_from_argv(sys.argv[1:], default=2)
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-             "NUMBA_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
+THREADS = pin_threads_from_argv(sys.argv[1:], default=2)  # before numpy, numba and torch load
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
@@ -87,7 +76,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_RUN = Path("/work/main/runs/reference")
+REFERENCE_RUN = REPO / "runs" / "reference"   # `make figures` makes it
 STAGES = ("embed", "cluster", "map", "baselines", "score")
 SHARD_TILES = 2048
 GAIN_DB = 6.0
@@ -353,7 +342,7 @@ def main() -> None:
         return
     for path in (args.source_store, args.checkpoint):
         if not path.exists():
-            sys.exit(f"scale benchmark: {path} not found (give --source-store / --checkpoint)")
+            sys.exit(f"scale benchmark: {path} not found: run `make figures` (the reference run) first, or give --source-store / --checkpoint")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     (args.work_dir / "results.jsonl").unlink(missing_ok=True)
     sizes, embed_sizes = sorted(set(args.sizes)), sorted(set(args.embed_sizes))

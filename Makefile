@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/soundscape-ssl run --profile $(PROFILE) $(if $(RUN_ID),--run-id $(RUN_ID))
 
 # `make figures`: the published set in figures/. Reruns the demo's reference run from scratch
-# (16-19 min on 2 CPU cores), then copies its curated PNGs and writes figures/README.md
+# (11 min 20 s on 2 quiet CPU cores, measured), then copies its curated PNGs and writes figures/README.md
 # (report/published.py); the same commit gives the same files.
 FIGURES_RUN_ID ?= reference
 figures: setup

@@ -93,7 +93,7 @@ def publish_figures(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
         f"`{commit}` ({state} when the run started), soundscape-ssl {environment.get('soundscape_ssl', '?')},",
         f"torch {environment.get('packages', {}).get('torch', '?')}, matplotlib "
         f"{environment.get('packages', {}).get('matplotlib', '?')}; {len(names)} PNGs, {total_mb:.1f} MB.",
-        "Regenerate them with `make figures` (it reruns the reference run from scratch, about 16-19 minutes on",
+        "Regenerate them with `make figures` (it reruns the reference run from scratch, about 11 minutes on",
         "2 CPU cores); the same commit gives the same files.",
         "",
         "| figure | the question it answers | what it shows | notebook |",

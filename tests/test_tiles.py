@@ -228,6 +228,17 @@ def test_readers_give_random_access_streaming_and_normalised_tensors(reference_s
     assert not set(halves[0]) & set(halves[1])
 
 
+def test_sequential_reads_keep_no_shard_mapped(reference_store):
+    # a streaming pass must not pin every shard it read (their pages stay resident while mapped)
+    streamed = TileStore(reference_store)
+    whole = streamed.read_range(0, len(streamed))
+    assert len(streamed._open) == 0
+    random_access = TileStore(reference_store, max_open_shards=1)
+    np.testing.assert_array_equal(whole, np.stack([random_access[i] for i in range(len(random_access))]))
+    assert len(random_access._open) == 1   # random access keeps its LRU, which read_range reuses
+    np.testing.assert_array_equal(random_access.read_range(0, len(random_access)), whole)
+
+
 def _run_tiling_process(files_parquet: Path, store: Path, extra_env: dict[str, str],
                         ) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [

@@ -119,3 +119,14 @@ def test_fingerprint_figures_draw_panels_and_curves():
     assert isinstance(fingerprint_plots.plot_diel_curves(curves, "diel"), Figure)
     with pytest.raises(ValueError, match="two-level"):
         fingerprint_plots.plot_activity_heatmaps(pd.DataFrame(), "empty")
+
+
+def test_rows_of_keeps_a_memory_map_when_every_row_has_indices(tmp_path) -> None:
+    values = np.arange(12, dtype=np.float32).reshape(6, 2)
+    np.save(tmp_path / "space.npy", values)
+    mapped = np.load(tmp_path / "space.npy", mmap_mode="r")
+    assert fingerprints.rows_of(mapped, np.arange(6)) is mapped          # no N x D copy
+    picked = fingerprints.rows_of(mapped, np.array([0, 3, 5]))
+    assert not isinstance(picked, np.memmap)
+    np.testing.assert_array_equal(picked, values[[0, 3, 5]])
+    np.testing.assert_array_equal(fingerprints.rows_of(mapped, np.array([5, 4, 3, 2, 1, 0])), values[::-1])

@@ -237,6 +237,14 @@ def test_sequential_reads_keep_no_shard_mapped(reference_store):
     np.testing.assert_array_equal(whole, np.stack([random_access[i] for i in range(len(random_access))]))
     assert len(random_access._open) == 1   # random access keeps its LRU, which read_range reuses
     np.testing.assert_array_equal(random_access.read_range(0, len(random_access)), whole)
+    # a random subsample, in its own order, negative ids counted from the end
+    rows = np.random.default_rng(0).permutation(len(streamed))[:7]
+    np.testing.assert_array_equal(streamed.read_rows(rows), whole[rows])
+    np.testing.assert_array_equal(streamed.read_rows([-1, 0, 0]), whole[[-1, 0, 0]])
+    assert streamed.read_rows([]).shape == (0,) + streamed.tile_shape
+    assert len(streamed._open) == 0
+    with pytest.raises(IndexError):
+        streamed.read_rows([len(streamed)])
 
 
 def _run_tiling_process(files_parquet: Path, store: Path, extra_env: dict[str, str],

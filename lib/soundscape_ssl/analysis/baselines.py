@@ -80,6 +80,9 @@ def _read_rows(tiles: Any, rows: np.ndarray) -> np.ndarray:
     """Tiles at the given (sorted) rows as float32."""
     if isinstance(tiles, np.ndarray):
         return np.asarray(tiles[rows], dtype=np.float32)
+    reader = getattr(tiles, "read_rows", None)   # a TileStore: shard by shard, no shard left mapped
+    if callable(reader):
+        return np.asarray(reader(rows), dtype=np.float32)
     return np.stack([np.asarray(tiles[int(row)], dtype=np.float32) for row in rows])
 
 

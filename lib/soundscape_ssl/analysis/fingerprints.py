@@ -129,6 +129,15 @@ def separation_labels(tile_index: pd.DataFrame, config: CompareConfig) -> pd.Dat
     })
 
 
+def rows_of(array: Any, rows: np.ndarray) -> Any:
+    """The rows of an (N, D) array that have indices: the array itself (a memory map stays one)
+    when they are all N rows in order, a copy of only those rows otherwise (at most `max_tiles`)."""
+    rows = np.asarray(rows)
+    if len(rows) == len(array) and np.array_equal(rows, np.arange(len(array))):
+        return array
+    return np.asarray(array[rows])
+
+
 def separation_table(spaces: Mapping[str, Any], tile_index: pd.DataFrame,
                      config: CompareConfig | None = None) -> pd.DataFrame:
     """Grouped kNN accuracy of each separation task read off each space, one row per (task, space):

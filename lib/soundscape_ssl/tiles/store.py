@@ -178,6 +178,11 @@ class TileStore:
                              f"(n, {self.tile_shape[0]}, {self.tile_shape[1]})")
         return shard
 
+    def _streaming_shard(self, unit_id: int) -> np.ndarray:
+        """An open map from the LRU, else a transient one, unmapped when the caller drops it."""
+        shard = self._open.get(unit_id)
+        return self._map_shard(unit_id) if shard is None else shard
+
     def _position(self, tile_id: int) -> int:
         n = len(self)
         position = int(tile_id) + n if tile_id < 0 else int(tile_id)
@@ -197,12 +202,28 @@ class TileStore:
         position = start
         while position < stop:
             unit_id, row = int(self._shard[position]), int(self._row[position])
-            shard = self._open.get(unit_id)
-            if shard is None:   # a transient map, unmapped when this call drops it (see the class docstring)
-                shard = self._map_shard(unit_id)
+            shard = self._streaming_shard(unit_id)
             count = min(stop - position, shard.shape[0] - row)
             out[position - start:position - start + count] = shard[row:row + count]
             position += count
+        return out
+
+    def read_rows(self, tile_ids: Any) -> np.ndarray:
+        """Tiles at `tile_ids` (any order, e.g. a random subsample) as one float16 array, in that
+        order; read shard by shard, like `read_range`, without pinning the shards it maps."""
+        positions = np.asarray(tile_ids, dtype=np.int64).reshape(-1)
+        positions = np.where(positions < 0, positions + len(self), positions)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"tile ids out of range for a store of {len(self)} tiles")
+        out = np.empty((len(positions),) + self.tile_shape, np.float16)
+        shard_of = self._shard[positions]
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
+        for group in np.split(order, bounds) if order.size else []:
+            shard = self._streaming_shard(int(shard_of[group[0]]))
+            rows = self._row[positions[group]]
+            sorted_rows = np.argsort(rows, kind="stable")   # forward through the file
+            out[group[sorted_rows]] = shard[rows[sorted_rows]]
         return out
 
     def __getstate__(self) -> dict[str, Any]:

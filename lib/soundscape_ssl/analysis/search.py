@@ -90,25 +90,20 @@ class SearchInputError(ValueError):
 
 
 def embedding_scaler(embeddings: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) per dimension over all finite rows, read `chunk_rows` at a time (float64
-    sums); a constant dimension gets scale 1, as scikit-learn's StandardScaler gives it."""
-    n_rows, n_dims = embeddings.shape
-    total = np.zeros(n_dims, np.float64)
-    total_sq = np.zeros(n_dims, np.float64)
-    count = 0
-    for start in range(0, n_rows, chunk_rows):
+    """(mean, scale) per dimension over all finite rows: scikit-learn's StandardScaler fitted
+    `chunk_rows` at a time (`partial_fit`), so a memory map is never read whole; a constant
+    dimension gets scale 1, as StandardScaler gives it."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    for start in range(0, embeddings.shape[0], chunk_rows):
         rows = np.asarray(embeddings[start:start + chunk_rows], dtype=np.float64)
         rows = rows[np.isfinite(rows).all(axis=1)]
-        total += rows.sum(axis=0)
-        total_sq += np.square(rows).sum(axis=0)
-        count += len(rows)
-    if count == 0:
+        if len(rows):
+            scaler.partial_fit(rows)
+    if not getattr(scaler, "n_samples_seen_", 0):
         raise ValueError("the embedding has no finite row to standardise with")
-    mean = total / count
-    variance = np.maximum(total_sq / count - np.square(mean), 0.0)
-    scale = np.sqrt(variance)
-    scale[scale <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean.astype(np.float32), scale.astype(np.float32)
+    return scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
 
 
 def standardised_row_norms(embeddings: np.ndarray, mean: np.ndarray | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -143,6 +144,19 @@ def test_config_file_plus_flags(tmp_path: Path) -> None:
     assert config.base_lr == 1e-4 and isinstance(config.base_lr, float)
     assert config.adam_betas == (0.9, 0.95) and config.max_steps is None and config.compile is True
     assert config.model.arch == "vit_tiny" and config.model.depth == 4
+
+
+def test_a_runs_own_config_json_retrains_with_flags_over_it(tmp_path: Path) -> None:
+    """The config.json written beside a checkpoint (stage, config, derived, git state) is a
+    --config: its TrainConfig comes back whole, flags still override it."""
+    from soundscape_ssl.core.provenance import write_config_json
+
+    trained = load_config(None, ["--method", "vicreg", "--store-dir", "s", "--out-dir", "o", "--epochs", "4",
+                                 "--vicreg.expander-dim", "1024"])
+    written = write_config_json(tmp_path, "pretrain", trained, derived={"steps_per_epoch": 90}, git_sha="abc")
+    again = load_config(written, ["--epochs", "16"])
+    assert again == dataclasses.replace(trained, epochs=16)
+    assert again.vicreg.expander_dim == 1024
 
 
 @pytest.mark.parametrize("flags", [["--dino.outdim", "4"], ["--epochs", "many"], ["--compile", "1"],

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="python -m soundscape_ssl.pretrain.train", description=__doc__.split("\n")[0],
         epilog="Flags override the --config file's values, which override TrainConfig's defaults.")
-    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields (nested sections as mappings)")
+    parser.add_argument("--config", help="JSON or YAML file of TrainConfig fields (nested sections as mappings), "
+                                         "or a run's pretrain/<method>/config.json")
     add_config_options(parser, TrainConfig, title="TrainConfig fields")
     return parser
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed `build_parser` arguments: flags over the --config file over defaults."""
     base = read_mapping_file(args.config) if args.config else {}
+    if base.get("stage") == "pretrain" and isinstance(base.get("config"), dict):
+        base = base["config"]     # a run's own pretrain/<method>/config.json: retrain it, flags changed
     section = f"TrainConfig ({args.config} and flags)" if args.config else "TrainConfig flags"
     return config_from_options(TrainConfig, args, base=base, section=section)
 

@@ -135,6 +135,67 @@ def test_precision_at_k_drops_the_query_tiles_and_counts_the_label():
     assert search.overlapping_tiles(index, "f", 3.0, 6.0, tile_s=3.0).tolist() == [1]
 
 
+def _two_row_space(tmp_path: Path, rows: np.ndarray, name: str = "toy_band", pooling: str = "band"):
+    """A hand-made "band"-pooled space: 2 frequency rows (mel bins 0-63, 64-127) of 3 dimensions."""
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+
+    rows_path = tmp_path / f"{name}.npy"
+    np.save(rows_path, rows.astype(np.float32))
+    return search.SearchSpace(name, np.load(rows_path, mmap_mode="r"), None, pooling, SpectrogramConfig(),
+                              rows_path, tmp_path, frequency_rows=2)
+
+
+def test_a_band_names_its_mel_bins_and_the_columns_that_describe_them(tmp_path):
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig, mel_bin_centres_hz
+
+    config = SpectrogramConfig()                                  # 128 mel bins, 50-15,000 Hz
+    centres = mel_bin_centres_hz(config)
+    between = ((centres[10] + centres[11]) / 2, (centres[12] + centres[13]) / 2)
+    assert search.band_mel_bins(between, config).tolist() == [10, 11, 12, 13]
+    assert search.band_mel_bins((centres[20], centres[22]), config).tolist() == [20, 21, 22]
+    narrow = (centres[30] + 1.0, centres[30] + 2.0)              # inside one bin's spacing
+    assert search.band_mel_bins(narrow, config).tolist() == [30, 31]
+    logmel = search.SearchSpace(search.LOGMEL_SPACE, np.zeros((3, 256), np.float32), None, None, config,
+                                tmp_path / "x.npy", tmp_path)
+    assert search.band_columns(logmel, between).tolist() == [10, 11, 12, 13, 138, 139, 140, 141]
+    banded = _two_row_space(tmp_path, np.zeros((3, 6)))
+    assert search.band_columns(banded, between).tolist() == [0, 1, 2]                 # row 0 only
+    assert search.band_columns(banded, (centres[62], centres[65])).tolist() == list(range(6))
+    assert search.band_columns(banded, (centres[100], 14000.0)).tolist() == [3, 4, 5]
+    with pytest.raises(search.SearchInputError, match="pools every frequency together"):
+        search.band_columns(_two_row_space(tmp_path, np.zeros((3, 6)), "toy_mean", "mean"), between)
+    with pytest.raises(search.SearchInputError, match="outside the tiles' 50-15000 Hz"):
+        search.band_mel_bins((16000.0, 17000.0), config)
+    for bad in [(2000.0, 1000.0), (-5.0, 100.0), (float("nan"), 10.0)]:
+        with pytest.raises(search.SearchInputError, match="0 <= LOW < HIGH"):
+            search.SearchConfig(band_hz=bad)
+    with pytest.raises(search.SearchInputError, match="a band search is exact"):
+        search.SearchConfig(band_hz=(1000.0, 2000.0), index="ivf")
+
+
+def test_a_band_search_finds_the_call_that_a_louder_sound_elsewhere_hides(tmp_path):
+    """The query holds call A low and a loud noise X high. In the whole vector the tile with
+    another call B beside the same noise is nearest; in the call's band the tile with A is."""
+    rows = np.array([
+        [1, 0, 0, 0, 1, 0],     # 0: call A, something quiet high up
+        [0, 1, 0, 0, 0, 5],     # 1: call B, the loud noise X
+        [0, 0, 1, 1, 0, 0],     # 2: something else in both rows
+    ])
+    space = _two_row_space(tmp_path, rows)
+    query = np.array([[1, 0, 0, 0, 0, 5]], np.float32)
+    config = search.SearchConfig(k=3, standardize=False)
+    whole, _ = search.nearest(space, query, 3, config)
+    assert whole[0, 0] == 1
+    low_band = (500.0, 1000.0)                                    # mel bins of row 0
+    assert search.band_columns(space, low_band).tolist() == [0, 1, 2]
+    banded, similarity = search.nearest(space, query, 3, search.SearchConfig(k=3, standardize=False,
+                                                                             band_hz=low_band))
+    assert banded[0].tolist() == [0, 1, 2] and similarity[0, 0] == pytest.approx(1.0)
+    assert similarity[0, 1] == pytest.approx(0.0) and similarity[0, 2] == pytest.approx(0.0)
+    standardised, _ = search.nearest(space, query, 3, search.SearchConfig(k=3, band_hz=low_band))
+    assert standardised[0, 0] == 0            # standardised with the whole space's scaler, row 0 still first
+
+
 # ----------------------------------------------------------------------------------------------
 # The command on a tiny run
 
@@ -225,6 +286,10 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_run, stage_inputs, tmp
         "a search needs at least 0.5 s": ["--run", str(tiny_run), "--query", str(short), "--space", "mae_mean"],
         "no query file": ["--run", str(tiny_run), "--query", str(tmp_path / "none.wav"), "--space", "mae_mean"],
         "no clustering": ["--run", str(tiny_run), "--query", query],
+        "pools every frequency together": ["--run", str(tiny_run), "--query", query, "--space", "mae_mean",
+                                           "--band-hz", "500", "2000"],
+        "0 <= LOW < HIGH": ["--run", str(tiny_run), "--query", query, "--space", "mae_band",
+                            "--band-hz", "2000", "500"],
     }
     for expected, arguments in cases.items():
         code = cli_main(["search", *arguments, "--no-page"])
@@ -270,3 +335,19 @@ def test_query_precision_excludes_the_query_tiles_and_counts_the_label(tiny_run,
     scored = search.query_precision(tiny_run, "mae_mean", queries, only_own, k=5, present_labels=present)
     assert scored.loc[0, "precision_at_k"] == 0.0 and scored.loc[0, "max_precision"] == 0.0
     assert scored.loc[0, "precision_present_at_k"] == 1.0
+    boxed = search.query_precision(tiny_run, "mae_band", queries.assign(f_low_hz=500.0, f_high_hz=2000.0),
+                                   ["a"] * len(index), k=5, in_band=True)
+    assert boxed.loc[0, "precision_at_k"] == 1.0 and boxed.loc[0, "excluded_tiles"] == ";".join(str(t) for t in own)
+
+
+def test_a_band_search_of_a_tiles_own_span_finds_it_first_and_says_so_on_the_page(tiny_run):
+    index = TileStore(tiny_run / "tiles").index
+    tile = index[(index["relpath"] == "R2/R2_20190522_000000.wav") & (index["offset_s"] == 2.0)].iloc[0]
+    out_csv = tiny_run / "out" / "band.csv"
+    code = cli_main(["search", "--run", str(tiny_run), "--query", str(tile["path"]), "--offset-s", "2",
+                     "-k", "4", "--space", "mae_band", "--band-hz", "3000", "7000", "--out", str(out_csv)])
+    assert code == 0
+    hits = pd.read_csv(out_csv)
+    assert hits.loc[0, "tile_id"] == tile["tile_id"] and hits.loc[0, "similarity"] == pytest.approx(1.0, abs=1e-4)
+    page = (tiny_run / "search" / "R2_20190522_000000-mae_band" / "index.html").read_text()
+    assert "3000-7000 Hz" in page

@@ -36,6 +36,15 @@ package, and one query of the command is dominated by loading the checkpoint and
 clip until the archive holds millions of tiles. The index is for
 many queries over a large archive (it is built on first use and kept beside the statistics).
 
+A band (`band_hz`, `--band-hz LOW HIGH`: the Low and High Freq of a Raven box drawn around the
+call). A tile where the call sits beside other sounds is far from the query in every dimension
+that describes the other sounds. The spaces that keep frequency apart (log-mel statistics: per
+mel bin; "band" pooling: per frequency row of the patch grid) can compare only the dimensions of
+the call's band (`band_columns`), standardised as before, their lengths computed in one more pass.
+Measured on the demo's reference run (`benchmarks/search.py --precision`, the planted call's
+annotated band as the box; nothing was tuned): precision@50 for the call's species 0.40 -> 0.48
+in vicreg_band and 0.40 -> 0.53 in logmel_stats.
+
 Offsets. The query is the tile-long span of the clip from `offset_s`. On the clip's tile grid
 (multiples of `tile_hop_s`, 3 s in the demo) it is embedded exactly as the audio command embeds
 that span; any other offset is first cut out at the tiles' rate through the one reader
@@ -51,7 +60,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,7 +71,7 @@ import soundfile as sf
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text, file_sha256
 from ..recordings.archive import probe_recording
-from ..tiles.spectrogram import SpectrogramConfig
+from ..tiles.spectrogram import SpectrogramConfig, hz_to_mel_bin
 from ..tiles.store import TileStore
 from .baselines import logmel_stats_features
 from .embed import (EmbedConfig, audio_output_paths, audio_tiles_db, embed_audio_files,
@@ -193,6 +202,7 @@ class SearchSpace:
     spectrogram: SpectrogramConfig   # the tiles' front end (a query is cut by its window rule)
     source: Path                     # the .npy file the rows are mapped from
     run_dir: Path
+    frequency_rows: int | None = None   # "band" pooling: the patch grid's frequency rows, low to high
 
 
 def require_run(run_dir: str | os.PathLike) -> Path:
@@ -243,8 +253,18 @@ def open_space(run_dir: str | os.PathLike, name: str, chunk_rows: int = DEFAULT_
             raise SearchInputError(f"{folder} holds {embeddings.shape[0]} rows but the tile store "
                                    f"{len(store)} tiles: they are from different runs")
         return SearchSpace(name, embeddings, _space_checkpoint(run_dir, folder, metadata), pooling,
-                           store.config, folder / metadata["arrays"][pooling]["file"], run_dir)
+                           store.config, folder / metadata["arrays"][pooling]["file"], run_dir,
+                           _frequency_rows(metadata, store.config) if pooling == "band" else None)
     raise SearchInputError(f"unknown space {name!r}: {run_dir} has {', '.join(run_spaces(run_dir))}")
+
+
+def _frequency_rows(metadata: dict[str, Any], spectrogram: SpectrogramConfig) -> int | None:
+    """The frequency rows of the patch grid the checkpoint of an embeddings folder was built
+    with (mel bins / patch height); None when its config.json does not say."""
+    backbone = metadata.get("checkpoint", {}).get("backbone_config") or {}
+    patch_mels = backbone.get("patch_size")
+    n_mels = backbone.get("n_mels") or spectrogram.n_mels
+    return int(n_mels) // int(patch_mels) if patch_mels else None
 
 
 def _space_checkpoint(run_dir: Path, folder: Path, metadata: dict[str, Any]) -> Path:
@@ -376,6 +396,8 @@ class SearchConfig:
     index: str = "exact"              # "exact": brute force; "ivf": faiss IVF index (approximate,
                                       # built once per space and kept; optional extra `search`)
     nprobe: int = 16                  # "ivf": index lists searched (of sqrt(N)); more: slower, exacter
+    band_hz: tuple[float, float] | None = None   # compare only this band (a Raven box's Low/High Freq):
+                                      # the dimensions of a space that describe it (`band_columns`)
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.chunk_rows < 1 or self.nprobe < 1:
@@ -383,6 +405,13 @@ class SearchConfig:
                                    f"{self.nprobe}")
         if self.index not in INDEX_KINDS:
             raise SearchInputError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
+        if self.band_hz is not None:
+            low_hz, high_hz = (float(f) for f in self.band_hz)
+            if not (math.isfinite(low_hz) and math.isfinite(high_hz) and 0.0 <= low_hz < high_hz):
+                raise SearchInputError(f"the band must be LOW HIGH in Hz with 0 <= LOW < HIGH, got {self.band_hz}")
+            object.__setattr__(self, "band_hz", (low_hz, high_hz))
+            if self.index != "exact":
+                raise SearchInputError("a band search is exact: the ivf index holds whole vectors, not bands")
 
 
 @dataclass
@@ -401,6 +430,7 @@ class SearchResult:
         return {"space": self.space, "query": self.query, "offset_s": self.offset_s,
                 "k": self.config.k, "index": self.config.index,
                 "nprobe": self.config.nprobe if self.config.index == "ivf" else None, "chunk_rows": self.config.chunk_rows,
+                "band_hz": list(self.config.band_hz) if self.config.band_hz else None,
                 "standardize": self.config.standardize, "checkpoint": self.checkpoint,
                 "n_tiles": self.n_tiles, "n_hits": len(self.table)}
 
@@ -529,10 +559,61 @@ def space_ivf_index(space: SearchSpace, config: SearchConfig, statistics: SpaceS
     return index
 
 
+def band_mel_bins(band_hz: tuple[float, float], spectrogram: SpectrogramConfig) -> np.ndarray:
+    """The mel bins a band covers: from the bin at or below its low edge to the bin at or above
+    its high edge (so a band narrower than a bin still gets the bins around it)."""
+    low_hz, high_hz = band_hz
+    if high_hz <= spectrogram.f_min_hz or low_hz >= spectrogram.f_max_hz:
+        raise SearchInputError(f"the band {low_hz:g}-{high_hz:g} Hz lies outside the tiles' "
+                               f"{spectrogram.f_min_hz:g}-{spectrogram.f_max_hz:g} Hz")
+    low_bin, high_bin = hz_to_mel_bin([max(low_hz, spectrogram.f_min_hz), min(high_hz, spectrogram.f_max_hz)],
+                                      spectrogram)
+    first = max(0, int(math.floor(low_bin)))
+    return np.arange(first, max(first, min(spectrogram.n_mels - 1, int(math.ceil(high_bin)))) + 1)
+
+
+def band_columns(space: SearchSpace, band_hz: tuple[float, float]) -> np.ndarray:
+    """The dimensions of `space` that describe the band: in "logmel_stats" the mean and the std
+    of each mel bin it covers; in a "band" pooling the frequency rows of the patch grid that
+    overlap those bins (each row a block of embed_dim dimensions, low to high). Other poolings mix
+    every frequency into every dimension: SearchInputError."""
+    n_mels = space.spectrogram.n_mels
+    bins = band_mel_bins(band_hz, space.spectrogram)
+    n_dims = space.embeddings.shape[1]
+    if space.name == LOGMEL_SPACE:
+        return np.concatenate([bins, n_mels + bins])
+    rows = space.frequency_rows
+    if space.pooling != "band" or not rows or n_dims % rows or n_mels % rows:
+        raise SearchInputError(f"a band search needs a space that keeps frequency apart ({LOGMEL_SPACE} or a "
+                               f"*_band space); {space.name} pools every frequency together")
+    row_dims = n_dims // rows
+    kept_rows = np.unique(bins // (n_mels // rows))
+    return np.concatenate([np.arange(row * row_dims, (row + 1) * row_dims) for row in kept_rows])
+
+
+class _Columns:
+    """A read-only view of some columns of an (N, D) array or memory map that reads rows a slice
+    at a time (what `top_k_cosine` and `standardised_row_norms` ask of it)."""
+
+    def __init__(self, array: np.ndarray, columns: np.ndarray):
+        self.array, self.columns = array, columns
+        self.shape = (array.shape[0], len(columns))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.array[rows])[:, self.columns]
+
+
 def nearest(space: SearchSpace, vectors: np.ndarray, k: int, config: SearchConfig
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, similarities) of the k tiles nearest each vector, exactly or with the ivf index."""
+    """(rows, similarities) of the k tiles nearest each vector, exactly or with the ivf index;
+    with `config.band_hz`, exactly over the band's columns (their row lengths: one more pass)."""
     statistics = space_statistics(space, config)
+    if config.band_hz is not None:
+        columns = band_columns(space, config.band_hz)
+        mean, scale = ((None, None) if statistics.mean is None
+                       else (statistics.mean[columns], statistics.scale[columns]))
+        return top_k_cosine(_Columns(space.embeddings, columns), np.atleast_2d(vectors)[:, columns], k,
+                            config.chunk_rows, mean, scale)
     if config.index == "ivf":
         return ivf_top_k(space_ivf_index(space, config, statistics), vectors, k, statistics, config.nprobe)
     return top_k_cosine(space.embeddings, vectors, k, config.chunk_rows, statistics.mean, statistics.scale,
@@ -606,7 +687,7 @@ def planted_query_calls(annotations: pd.DataFrame, tile_s: float, per_label: int
 
 def query_precision(run_dir: str | os.PathLike, space: str, queries: pd.DataFrame, labels: Sequence[str],
                     k: int = 50, config: SearchConfig | None = None,
-                    present_labels: Sequence[str] | None = None) -> pd.DataFrame:
+                    present_labels: Sequence[str] | None = None, in_band: bool = False) -> pd.DataFrame:
     """Precision@k of each query for its label in `space`.
 
     `queries` has columns label, clip (an audio file; its first tile is the query), relpath,
@@ -616,6 +697,8 @@ def query_precision(run_dir: str | os.PathLike, space: str, queries: pd.DataFram
     tiles of the label left after the exclusion) and max_precision (min(1, n_label_tiles / k)).
     With `present_labels` (each tile's labels, ';'-joined: `groundtruth.tile_ground_truth`'s
     "labels"), also precision_present_at_k: hits whose tile holds the label at all, dominant or not.
+    With `in_band`, each query is searched in its own band (`SearchConfig.band_hz`), from the
+    queries' f_low_hz and f_high_hz columns: the box an expert draws around the call.
     """
     config = config or SearchConfig(k=k)
     run_dir = Path(run_dir)
@@ -628,7 +711,8 @@ def query_precision(run_dir: str | os.PathLike, space: str, queries: pd.DataFram
     for query in queries.itertuples(index=False):
         excluded = overlapping_tiles(index, query.relpath, query.start_s, query.stop_s, opened.spectrogram.tile_s)
         vector = embed_query(opened, query.clip, 0.0, config.device)
-        hits, _ = nearest(opened, vector[None], k + len(excluded), config)
+        searched = replace(config, band_hz=(query.f_low_hz, query.f_high_hz)) if in_band else config
+        hits, _ = nearest(opened, vector[None], k + len(excluded), searched)
         present = (None if present_labels is None else
                    np.array([query.label in str(names).split(";") for names in present_labels]))
         n_label = int((labels == query.label).sum() - (labels[excluded] == query.label).sum())

@@ -90,7 +90,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir} has no clustering to take the main space from: name one with --space")
     result = search_run(run_dir, Path(args.query), space, args.offset_s,
                         SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
-                                     nprobe=args.nprobe))
+                                     nprobe=args.nprobe, band_hz=tuple(args.band_hz) if args.band_hz else None))
     out_dir = default_out_dir(run_dir, args.query, space)
     csv_path = write_result(result, Path(args.out) if args.out else out_dir / "hits.csv")
     print(csv_path)
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exact: brute force (default); ivf: a faiss index built once per space and kept "
                              "(approximate; many queries over millions of tiles; needs faiss-cpu)")
     search.add_argument("--nprobe", type=int, default=16, help="ivf: index lists searched (more: slower, exacter)")
+    search.add_argument("--band-hz", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="compare only this frequency band, as a Raven box's Low and High Freq (needs "
+                             "logmel_stats or a *_band space; exact search)")
     search.add_argument("--device", default="cpu", help="where the query is embedded: cpu, cuda or auto")
     search.add_argument("--threads", type=int, default=2, help="threads cutting the hits' clips")
     search.set_defaults(handler=_cmd_search)

@@ -349,5 +349,5 @@ def test_a_band_search_of_a_tiles_own_span_finds_it_first_and_says_so_on_the_pag
     assert code == 0
     hits = pd.read_csv(out_csv)
     assert hits.loc[0, "tile_id"] == tile["tile_id"] and hits.loc[0, "similarity"] == pytest.approx(1.0, abs=1e-4)
-    page = (tiny_run / "search" / "R2_20190522_000000-mae_band" / "index.html").read_text()
-    assert "3000-7000 Hz" in page
+    page = (tiny_run / "search" / "R2_20190522_000000-mae_band-3000-7000Hz" / "index.html").read_text()
+    assert "3000-7000 Hz" in page           # a folder of its own: the whole-tile search's page is kept

@@ -633,10 +633,13 @@ def search_run(run_dir: str | os.PathLike, query: str | os.PathLike, space: str,
                         int(opened.embeddings.shape[0]))
 
 
-def default_out_dir(run_dir: str | os.PathLike, query: str | os.PathLike, space: str) -> Path:
-    """runs/<id>/search/<query stem>[-<space>]: one folder per query (and space)."""
+def default_out_dir(run_dir: str | os.PathLike, query: str | os.PathLike, space: str,
+                    band_hz: tuple[float, float] | None = None) -> Path:
+    """runs/<id>/search/<query stem>-<space>[-<low>-<high>Hz]: one folder per query, space and
+    band, so a band search never replaces the whole-tile search of the same clip."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(query).stem) or "query"
-    return Path(run_dir) / SEARCH_DIR / f"{stem}-{space}"
+    band = f"-{band_hz[0]:g}-{band_hz[1]:g}Hz" if band_hz else ""
+    return Path(run_dir) / SEARCH_DIR / f"{stem}-{space}{band}"
 
 
 def write_result(result: SearchResult, csv_path: str | os.PathLike) -> Path:

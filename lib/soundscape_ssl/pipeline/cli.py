@@ -88,10 +88,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     space = args.space or find_main_space(run_dir)
     if not space:
         raise ValueError(f"{run_dir} has no clustering to take the main space from: name one with --space")
-    result = search_run(run_dir, Path(args.query), space, args.offset_s,
-                        SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
-                                     nprobe=args.nprobe, band_hz=tuple(args.band_hz) if args.band_hz else None))
-    out_dir = default_out_dir(run_dir, args.query, space)
+    config = SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
+                          nprobe=args.nprobe, band_hz=tuple(args.band_hz) if args.band_hz else None)
+    result = search_run(run_dir, Path(args.query), space, args.offset_s, config)
+    out_dir = default_out_dir(run_dir, args.query, space, config.band_hz)
     csv_path = write_result(result, Path(args.out) if args.out else out_dir / "hits.csv")
     print(csv_path)
     if not args.no_page:

@@ -70,6 +70,8 @@ import soundfile as sf
 
 from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read_windows
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text, file_sha256
+from ..pretrain.checkpoint import checkpoint_backbone_config
+from ..pretrain.models import patch_grid_hw
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import SpectrogramConfig, hz_to_mel_bin
 from ..tiles.store import TileStore
@@ -254,17 +256,18 @@ def open_space(run_dir: str | os.PathLike, name: str, chunk_rows: int = DEFAULT_
                                    f"{len(store)} tiles: they are from different runs")
         return SearchSpace(name, embeddings, _space_checkpoint(run_dir, folder, metadata), pooling,
                            store.config, folder / metadata["arrays"][pooling]["file"], run_dir,
-                           _frequency_rows(metadata, store.config) if pooling == "band" else None)
+                           _frequency_rows(metadata, folder) if pooling == "band" else None)
     raise SearchInputError(f"unknown space {name!r}: {run_dir} has {', '.join(run_spaces(run_dir))}")
 
 
-def _frequency_rows(metadata: dict[str, Any], spectrogram: SpectrogramConfig) -> int | None:
-    """The frequency rows of the patch grid the checkpoint of an embeddings folder was built
-    with (mel bins / patch height); None when its config.json does not say."""
-    backbone = metadata.get("checkpoint", {}).get("backbone_config") or {}
-    patch_mels = backbone.get("patch_size")
-    n_mels = backbone.get("n_mels") or spectrogram.n_mels
-    return int(n_mels) // int(patch_mels) if patch_mels else None
+def _frequency_rows(metadata: dict[str, Any], folder: Path) -> int | None:
+    """The frequency rows of the patch grid of the backbone an embeddings folder was made with
+    (its config.json's checkpoint record); None when the record has no backbone_config."""
+    checkpoint = metadata.get("checkpoint") or {}
+    if "backbone_config" not in checkpoint:
+        return None
+    backbone = checkpoint_backbone_config(checkpoint, folder / "config.json")
+    return patch_grid_hw((backbone.n_mels, backbone.n_frames), backbone.patch_hw)[0]
 
 
 def _space_checkpoint(run_dir: Path, folder: Path, metadata: dict[str, Any]) -> Path:

@@ -141,6 +141,12 @@ def test_band_pooling_keeps_each_frequency_row(tiny_model: SpectrogramViT, tiles
     # The mean of the rows is the mean over all patches; a time crop keeps every row.
     torch.testing.assert_close(band.reshape(3, rows, 64).mean(dim=1), tiny_model.embed(tiles).mean)
     assert tiny_model.embed(tiles[..., :32]).band.shape == (3, rows * 64)
+    # The token grid is the same tokens laid out (batch, rows, columns, dim): cell (r, c) is token
+    # 1 + r * columns + c, so a search can compare windows of columns within each row.
+    grid = tiny_model.token_grid(tokens)
+    assert grid.shape == (3, rows, columns, 64)
+    torch.testing.assert_close(grid[:, 1, 2], tokens[:, 1 + columns + 2])
+    torch.testing.assert_close(grid.mean(dim=2).flatten(1), band)
 
 
 def test_last_block_attention_matches_timms_explicit_softmax(tiny_model: SpectrogramViT,

@@ -338,6 +338,9 @@ def test_query_precision_excludes_the_query_tiles_and_counts_the_label(tiny_run,
     boxed = search.query_precision(tiny_run, "mae_band", queries.assign(f_low_hz=500.0, f_high_hz=2000.0),
                                    ["a"] * len(index), k=5, in_band=True)
     assert boxed.loc[0, "precision_at_k"] == 1.0 and boxed.loc[0, "excluded_tiles"] == ";".join(str(t) for t in own)
+    timed = search.query_precision(tiny_run, "logmel_stats", queries.assign(call_start_s=0.2, call_end_s=0.6),
+                                   only_own, k=5, present_labels=present, in_time=True)
+    assert timed.loc[0, "precision_at_k"] == 0.0 and timed.loc[0, "precision_present_at_k"] == 1.0
 
 
 def test_a_band_search_of_a_tiles_own_span_finds_it_first_and_says_so_on_the_page(tiny_run):
@@ -351,3 +354,102 @@ def test_a_band_search_of_a_tiles_own_span_finds_it_first_and_says_so_on_the_pag
     assert hits.loc[0, "tile_id"] == tile["tile_id"] and hits.loc[0, "similarity"] == pytest.approx(1.0, abs=1e-4)
     page = (tiny_run / "search" / "R2_20190522_000000-mae_band-3000-7000Hz" / "index.html").read_text()
     assert "3000-7000 Hz" in page           # a folder of its own: the whole-tile search's page is kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The call's time span
+
+
+def test_sliding_means_and_the_frames_a_call_covers():
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+
+    values = np.arange(12, dtype=np.float32).reshape(2, 6)
+    assert search.sliding_means(values, 3, axis=1).tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]]
+    assert search.sliding_means(values, 1, axis=0).tolist() == values.tolist()
+    with pytest.raises(ValueError, match="width"):
+        search.sliding_means(values, 7, axis=1)
+    config = SpectrogramConfig()                # 3 s tiles, 375-sample hops at 32 kHz: 11.72 ms frames
+    assert search.call_frames((0.0, 3.0), config) == (0, 256)
+    assert search.call_frames((0.75, 1.5), config) == (64, 128)
+    assert search.call_frames((2.999, 5.0), config) == (255, 256)      # clipped to the tile, >= 1 frame
+    with pytest.raises(search.SearchInputError, match="after the end of the 3 s query tile"):
+        search.call_frames((3.0, 3.5), config)
+    for bad in [(1.0, 1.0), (-0.5, 1.0), (0.2, float("inf"))]:
+        with pytest.raises(search.SearchInputError, match="0 <= START < END"):
+            search.SearchConfig(call_s=bad)
+
+
+def test_the_calls_window_finds_the_call_that_a_louder_longer_sound_hides(tmp_path):
+    """Log-mel tiles by hand. The query holds call A (bins 10-13, 0.2 s) beside a loud, long sound X
+    (bins 60-80) in the same band-less view. Tile 1 holds X alone, tile 2 holds A later in the tile
+    among silence: over the whole tile the query is nearest tile 1; by the call's best window, tile
+    2, matched where its call starts."""
+    from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
+
+    config = SpectrogramConfig()
+    frames = config.n_frames
+    quiet = np.full((config.n_mels, frames), -80.0, np.float32)
+    call_a, loud_x = (slice(10, 14), slice(60, 81))
+    query, only_x, later_a, noise = quiet.copy(), quiet.copy(), quiet.copy(), quiet.copy()
+    query[call_a, 20:37] = -20.0
+    query[loud_x, 40:240] = -10.0
+    only_x[loud_x, 30:230] = -10.0
+    later_a[call_a, 150:167] = -20.0
+    noise[:, ::2] = -60.0
+    tiles = np.stack([noise, only_x, later_a])
+    space = search.SearchSpace(search.LOGMEL_SPACE, np.zeros((3, 2 * config.n_mels), np.float32), None, None,
+                               config, tmp_path / "x.npy", tmp_path)
+    whole = np.concatenate([tiles.mean(axis=2), tiles.std(axis=2)], axis=1)
+    whole_query = np.concatenate([query.mean(axis=1), query.std(axis=1)])
+    cosine = whole @ whole_query / np.linalg.norm(whole, axis=1) / np.linalg.norm(whole_query)
+    assert np.argmax(cosine) == 1                                   # the whole tile: X wins
+    frame_s = config.hop_length / config.sample_rate_hz
+    windows = search.CallWindows(space, (20 * frame_s, 37 * frame_s), None)
+    assert (windows.first, windows.width) == (20, 17)
+    similarity, best = search.best_windows(windows.vectors(tiles), windows.query_vector(query), None, None)
+    assert np.argmax(similarity) == 2 and best[2] == 150           # the call's window: A, where it starts
+    assert similarity[2] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("space", ["mae_band", "mae_mean", "logmel_stats"])
+def test_a_call_span_of_a_tile_finds_that_tile_first_where_the_call_is(tiny_run, space):
+    """The query is a tile of the store and the call is its 0.25-0.75 s: the tile itself has that
+    window exactly (similarity 1, matched 0.25 s into it), whatever the pooled shortlist's order."""
+    index = TileStore(tiny_run / "tiles").index
+    tile = index[(index["relpath"] == "R2/R2_20190522_000000.wav") & (index["offset_s"] == 2.0)].iloc[0]
+    config = search.SearchConfig(k=4, call_s=(0.25, 0.75), shortlist=len(index),
+                                 band_hz=(500.0, 6000.0) if space != "mae_mean" else None)
+    result = search.search_run(tiny_run, tile["path"], space, offset_s=2.0, config=config)
+    table = result.table
+    assert list(table.columns) == search.RESULT_COLUMNS + ["match_offset_s"] and len(table) == 4
+    assert table.loc[0, "tile_id"] == tile["tile_id"]
+    assert table.loc[0, "similarity"] == pytest.approx(1.0, abs=1e-4)
+    # Windows slide by an STFT frame (log-mel) or a patch column: the match starts at the step
+    # that holds 0.25 s.
+    windows = search.CallWindows(search.open_space(tiny_run, space), (0.25, 0.75), config.band_hz)
+    assert table.loc[0, "match_offset_s"] == pytest.approx(2.0 + windows.first * windows.window_s, abs=1e-3)
+    assert 2.25 - windows.window_s < table.loc[0, "match_offset_s"] <= 2.25 + 1e-6
+    assert (table["similarity"].diff().dropna() <= 0).all()
+    assert (table["match_offset_s"] >= table["offset_s"]).all()
+    assert result.record()["call_s"] == [0.25, 0.75] and result.record()["shortlist"] == len(index)
+
+
+def test_a_call_search_writes_its_own_folder_and_refuses_what_it_cannot_do(tiny_run, capsys):
+    index = TileStore(tiny_run / "tiles").index
+    tile = index[(index["relpath"] == "R2/R2_20190522_000000.wav") & (index["offset_s"] == 2.0)].iloc[0]
+    base = ["search", "--run", str(tiny_run), "--query", str(tile["path"]), "--offset-s", "2", "-k", "3"]
+    assert cli_main(base + ["--space", "mae_band", "--call-s", "0.25", "0.75", "--shortlist", "20"]) == 0
+    folder = tiny_run / "search" / "R2_20190522_000000-mae_band-call-0.25-0.75s"
+    hits = pd.read_csv(folder / "hits.csv")
+    assert "match_offset_s" in hits and hits.loc[0, "tile_id"] == tile["tile_id"]
+    page = (folder / "index.html").read_text()
+    assert "0.25-0.75 s of the query" in page and "best match at 2.25 s" in page
+    capsys.readouterr()
+    for expected, extra in {"keeps time apart before pooling": ["--space", "mae_cls", "--call-s", "0.1", "0.5"],
+                            "after the end of the 1 s query tile": ["--space", "mae_band", "--call-s", "1.5", "2"],
+                            "0 <= START < END": ["--space", "logmel_stats", "--call-s", "0.5", "0.2"],
+                            "shortlist must be >= 1": ["--space", "mae_band", "--call-s", "0.1", "0.5",
+                                                       "--shortlist", "0"]}.items():
+        code = cli_main(base + extra + ["--no-page"])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(error) == 1 and expected in error[0], (expected, error)

@@ -258,6 +258,17 @@ class TileEmbedder:
         with tf32_matmuls(False):
             return self._pooled(normalize_tiles(tiles_db, self.normalization).unsqueeze(1))
 
+    @torch.inference_mode()
+    def token_grid(self, tiles_db: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, n_frames) dB tiles -> (B, rows, columns, embed_dim) float32 final patch
+        tokens (`SpectrogramViT.token_grid`), normalised and computed as `__call__`'s poolings are
+        (never compiled: a search re-ranks a few hundred tiles)."""
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with tf32_matmuls(False), autocast:
+            tiles = normalize_tiles(tiles_db, self.normalization).unsqueeze(1)
+            return self.model.token_grid(self.model.forward_features(tiles)).float()
+
 
 class _LoadedCheckpoint(NamedTuple):
     model: SpectrogramViT
@@ -884,6 +895,16 @@ def _audio_configs(loaded: _LoadedCheckpoint) -> tuple[SpectrogramConfig, dict[s
     _check_tile_shape(loaded.model, (spectrogram.n_mels, spectrogram.n_frames),
                       "the checkpoint's spectrogram config")
     return spectrogram, input_normalization(metadata["normalization"])
+
+
+def checkpoint_embedder(checkpoint: str | os.PathLike, device: str = "cpu") -> TileEmbedder:
+    """A `TileEmbedder` of a checkpoint's backbone with the normalisation it was trained with
+    (what `embed_audio_files` embeds audio with), all poolings, uncompiled."""
+    config = EmbedConfig(device=device, pooling="all")
+    device_resolved, precision = resolve_compute(config)
+    loaded = _load_checkpoint(checkpoint)
+    _, normalization = _audio_configs(loaded)
+    return TileEmbedder(loaded.model, device_resolved, precision, config.poolings, normalization, compile=False)
 
 
 def compute_used(record_path: str | os.PathLike) -> dict[str, Any]:

@@ -89,9 +89,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not space:
         raise ValueError(f"{run_dir} has no clustering to take the main space from: name one with --space")
     config = SearchConfig(k=args.k, chunk_rows=args.chunk_rows, device=args.device, index=args.index,
-                          nprobe=args.nprobe, band_hz=tuple(args.band_hz) if args.band_hz else None)
+                          nprobe=args.nprobe, band_hz=tuple(args.band_hz) if args.band_hz else None,
+                          call_s=tuple(args.call_s) if args.call_s else None, shortlist=args.shortlist)
     result = search_run(run_dir, Path(args.query), space, args.offset_s, config)
-    out_dir = default_out_dir(run_dir, args.query, space, config.band_hz)
+    out_dir = default_out_dir(run_dir, args.query, space, config.band_hz, config.call_s)
     csv_path = write_result(result, Path(args.out) if args.out else out_dir / "hits.csv")
     print(csv_path)
     if not args.no_page:
@@ -176,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--band-hz", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="compare only this frequency band, as a Raven box's Low and High Freq (needs "
                              "logmel_stats or a *_band space; exact search)")
+    search.add_argument("--call-s", type=float, nargs=2, default=None, metavar=("START", "END"),
+                        help="the call's time in the query tile, s from --offset-s, as a Raven box's Begin and "
+                             "End Time: the --shortlist nearest tiles are re-ranked by their window of the "
+                             "call's length nearest the call (needs logmel_stats, a *_band or a *_mean space)")
+    search.add_argument("--shortlist", type=int, default=500,
+                        help="with --call-s: tiles of the pooled search re-ranked (default 500)")
     search.add_argument("--device", default="cpu", help="where the query is embedded: cpu, cuda or auto")
     search.add_argument("--threads", type=int, default=2, help="threads cutting the hits' clips")
     search.set_defaults(handler=_cmd_search)

@@ -215,10 +215,17 @@ class SpectrogramViT(VisionTransformer):
         spans all mel bins, so a time crop of any width has `patch_grid_hw[0]` rows.
         """
         patches = tokens[:, self.num_prefix_tokens:]
+        band = self.token_grid(tokens).mean(dim=2).flatten(1)
+        return PooledEmbeddings(mean=patches.mean(dim=1), cls=tokens[:, 0], band=band)
+
+    def token_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final patch tokens as their (frequency, time) grid: (batch, rows, columns, embed_dim),
+        rows low to high frequency. What "band" pooling averages over time, and what a search
+        for a call's time span compares window by window."""
+        patches = tokens[:, self.num_prefix_tokens:]
         batch, n_patches, dim = patches.shape
         rows = self.patch_grid_hw[0]
-        band = patches.reshape(batch, rows, n_patches // rows, dim).mean(dim=2).flatten(1)
-        return PooledEmbeddings(mean=patches.mean(dim=1), cls=tokens[:, 0], band=band)
+        return patches.reshape(batch, rows, n_patches // rows, dim)
 
     @property
     def band_dim(self) -> int:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pandas as pd
 import soundfile as sf
 
 from ..analysis.embed import audio_tiles_db
-from ..analysis.search import cut_span
+from ..analysis.search import query_span
 from ..core.stage import PlanMismatchError, atomic_write_text
 from ..tiles.store import TileStore
 from .clips import AUDIO_FORMATS, ClipConfig, cut_clips, prepare_clip, read_tile_audio
@@ -54,11 +53,13 @@ class HitCard:
 def _query_media(query: str, offset_s: float, store: TileStore, out_dir: Path, config: ClipConfig
                  ) -> tuple[str, str, str]:
     """(clip, thumbnail, why there is no clip) of the query's span, written into `out_dir`."""
-    hop_s = store.config.tile_hop_s
-    if abs(round(offset_s / hop_s) * hop_s - offset_s) > 1e-6:     # off the tile grid: its span cut out
-        with tempfile.TemporaryDirectory(prefix="search-page-") as scratch:
-            span = cut_span(query, offset_s, store.config, Path(scratch) / "span.wav")
-            return _query_media(str(span), 0.0, store, out_dir, config)
+    with query_span(store.config, query, offset_s) as (path, on_grid_s):
+        return _span_media(str(path), on_grid_s, store, out_dir, config)
+
+
+def _span_media(query: str, offset_s: float, store: TileStore, out_dir: Path, config: ClipConfig
+                ) -> tuple[str, str, str]:
+    """`_query_media` of a span on the file's tile grid (`offset_s` a multiple of tile_hop_s)."""
     thumbnail = ""
     _, tiles_db, _ = audio_tiles_db(query, store.config, [offset_s])
     if len(tiles_db):
@@ -98,7 +99,9 @@ def write_search_page(run_dir: str | os.PathLike, hits: pd.DataFrame, record: di
         cards.append(HitCard(
             rank=int(hit.rank), tile_id=int(hit.tile_id), similarity=float(hit.similarity),
             recorder=str(hit.recorder), when=f"{stamp:%Y-%m-%d %H:%M:%S}" if stamp is not None else "",
-            source=f"{hit.file} at {hit.offset_s:.1f} s", thumbnail=f"{CLIPS_DIR}/{clip['thumbnail']}",
+            source=f"{hit.file} at {hit.offset_s:.1f} s" + (
+                f", best match at {hit.match_offset_s:.2f} s" if "match_offset_s" in hits else ""),
+            thumbnail=f"{CLIPS_DIR}/{clip['thumbnail']}",
             clip=f"{CLIPS_DIR}/{clip['clip']}" if clip["clip"] else "",
             gain_db=None if pd.isna(clip["gain_db"]) else float(clip["gain_db"]),
             loss_reason=str(clip["loss_reason"])))

@@ -238,10 +238,13 @@ class TileEmbedder:
         self.output_dim = sum(self.pooling_dims.values())
         self._pooled = torch.compile(self._pooled_eager) if compile else self._pooled_eager
 
+    def _autocast(self):
+        """bf16 autocast on the device when that is the precision, else nothing."""
+        return (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None else contextlib.nullcontext())
+
     def _pooled_eager(self, tiles: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
+        with self._autocast():
             pooled = self.model.embed(tiles)
         return torch.cat([getattr(pooled, name).float() for name in self.poolings], dim=1)
 
@@ -263,9 +266,7 @@ class TileEmbedder:
         """(B, n_mels, n_frames) dB tiles -> (B, rows, columns, embed_dim) float32 final patch
         tokens (`SpectrogramViT.token_grid`), normalised and computed as `__call__`'s poolings are
         (never compiled: a search re-ranks a few hundred tiles)."""
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with tf32_matmuls(False), autocast:
+        with tf32_matmuls(False), self._autocast():
             tiles = normalize_tiles(tiles_db, self.normalization).unsqueeze(1)
             return self.model.token_grid(self.model.forward_features(tiles)).float()
 

@@ -21,6 +21,11 @@ statistics, against an untrained copy of each backbone, and beside BirdNET:
    the method's untrained copy. Each method is reported in the pooling it trained
    (`checkpoint.embedding_pooling`), declared before scoring; the other poolings are listed too.
 
+`--compare RUN REFERENCE_RUN` trains and scores nothing: it pairs two finished runs (e.g. one recipe
+trained with two seeds, or two recipes) on the windows both scored, over the same groups, from the
+predictions each wrote. The intervals above cover the sample of recordists, not training noise;
+two seeds of one recipe measure that.
+
 Checkpoints stay at `<out>/<tag>/<method>/checkpoint.pth` so a result can be checked on other
 labelled data (`soundscape-ssl embed` / `validate`). A rerun with the same arguments resumes:
 tiling, training and embeddings are resumable stages.
@@ -28,6 +33,7 @@ tiling, training and embeddings are resumable stages.
     python benchmarks/species.py                                          # 20 min per method, 2 CPU cores
     python benchmarks/species.py --methods vicreg --budget-min 6 --tag quick
     python benchmarks/species.py --device cuda --budget-min 8             # a GPU node
+    python benchmarks/species.py --compare runs/species/seed1 runs/species/seed0  # two runs, paired
 
 The last line printed is one JSON object.
 """
@@ -72,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-birdnet", action="store_true", help="skip the BirdNET reference")
     parser.add_argument("--pool-max-files", type=int, default=None,
                         help="tile only the first N recordings of the pool (smoke tests)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN", "REFERENCE_RUN"), default=None,
+                        help="train and score nothing: pair each method's space in RUN against the same "
+                             "method's in REFERENCE_RUN (two folders this script wrote, e.g. one recipe "
+                             "with two seeds) on every labelled set both scored")
     return parser.parse_args(argv)
 
 
@@ -243,7 +253,11 @@ def _values(result: validate.ValidationResult, key: str) -> dict[str, Any]:
 
 def _paired(table: pd.DataFrame, key: str) -> dict[str, Any]:
     space, pooling = key.split("/")
-    rows = table[(table["space"] == space) & (table["pooling"] == pooling)]
+    return _differences(table[(table["space"] == space) & (table["pooling"] == pooling)])
+
+
+def _differences(rows: pd.DataFrame) -> dict[str, Any]:
+    """Paired rows (`core.stats.PAIRED_COLUMNS`) as the JSON reports them."""
     values: dict[str, Any] = {}
     for metric, short in PAIRED_METRICS.items():
         row = rows[rows["metric"] == metric]
@@ -291,9 +305,58 @@ def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: d
 
 
 # ----------------------------------------------------------------------------------------------
+# Two runs side by side
+
+
+def _report(run: Path) -> dict[str, Any]:
+    path = run / "species.json"
+    if not path.is_file():
+        raise SystemExit(f"species.py: no species.json in {run}: --compare takes two folders this script wrote")
+    return json.loads(path.read_text())
+
+
+def compare_runs(run: Path, reference_run: Path) -> dict[str, Any]:
+    """Each method's space in `run` against the same method's in `reference_run`, paired over the
+    groups of every labelled set both scored (`validate.paired_between_runs`). Two seeds of one
+    recipe measure training noise: a difference between recipes smaller than theirs is not one."""
+    report, reference = _report(run), _report(reference_run)
+    sets: dict[str, Any] = {}
+    for name in sorted(set(report["sets"]) & set(reference["sets"])):
+        ours, theirs = report["sets"][name]["methods"], reference["sets"][name]["methods"]
+        methods: dict[str, Any] = {}
+        for method in sorted(set(ours) & set(theirs)):
+            if ours[method].get("missing") or theirs[method].get("missing"):
+                continue
+            key = validate.space_key(f"ssl_{method}", ours[method]["pooling"])
+            reference_key = validate.space_key(f"ssl_{method}", theirs[method]["pooling"])
+            try:
+                table = validate.paired_between_runs(run / "validation" / name, key,
+                                                     reference_run / "validation" / name, reference_key,
+                                                     n_bootstrap=ARGS.n_bootstrap)
+            except (KeyError, ValueError, OSError) as error:
+                raise SystemExit(f"species.py: cannot pair {method} on {name}: {error}") from error
+            headline = {short: ours[method].get(short) for short in HEADLINE_METRICS.values()}
+            reference_headline = {short: theirs[method].get(short) for short in HEADLINE_METRICS.values()}
+            methods[method] = {"pooling": ours[method]["pooling"], "reference_pooling": theirs[method]["pooling"],
+                               "run": headline, "reference_run": reference_headline,
+                               "difference": _differences(table),
+                               "interval_method": str(table["interval_method"].iloc[0])}
+        if methods:
+            sets[name] = methods
+    if not sets:
+        raise SystemExit(f"species.py: {run} and {reference_run} share no scored method on any labelled set")
+    return {"benchmark": "species_compare", "command": [sys.executable, *sys.argv], **git_state(REPO),
+            "run": str(run), "reference_run": str(reference_run),
+            "run_command": report["command"], "reference_command": reference["command"], "sets": sets}
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> int:
+    if ARGS.compare:
+        print(json.dumps(compare_runs(*ARGS.compare), separators=(",", ":"), allow_nan=True))
+        return 0
     torch.set_num_threads(ARGS.threads)
     started = time.perf_counter()
     out = ARGS.out

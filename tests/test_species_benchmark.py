@@ -39,3 +39,17 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     low, high = vicreg["vs_logmel"]["knn_interval"]
     assert low <= high and 0.0 <= vicreg["vs_logmel"]["knn_share_not_better"] <= 1.0
     assert set(vicreg["other_poolings"]) == {"mean", "cls"}
+
+    # --compare pairs two finished runs without training; a run against itself differs by nothing.
+    compare = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--n-bootstrap", "40", "--compare"]
+    done = subprocess.run([*compare, str(out), str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paired = json.loads(done.stdout.strip().splitlines()[-1])
+    assert paired["benchmark"] == "species_compare" and list(paired["sets"]) == ["xeno-canto-phoebe-10sp"]
+    same = paired["sets"]["xeno-canto-phoebe-10sp"]["vicreg"]
+    assert same["run"]["knn"] == vicreg["knn"] and same["reference_run"] == same["run"]
+    assert same["difference"]["knn"] == 0 and same["difference"]["knn_interval"] == [0, 0]
+    assert "27 recordists" in same["interval_method"]
+    done = subprocess.run([*compare, str(out), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"species.py: no species.json in {tmp_path}: --compare takes two folders this script wrote"]

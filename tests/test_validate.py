@@ -19,7 +19,7 @@ from soundscape_ssl.pretrain.checkpoint import build_checkpoint, save_checkpoint
 from soundscape_ssl.pretrain.models import BackboneConfig, build_backbone
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 from soundscape_ssl.analysis.validate import (SCORE_COLUMNS, ValidateConfig, main, paired_against,
-                                              recording_groups, score_space, select_windows,
+                                              paired_between_runs, recording_groups, score_space, select_windows,
                                               synthetic_call_windows, validate_labelled, window_table)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,6 +344,43 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert len(summary["scores"]) == len(scores) and summary["n_labels"] == 2
     assert json.loads((out / "config.json").read_text())["config"]["top_k"] == 2
     assert pd.read_csv(out / "scores.csv").shape == scores.shape
+
+
+def test_two_runs_pair_over_the_same_windows_and_refuse_different_ones(labelled_set, tmp_path):
+    labels_csv, audio_dir = labelled_set
+    config = ValidateConfig(window_selection="top_k_energy", top_k=2, n_folds=3, k_neighbours=3, **QUICK)
+    runs = {}
+    for seed in (0, 1):      # one "recipe", two seeds: differently initialised backbones
+        checkpoint = tiny_checkpoint(tmp_path / f"seed{seed}" / "mae" / "checkpoint.pth", seed=seed)
+        runs[seed] = validate_labelled(labels_csv, audio_dir, [checkpoint], tmp_path / f"out{seed}", config)
+    logmel, key = "logmel_stats/mean_std_over_time", "ssl_mae/mean"
+
+    # Within one run, read back from its products, the pairing is the in-memory one exactly.
+    within = paired_between_runs(tmp_path / "out0", key, tmp_path / "out0", logmel, n_bootstrap=200)
+    expected = paired_against(runs[0], logmel, n_bootstrap=200).query("pooling == 'mean'").reset_index(drop=True)
+    pd.testing.assert_frame_equal(within, expected.drop(columns=["space", "pooling"]))
+
+    across = paired_between_runs(tmp_path / "out1", key, tmp_path / "out0", key, n_bootstrap=200).set_index("metric")
+    knn = {seed: runs[seed].spaces[key].knn.accuracy for seed in runs}
+    assert across.loc["knn_accuracy", "value"] == pytest.approx(knn[1])
+    assert across.loc["knn_accuracy", "difference"] == pytest.approx(knn[1] - knn[0])
+    for metric, name in (("nmi", "nmi"), ("ari", "ari")):
+        assert across.loc[metric, "difference"] == pytest.approx(
+            runs[1].spaces[key].agreement[name] - runs[0].spaces[key].agreement[name])
+    assert across["interval_method"].str.startswith("percentile bootstrap over 6 recordings").all()
+
+    itself = paired_between_runs(tmp_path / "out1", key, tmp_path / "out1", key, n_bootstrap=200)
+    assert (itself["difference"] == 0).all() and (itself["interval_low"] == 0).all()
+    assert (itself["share_not_better"] == 1).all()
+
+    fewer = validate_labelled(labels_csv, audio_dir, [], tmp_path / "fewer",
+                              ValidateConfig(window_selection="top_k_energy", top_k=1, n_folds=3,
+                                             k_neighbours=3, **QUICK))
+    assert len(fewer.selected) == 6
+    with pytest.raises(ValueError, match="did not score the same windows"):
+        paired_between_runs(tmp_path / "out0", logmel, tmp_path / "fewer", logmel)
+    with pytest.raises(KeyError, match="scored no space 'ssl_mae/mean'"):
+        paired_between_runs(tmp_path / "fewer", key, tmp_path / "out0", key)
 
 
 def test_grouping_by_a_column_or_a_metadata_table_and_command_line(labelled_set, tmp_path, capsys):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .cluster import ClusterConfig, fit_clusters, subsample_indices
 from ..core.stats import (DEFAULT_LEVEL, PAIRED_COLUMNS, GroupBootstrap, Interval, agreement_intervals, codes,
-                          paired_accuracy, paired_agreement, paired_table, t_interval)
+                          PairedDifference, paired_accuracy, paired_agreement, paired_table, t_interval)
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +575,21 @@ def spaces_table(scored: Mapping[str, SpaceScores]) -> pd.DataFrame:
     return pd.DataFrame([result.row() for result in scored.values()]).set_index("output_space")
 
 
+def paired_predictions(labels: Any, predictions: Any, reference_predictions: Any, clusters: Any,
+                       reference_clusters: Any, bootstrap: GroupBootstrap, level: float = DEFAULT_LEVEL,
+                       agreement: Mapping[str, float] | None = None,
+                       reference_agreement: Mapping[str, float] | None = None) -> list[PairedDifference]:
+    """kNN accuracy, KMeans NMI and ARI of one space's fixed predictions and clustering against a
+    reference's on the same rows, over the same resamples of `bootstrap`'s groups. The agreement
+    estimates on the data are computed here unless given (`clustering_agreement`)."""
+    agreement = agreement or clustering_agreement(clusters, labels)
+    reference_agreement = reference_agreement or clustering_agreement(reference_clusters, labels)
+    differences = [paired_accuracy(labels, predictions, reference_predictions, bootstrap, level)]
+    differences += paired_agreement(labels, clusters, reference_clusters, bootstrap, agreement,
+                                    reference_agreement, level, metrics=("nmi", "ari"))
+    return differences
+
+
 def paired_against(scored: Mapping[str, SpaceScores], reference: str, groups: Any, grouping: str,
                    n_bootstrap: int = 2000, level: float = DEFAULT_LEVEL, seed: int = 0) -> pd.DataFrame:
     """Every other scored space against `reference`, on the same resamples of groups.
@@ -600,10 +615,9 @@ def paired_against(scored: Mapping[str, SpaceScores], reference: str, groups: An
     for name, result in scored.items():
         if name == reference:
             continue
-        differences = [paired_accuracy(result.knn.true_labels, result.knn.predictions, base.knn.predictions,
-                                       bootstrap, level)]
-        differences += paired_agreement(result.knn.true_labels, result.clusters, base.clusters, bootstrap,
-                                        result.agreement, base.agreement, level, metrics=("nmi", "ari"))
+        differences = paired_predictions(result.knn.true_labels, result.knn.predictions, base.knn.predictions,
+                                         result.clusters, base.clusters, bootstrap, level,
+                                         result.agreement, base.agreement)
         tables.append(paired_table(differences, output_space=name))
     columns = ["output_space", *PAIRED_COLUMNS]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

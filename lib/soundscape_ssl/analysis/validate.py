@@ -106,6 +106,7 @@ from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text
+from ..core.stats import PAIRED_COLUMNS, GroupBootstrap, paired_table
 from ..pretrain.pooling import POOLINGS
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
@@ -673,6 +674,59 @@ def paired_against(result: "ValidationResult", reference: str, n_bootstrap: int 
     table.insert(0, "space", names[0] if names is not None else pd.Series(dtype=object))
     table.insert(1, "pooling", names[1] if names is not None else pd.Series(dtype=object))
     return table
+
+
+# What two validations must share, window by window, for their scores to be paired.
+_PAIRED_WINDOW_COLUMNS = ("window", "recording", "offset_s", "label", "group")
+
+
+def scored_predictions(out_dir: str | os.PathLike, key: str) -> pd.DataFrame:
+    """One scored space's rows from a validation's products (`out_dir`, as `run_validation` wrote
+    it): each selected window (`_PAIRED_WINDOW_COLUMNS`) with its out-of-fold kNN prediction and
+    KMeans cluster, in window order. A space the validation did not score is a KeyError naming
+    those it did."""
+    out_dir = Path(out_dir)
+    predictions = pd.read_csv(out_dir / "predictions.csv", dtype={"label": str, "knn_predicted": str})
+    space, pooling = key.split("/", 1)
+    rows = predictions[(predictions["space"] == space) & (predictions["pooling"] == pooling)]
+    if rows.empty:
+        scored = sorted(set(predictions["space"] + "/" + predictions["pooling"]))
+        raise KeyError(f"{out_dir} scored no space {key!r}; it scored: {scored}")
+    windows = pd.read_csv(out_dir / "windows.csv", dtype={"label": str, "group": str})
+    rows = rows.drop(columns="label").merge(windows[list(_PAIRED_WINDOW_COLUMNS)], on="window", how="left",
+                                            validate="one_to_one")
+    return rows.sort_values("window", kind="mergesort").reset_index(drop=True)
+
+
+def paired_between_runs(out_dir: str | os.PathLike, key: str, reference_dir: str | os.PathLike,
+                        reference_key: str, n_bootstrap: int = 2000, confidence_level: float = 0.95,
+                        seed: int = 0) -> pd.DataFrame:
+    """Space `key` ("space/pooling") of the validation in `out_dir` against space `reference_key`
+    of the validation in `reference_dir`, paired over the groups: e.g. one recipe trained with two
+    seeds, or two recipes, each scored on the same labelled set in its own run.
+
+    Both validations must have scored the same windows (recording, offset, label and group,
+    window by window); otherwise the scores are not paired and it is a ValueError. Each space's
+    fixed kNN predictions and KMeans clustering are read back from `predictions.csv`
+    (`metrics.paired_predictions`). Tidy: `core.stats.PAIRED_COLUMNS`. The interval is over the
+    resampled groups only: two trainings of one recipe differ by more than it shows when training
+    itself is noisy, which is what comparing two seeds measures.
+    """
+    rows = scored_predictions(out_dir, key)
+    reference = scored_predictions(reference_dir, reference_key)
+    columns = list(_PAIRED_WINDOW_COLUMNS)
+    key_columns = rows[columns].assign(offset_s=_offset_keys(rows["offset_s"]))
+    reference_columns = reference[columns].assign(offset_s=_offset_keys(reference["offset_s"]))
+    if len(rows) != len(reference) or not key_columns.equals(reference_columns):
+        raise ValueError(f"{out_dir} ({len(rows)} windows) and {reference_dir} ({len(reference)} windows) "
+                         "did not score the same windows: validate both with the same labelled set, "
+                         "window selection and grouping to pair them")
+    grouping = str(pd.read_csv(Path(out_dir) / "scores.csv", usecols=["grouping"], nrows=1)["grouping"].iloc[0])
+    bootstrap = GroupBootstrap(rows["group"].to_numpy(), n_bootstrap, seed, unit=grouping)
+    differences = metrics.paired_predictions(rows["label"].to_numpy(), rows["knn_predicted"].to_numpy(),
+                                             reference["knn_predicted"].to_numpy(), rows["kmeans_cluster"].to_numpy(),
+                                             reference["kmeans_cluster"].to_numpy(), bootstrap, confidence_level)
+    return paired_table(differences)[list(PAIRED_COLUMNS)]
 
 
 def score_space(space: str, pooling: str, embeddings: np.ndarray, labels: np.ndarray,

@@ -312,7 +312,10 @@ def _report(run: Path) -> dict[str, Any]:
     path = run / "species.json"
     if not path.is_file():
         raise SystemExit(f"species.py: no species.json in {run}: --compare takes two folders this script wrote")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"species.py: {path} is not this script's JSON: {error}") from error
 
 
 def compare_runs(run: Path, reference_run: Path) -> dict[str, Any]:

@@ -106,7 +106,7 @@ from ..core.cli import CommandParser, run_command
 from ..core.config import add_config_options, config_from_options
 from ..core.provenance import to_jsonable, write_config_json
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text
-from ..core.stats import PAIRED_COLUMNS, GroupBootstrap, paired_table
+from ..core.stats import GroupBootstrap, paired_table
 from ..pretrain.pooling import POOLINGS
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import LogMelFrontEnd, SpectrogramConfig
@@ -726,7 +726,7 @@ def paired_between_runs(out_dir: str | os.PathLike, key: str, reference_dir: str
     differences = metrics.paired_predictions(rows["label"].to_numpy(), rows["knn_predicted"].to_numpy(),
                                              reference["knn_predicted"].to_numpy(), rows["kmeans_cluster"].to_numpy(),
                                              reference["kmeans_cluster"].to_numpy(), bootstrap, confidence_level)
-    return paired_table(differences)[list(PAIRED_COLUMNS)]
+    return paired_table(differences)
 
 
 def score_space(space: str, pooling: str, embeddings: np.ndarray, labels: np.ndarray,

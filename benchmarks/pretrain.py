@@ -4,9 +4,9 @@ For each method (DINO with 2 global + 8 local crops, MAE, VICReg) at the study's
 (ViT-S/16 on 128 x 256 tiles by default) this times full optimizer steps of
 `engine.train_step` in two configurations, in the same process, on the same batch:
 
-* optimised: what `soundscape_ssl.pretrain.train` does on this device: bf16 autocast and TF32 on CUDA,
-  fused AdamW, optionally torch.compile of the transformer blocks (`--compile`, on by
-  default on CUDA);
+* optimised: what `soundscape_ssl.pretrain.train` does on this device: bf16 autocast and TF32 on CUDA
+  (`--precision bf16` also on a CPU, as `train`'s `precision: bf16`), fused AdamW, optionally
+  torch.compile of the transformer blocks (`--compile`, on by default on CUDA);
 * baseline ("plain eager timm"): the same timm ViT and method in fp32, eager, torch's default
   AdamW, TF32 off.
 
@@ -20,6 +20,8 @@ before and between the methods. The data loader's tiles/s is measured on its own
 
     python benchmarks/pretrain.py --device cpu --model vit_tiny --steps 3     # CPU smoke run
     python benchmarks/pretrain.py --device cuda                               # ViT-S/16, batch 64
+    python benchmarks/pretrain.py --device cpu --model vit_tiny --depth 4 --methods vicreg \
+        --n-frames 128 --batch-size 32 --precision bf16                      # bf16 vs fp32 on a CPU
 
 The last line printed is one JSON object.
 """
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the optimised configuration's compute: auto is bf16 autocast on CUDA and fp32 on "
+                             "CPU, as in training; bf16 on a CPU runs autocast there (AMX/AVX512-BF16 kernels)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile in the optimised configuration (default: on for CUDA, off for CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-eager baseline")
@@ -101,6 +106,13 @@ def train_config(args: argparse.Namespace, method: str) -> TrainConfig:
     return config
 
 
+def optimised_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The optimised configuration's autocast dtype: `--precision`, with auto as `train` resolves it."""
+    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def build(args: argparse.Namespace, method_name: str, device: torch.device, optimised: bool, compile_blocks: bool):
     """(method, optimizer, autocast dtype) for the optimised or the baseline configuration."""
     torch.manual_seed(0)
@@ -110,7 +122,7 @@ def build(args: argparse.Namespace, method_name: str, device: torch.device, opti
         optimizer = torch.optim.AdamW(parameter_groups(method), lr=1e-4, fused=True)
         if compile_blocks:
             compile_for_training(method)
-        autocast = torch.bfloat16 if device.type == "cuda" else None
+        autocast = optimised_dtype(args, device)
     else:
         optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
         autocast = None
@@ -215,7 +227,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit("--device cuda but CUDA is not available; use --device cpu")
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     compile_blocks = args.compile if args.compile is not None else device.type == "cuda"
-    ceiling_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ceiling_dtype = optimised_dtype(args, device) or torch.float32
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     ceilings = [matmul_ceiling(device, ceiling_dtype, matmul_size, args.repeats)]
     tiles = torch.randn(batch_size, 1, args.n_mels, args.n_frames, generator=torch.Generator().manual_seed(0))
@@ -257,8 +269,10 @@ def main(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "pretrain",
         "baseline": "same timm ViT and method in fp32, eager, torch-default AdamW, TF32 off",
-        "optimised": ("bf16 autocast + TF32 + fused AdamW" if device.type == "cuda" else "fused AdamW (fp32)")
+        "optimised": ("bf16 autocast" if optimised_dtype(args, device) else "fp32")
+                     + (" + TF32" if device.type == "cuda" else "") + " + fused AdamW"
                      + (" + torch.compile(blocks)" if compile_blocks else ""),
+        "precision": "bf16" if optimised_dtype(args, device) else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE matters a lot on shared CPUs

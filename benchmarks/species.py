@@ -26,6 +26,11 @@ trained with two seeds, or two recipes) on the windows both scored, over the sam
 predictions each wrote. The intervals above cover the sample of recordists, not training noise;
 two seeds of one recipe measure that.
 
+`--table RUN [RUN ...]` trains and scores nothing either: it prints the finished runs as one
+Markdown table (a row per run and method; per labelled set the kNN accuracy, its paired difference
+against log-mel with the interval, the NMI and the untrained copy's kNN), the rows notebook 07's
+ablation is made of, then the same rows as the JSON line.
+
 Checkpoints stay at `<out>/<tag>/<method>/checkpoint.pth` so a result can be checked on other
 labelled data (`soundscape-ssl embed` / `validate`). A rerun with the same arguments resumes:
 tiling, training and embeddings are resumable stages.
@@ -34,6 +39,7 @@ tiling, training and embeddings are resumable stages.
     python benchmarks/species.py --methods vicreg --budget-min 6 --tag quick
     python benchmarks/species.py --device cuda --budget-min 8             # a GPU node
     python benchmarks/species.py --compare runs/species/seed1 runs/species/seed0  # two runs, paired
+    python benchmarks/species.py --table runs/species/r*/ --sets xeno-canto-phoebe-10sp,xeno-canto-acrocephalus
 
 The last line printed is one JSON object.
 """
@@ -82,7 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train and score nothing: pair each method's space in RUN against the same "
                              "method's in REFERENCE_RUN (two folders this script wrote, e.g. one recipe "
                              "with two seeds) on every labelled set both scored")
-    return parser.parse_args(argv)
+    parser.add_argument("--table", nargs="+", type=Path, metavar="RUN", default=None,
+                        help="train and score nothing: the finished runs as one Markdown table, "
+                             "labelled sets in --sets order (default: every set the runs scored)")
+    args = parser.parse_args(argv)
+    if args.compare and args.table:
+        parser.error("--compare and --table are two different reports: give one")
+    return args
 
 
 ARGS = parse_args()
@@ -311,7 +323,7 @@ def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: d
 def _report(run: Path) -> dict[str, Any]:
     path = run / "species.json"
     if not path.is_file():
-        raise SystemExit(f"species.py: no species.json in {run}: --compare takes two folders this script wrote")
+        raise SystemExit(f"species.py: no species.json in {run}: --compare and --table take folders this script wrote")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -354,11 +366,90 @@ def compare_runs(run: Path, reference_run: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Many runs as one table
+
+
+def _interval(values: list[float]) -> str:
+    return f"[{values[0]:+.2f}, {values[1]:+.2f}]"
+
+
+def table_rows(runs: list[Path], set_names: list[str] | None) -> dict[str, Any]:
+    """One row per run and method: per labelled set the scores the ablation reports. The sets are
+    `set_names` in that order, else every set any run scored (sorted). Log-mel statistics are the
+    same windows' in every run that scored the same windows; where they differ between runs, the
+    runs scored different windows (another --top-k or data) and `logmel_differs` names the set."""
+    reports = {run: _report(run) for run in runs}
+    names = set_names or sorted({name for report in reports.values() for name in report["sets"]})
+    references: dict[str, dict[str, Any]] = {}
+    logmel_differs: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for run, report in reports.items():
+        for method, trained in report["methods"].items():
+            row: dict[str, Any] = {"run": run.name, "method": method, "steps": trained.get("steps"),
+                                   "stopped": trained.get("stopped"), "sets": {}}
+            for name in names:
+                scored = report["sets"].get(name)
+                if scored is None:
+                    continue
+                reference = references.setdefault(name, {"logmel": scored["logmel"], "birdnet": scored.get("birdnet")})
+                if scored["logmel"].get("knn") != reference["logmel"].get("knn") and name not in logmel_differs:
+                    logmel_differs.append(name)
+                if reference["birdnet"] is None and scored.get("birdnet"):
+                    reference["birdnet"] = scored["birdnet"]
+                space = scored["methods"].get(method)
+                if not space or space.get("missing"):
+                    continue
+                row["pooling"] = space["pooling"]
+                row["sets"][name] = {"knn": space["knn"], "vs_logmel_knn": space["vs_logmel"]["knn"],
+                                     "vs_logmel_knn_interval": space["vs_logmel"]["knn_interval"],
+                                     "nmi": space.get("nmi"), "untrained_knn": space["untrained"]["knn"]}
+            rows.append(row)
+    return {"benchmark": "species_table", "command": [sys.executable, *sys.argv], "sets": names,
+            "references": references, "logmel_differs": logmel_differs, "rows": rows}
+
+
+def table_markdown(table: dict[str, Any]) -> list[str]:
+    """The rows of `table_rows` as Markdown: reference lines, then a header and a row per run and method."""
+    lines = []
+    for name in table["sets"]:
+        reference = table["references"].get(name)
+        if reference is None:
+            continue
+        logmel, birdnet = reference["logmel"], reference["birdnet"]
+        text = f"{name}: log-mel statistics kNN {logmel['knn']:.3f}, NMI {logmel['nmi']:.3f}"
+        if birdnet:
+            text += f"; BirdNET kNN {birdnet['knn']:.3f}, NMI {birdnet['nmi']:.3f}"
+        lines.append(text + (" (runs scored different windows: compare within runs only)"
+                             if name in table["logmel_differs"] else ""))
+    lines.append("")
+    header = "| run (`--tag`) | space | " + " | ".join(
+        f"{name} kNN (vs log-mel [95 % int.]) | NMI | untrained kNN" for name in table["sets"]) + " |"
+    lines += [header, "|---|---|" + "---|---|---|" * len(table["sets"])]
+    for row in table["rows"]:
+        cells = []
+        for name in table["sets"]:
+            scores = row["sets"].get(name)
+            if scores is None:
+                cells += ["not scored", "", ""]
+                continue
+            cells += [f"{scores['knn']:.3f} ({scores['vs_logmel_knn']:+.3f} {_interval(scores['vs_logmel_knn_interval'])})",
+                      "" if scores["nmi"] is None else f"{scores['nmi']:.3f}", f"{scores['untrained_knn']:.3f}"]
+        space = f"{row['method']} · {row.get('pooling', '-')}" + (" (stopped)" if row["stopped"] else "")
+        lines.append(f"| `{row['run']}` | {space} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     if ARGS.compare:
         print(json.dumps(compare_runs(*ARGS.compare), separators=(",", ":"), allow_nan=True))
+        return 0
+    if ARGS.table:
+        table = table_rows(ARGS.table, [name.strip() for name in ARGS.sets.split(",")] if ARGS.sets else None)
+        print("\n".join(table_markdown(table)))
+        print(json.dumps(table, separators=(",", ":"), allow_nan=True))
         return 0
     torch.set_num_threads(ARGS.threads)
     started = time.perf_counter()

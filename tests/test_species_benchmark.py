@@ -52,4 +52,45 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     assert "27 recordists" in same["interval_method"]
     done = subprocess.run([*compare, str(out), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"species.py: no species.json in {tmp_path}: --compare takes two folders this script wrote"]
+        f"species.py: no species.json in {tmp_path}: --compare and --table take folders this script wrote"]
+
+
+def _species_json(run: Path, *, knn: float, logmel_knn: float, nmi: float | None = 0.3) -> None:
+    """A species.json as the script writes it, with one VICReg space scored on one labelled set."""
+    space = {"pooling": "band", "knn": knn, "nmi": nmi, "untrained": {"knn": 0.17},
+             "vs_logmel": {"knn": round(knn - logmel_knn, 4), "knn_interval": [-0.012, 0.134]}}
+    run.mkdir(parents=True)
+    (run / "species.json").write_text(json.dumps({
+        "benchmark": "species", "methods": {"vicreg": {"steps": 12000, "stopped": None}},
+        "sets": {"phoebe": {"logmel": {"knn": logmel_knn, "nmi": 0.297}, "methods": {"vicreg": space}}}}))
+
+
+def test_table_prints_finished_runs_as_markdown_and_json(tmp_path):
+    _species_json(tmp_path / "r12", knn=0.374, logmel_knn=0.313)
+    _species_json(tmp_path / "r13", knn=0.389, logmel_knn=0.313, nmi=None)
+    table = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--table"]
+    done = subprocess.run([*table, str(tmp_path / "r12"), str(tmp_path / "r13"), "--sets", "phoebe,acro"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *markdown, last = done.stdout.strip().splitlines()
+    assert markdown[0] == "phoebe: log-mel statistics kNN 0.313, NMI 0.297"
+    assert markdown[-2] == ("| `r12` | vicreg · band | 0.374 (+0.061 [-0.01, +0.13]) | 0.300 | 0.170 "
+                            "| not scored |  |  |")
+    assert markdown[-1].startswith("| `r13` | vicreg · band | 0.389 (+0.076 [-0.01, +0.13]) |  | 0.170 |")
+    result = json.loads(last)
+    assert result["benchmark"] == "species_table" and result["sets"] == ["phoebe", "acro"]
+    assert [row["run"] for row in result["rows"]] == ["r12", "r13"] and result["logmel_differs"] == []
+
+    # Runs whose log-mel scores differ scored different windows: the reference line says so.
+    _species_json(tmp_path / "other_windows", knn=0.4, logmel_knn=0.35)
+    done = subprocess.run([*table, str(tmp_path / "r12"), str(tmp_path / "other_windows")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and "scored different windows" in done.stdout.splitlines()[0]
+
+    # A folder the script did not write is one line and exit 1, and two reports at once are refused.
+    done = subprocess.run([*table, str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"species.py: no species.json in {tmp_path}: --compare and --table take folders this script wrote"]
+    done = subprocess.run([*table, str(tmp_path / "r12"), "--compare", str(tmp_path / "r12"), str(tmp_path / "r13")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "give one" in done.stderr

@@ -7,6 +7,9 @@ statistics, against an untrained copy of each backbone, and beside BirdNET:
 1. The pool: every recording under `<data>` (soundscapes/, unlabelled/ and labelled/), inventoried
    and tiled by the project's own stages into `<out>/pool/`. Labels never reach training: the
    tiler reads audio files, not labels tables (labelled recordings join as unlabelled audio).
+   Pretraining has still *heard* the recordings it is scored on. `--hold-out SET` keeps a labelled
+   set's recordings out of the pool, so that set is scored on audio pretraining never met, as
+   recordings outside `<data>` would be.
 2. The recipe: notebook 03's parameters as a profile sets them (`--profile`, default real_pool),
    built into each method's TrainConfig by the function notebook 03 calls, then `--set` overrides
    (e.g. `--set vicreg.augment.gain_db=3`). So a recipe measured here is the one a profile runs.
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=10, help="loudest windows per labelled recording")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     parser.add_argument("--no-birdnet", action="store_true", help="skip the BirdNET reference")
+    parser.add_argument("--hold-out", default="", metavar="SET[,SET]",
+                        help="labelled sets whose recordings stay out of the pretraining pool (scored on "
+                             "recordings pretraining never heard)")
     parser.add_argument("--pool-max-files", type=int, default=None,
                         help="tile only the first N recordings of the pool (smoke tests)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN", "REFERENCE_RUN"), default=None,
@@ -150,16 +156,24 @@ def parse_overrides(tokens: list[str], methods: list[str]) -> dict[str, Any]:
 # The pool
 
 
-def tile_pool(data: Path, out: Path, max_files: int | None) -> tuple[Path, dict[str, Any]]:
-    """Inventory every recording under `data` and tile it (resumable); (store, description)."""
+def tile_pool(data: Path, out: Path, max_files: int | None, held_out: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Inventory every recording under `data` but the labelled sets `held_out` and tile it
+    (resumable); (store, description). Each pool has its own store, named by what it leaves out."""
     inventory = scan_archive(data, show_progress=True, num_threads=ARGS.threads)
     files = inventory.files.sort_values("relpath").reset_index(drop=True)
+    n_held_out = 0
+    if held_out:
+        keep = ~files["relpath"].str.startswith(tuple(f"labelled/{name}/" for name in held_out))
+        n_held_out = int((~keep).sum())
+        files = files[keep].reset_index(drop=True)
     if max_files is not None:
         files = files.head(max_files)
-    store = out / "pool" / ("tiles" if max_files is None else f"tiles_first{max_files}")
+    name = "tiles" if max_files is None else f"tiles_first{max_files}"
+    store = out / "pool" / (name + "".join(f"_without_{set_name}" for set_name in sorted(held_out)))
     summary = tile_archive(files, store, rank=0, world_size=1, show_progress=True, threads=ARGS.threads)
     top = files["relpath"].str.split("/").str[0].value_counts().to_dict()
-    return store, {"n_files": len(files), "quarantined": len(inventory.quarantine),
+    return store, {"n_files": len(files), "held_out_sets": sorted(held_out), "n_files_held_out": n_held_out,
+                   "quarantined": len(inventory.quarantine),
                    "audio_h": float(files["duration_s"].sum() / 3600.0), "files_by_folder": top,
                    "n_tiles": summary.n_tiles_total}
 
@@ -282,7 +296,7 @@ def _differences(rows: pd.DataFrame) -> dict[str, Any]:
 
 
 def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: dict[str, str],
-              out_dir: Path) -> dict[str, Any]:
+              out_dir: Path, in_pool: bool) -> dict[str, Any]:
     config = validate_config(folder)
     log(f"scoring {name} (grouped by {config.group_by})")
     result = validate.validate_labelled(folder / "labels.csv", folder, checkpoints, out_dir, config)
@@ -290,7 +304,7 @@ def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: d
     summary: dict[str, Any] = {
         "n_windows": len(selected), "n_recordings": int(selected["recording"].nunique()),
         "n_groups": int(selected["group"].nunique()), "grouping": config.group_by,
-        "n_labels": int(selected["label"].nunique()),
+        "n_labels": int(selected["label"].nunique()), "in_pool": in_pool,
         "interval_method": str(result.scores["interval_method"].iloc[0]),
         "logmel": _values(result, LOGMEL), "skipped_spaces": result.skipped_spaces,
     }
@@ -400,7 +414,7 @@ def table_rows(runs: list[Path], set_names: list[str] | None) -> dict[str, Any]:
                 if not space or space.get("missing"):
                     continue
                 row["pooling"] = space["pooling"]
-                row["sets"][name] = {"knn": space["knn"], "vs_logmel_knn": space["vs_logmel"]["knn"],
+                row["sets"][name] = {"in_pool": scored.get("in_pool", True), "knn": space["knn"], "vs_logmel_knn": space["vs_logmel"]["knn"],
                                      "vs_logmel_knn_interval": space["vs_logmel"]["knn_interval"],
                                      "nmi": space.get("nmi"), "untrained_knn": space["untrained"]["knn"]}
             rows.append(row)
@@ -432,7 +446,9 @@ def table_markdown(table: dict[str, Any]) -> list[str]:
             if scores is None:
                 cells += ["not scored", "", ""]
                 continue
-            cells += [f"{scores['knn']:.3f} ({scores['vs_logmel_knn']:+.3f} {_interval(scores['vs_logmel_knn_interval'])})",
+            held_out = "" if scores.get("in_pool", True) else ", held out of the pool"
+            cells += [f"{scores['knn']:.3f} ({scores['vs_logmel_knn']:+.3f} {_interval(scores['vs_logmel_knn_interval'])}"
+                      f"{held_out})",
                       "" if scores["nmi"] is None else f"{scores['nmi']:.3f}", f"{scores['untrained_knn']:.3f}"]
         space = f"{row['method']} · {row.get('pooling', '-')}" + (" (stopped)" if row["stopped"] else "")
         lines.append(f"| `{row['run']}` | {space} | " + " | ".join(cells) + " |")
@@ -458,7 +474,8 @@ def main() -> int:
     if not (ARGS.data / "labelled").is_dir():
         raise SystemExit(f"species.py: no labelled/ under {ARGS.data} (pass --data)")
 
-    store, pool = tile_pool(ARGS.data, out, ARGS.pool_max_files)
+    held_out = list(labelled_sets(ARGS.data, ARGS.hold_out)) if ARGS.hold_out else []
+    store, pool = tile_pool(ARGS.data, out, ARGS.pool_max_files, held_out)
     params = profile_parameters(ARGS.profile, "03", REPO)
     methods = ARGS.methods.split(",") if ARGS.methods else list(params["methods"])
     params.update(device=ARGS.device, n_threads=ARGS.threads, num_workers=0 if ARGS.device == "cpu" else 8)
@@ -478,7 +495,8 @@ def main() -> int:
         checkpoints[method] = checkpoint
         checkpoints[f"untrained_{method}"] = save_untrained_copy(checkpoint, run_dir / f"untrained_{method}.pth")
 
-    sets = {name: score_set(name, folder, checkpoints, poolings, run_dir / "validation" / name)
+    sets = {name: score_set(name, folder, checkpoints, poolings, run_dir / "validation" / name,
+                            in_pool=name not in held_out)
             for name, folder in labelled_sets(ARGS.data, ARGS.sets).items()}
     result = {
         "benchmark": "species", "command": [sys.executable, *sys.argv], **git_state(REPO),

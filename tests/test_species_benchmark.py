@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,8 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     out = tmp_path / "species"
     command = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--data", str(DATA), "--out", str(out),
                "--pool-max-files", "4", "--steps", "2", "--methods", "vicreg", "--sets", "xeno-canto-phoebe-10sp",
-               "--no-birdnet", "--n-bootstrap", "40", "--set", "vicreg.log_every=1"]
+               "--no-birdnet", "--n-bootstrap", "40", "--set", "vicreg.log_every=1",
+               "--hold-out", "xeno-canto-phoebe-10sp"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -31,6 +33,12 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     assert (out / "vicreg" / "checkpoint.pth").is_file() and (out / "untrained_vicreg.pth").is_file()
     scored = result["sets"]["xeno-canto-phoebe-10sp"]
     assert scored["grouping"] == "recordist" and scored["n_labels"] == 10 and scored["n_recordings"] == 100
+    # The held-out set's 100 recordings never reached the pool, whose store is named for it.
+    pool = result["pool"]
+    assert pool["held_out_sets"] == ["xeno-canto-phoebe-10sp"] and pool["n_files_held_out"] == 100
+    assert scored["in_pool"] is False and pool["n_files"] == 4
+    tiled = pd.read_parquet(out / "pool" / "tiles_first4_without_xeno-canto-phoebe-10sp" / "index.parquet")
+    assert not tiled["relpath"].str.startswith("labelled/xeno-canto-phoebe-10sp/").any()
     vicreg = scored["methods"]["vicreg"]
     assert vicreg["pooling"] == "band"                                 # the pooling VICReg trained
     # A paired difference is the space's score minus the reference's, on the same windows.
@@ -55,19 +63,20 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
         f"species.py: no species.json in {tmp_path}: --compare and --table take folders this script wrote"]
 
 
-def _species_json(run: Path, *, knn: float, logmel_knn: float, nmi: float | None = 0.3) -> None:
+def _species_json(run: Path, *, knn: float, logmel_knn: float, nmi: float | None = 0.3, in_pool: bool = True) -> None:
     """A species.json as the script writes it, with one VICReg space scored on one labelled set."""
     space = {"pooling": "band", "knn": knn, "nmi": nmi, "untrained": {"knn": 0.17},
              "vs_logmel": {"knn": round(knn - logmel_knn, 4), "knn_interval": [-0.012, 0.134]}}
     run.mkdir(parents=True)
     (run / "species.json").write_text(json.dumps({
         "benchmark": "species", "methods": {"vicreg": {"steps": 12000, "stopped": None}},
-        "sets": {"phoebe": {"logmel": {"knn": logmel_knn, "nmi": 0.297}, "methods": {"vicreg": space}}}}))
+        "sets": {"phoebe": {"logmel": {"knn": logmel_knn, "nmi": 0.297}, "in_pool": in_pool,
+                            "methods": {"vicreg": space}}}}))
 
 
 def test_table_prints_finished_runs_as_markdown_and_json(tmp_path):
     _species_json(tmp_path / "r12", knn=0.374, logmel_knn=0.313)
-    _species_json(tmp_path / "r13", knn=0.389, logmel_knn=0.313, nmi=None)
+    _species_json(tmp_path / "r13", knn=0.389, logmel_knn=0.313, nmi=None, in_pool=False)
     table = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--table"]
     done = subprocess.run([*table, str(tmp_path / "r12"), str(tmp_path / "r13"), "--sets", "phoebe,acro"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -76,7 +85,8 @@ def test_table_prints_finished_runs_as_markdown_and_json(tmp_path):
     assert markdown[0] == "phoebe: log-mel statistics kNN 0.313, NMI 0.297"
     assert markdown[-2] == ("| `r12` | vicreg · band | 0.374 (+0.061 [-0.01, +0.13]) | 0.300 | 0.170 "
                             "| not scored |  |  |")
-    assert markdown[-1].startswith("| `r13` | vicreg · band | 0.389 (+0.076 [-0.01, +0.13]) |  | 0.170 |")
+    assert markdown[-1].startswith(
+        "| `r13` | vicreg · band | 0.389 (+0.076 [-0.01, +0.13], held out of the pool) |  | 0.170 |")
     result = json.loads(last)
     assert result["benchmark"] == "species_table" and result["sets"] == ["phoebe", "acro"]
     assert [row["run"] for row in result["rows"]] == ["r12", "r13"] and result["logmel_differs"] == []

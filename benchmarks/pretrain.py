@@ -21,7 +21,7 @@ before and between the methods. The data loader's tiles/s is measured on its own
     python benchmarks/pretrain.py --device cpu --model vit_tiny --steps 3     # CPU smoke run
     python benchmarks/pretrain.py --device cuda                               # ViT-S/16, batch 64
     python benchmarks/pretrain.py --device cpu --model vit_tiny --depth 4 --methods vicreg \
-        --n-frames 128 --batch-size 32 --precision bf16                      # bf16 vs fp32 on a CPU
+        --batch-size 32 --precision bf16                                     # bf16 autocast on a CPU
 
 The last line printed is one JSON object.
 """

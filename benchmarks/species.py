@@ -414,7 +414,8 @@ def table_rows(runs: list[Path], set_names: list[str] | None) -> dict[str, Any]:
                 if not space or space.get("missing"):
                     continue
                 row["pooling"] = space["pooling"]
-                row["sets"][name] = {"in_pool": scored.get("in_pool", True), "knn": space["knn"], "vs_logmel_knn": space["vs_logmel"]["knn"],
+                row["sets"][name] = {"in_pool": scored.get("in_pool", True), "knn": space["knn"],
+                                     "vs_logmel_knn": space["vs_logmel"]["knn"],
                                      "vs_logmel_knn_interval": space["vs_logmel"]["knn_interval"],
                                      "nmi": space.get("nmi"), "untrained_knn": space["untrained"]["knn"]}
             rows.append(row)

@@ -13,9 +13,10 @@ to zero and remembered. Every fault is a `BadSpan` of source frames with a reaso
 
 Resampling. One resampler, `SincResampler` (torchaudio's windowed-sinc kernel, applied block by
 block with the kernel's context on both sides, so a block-wise result equals resampling the whole
-file, sample for sample: measured equal to the bit). Its kernel width is the caller's: the tiles
-keep their front end's (`SpectrogramConfig.resample_lowpass_filter_width`), BirdNET asks for a
-longer one (`BirdNetConfig`).
+file, sample for sample: measured equal to the bit, also where BLAS computes short products
+differently, because the products run over frames aligned to the file's start). Its kernel width
+is the caller's: the tiles keep their front end's (`SpectrogramConfig.resample_lowpass_filter_width`),
+BirdNET asks for a longer one (`BirdNetConfig`).
 
 The window rule (`WindowRule`), the same for every stage:
 
@@ -186,12 +187,13 @@ class SincResampler:
         ours = self.resample(probe.to(self.device)).cpu()
         return ours.shape == reference.shape and bool(torch.allclose(ours, reference, atol=1e-5))
 
-    def resample_frames(self, stretch: torch.Tensor) -> torch.Tensor:
+    def resample_frames(self, stretch: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
         """Resample whole frames from their input stretch.
 
         `stretch` (..., frames * orig + 2 * width) holds input samples
         [m0 * orig - width, m1 * orig + width); returns (..., frames * new) output samples
-        [m0 * new, m1 * new).
+        [m0 * new, m1 * new). `first_frame` is m0: on CPU it makes a signal resampled block by block
+        equal to it resampled whole, to the bit (below).
         """
         if self.orig == self.new:
             return stretch
@@ -209,13 +211,27 @@ class SincResampler:
             return torch.cat([windows[..., start:start + weights.shape[0]] @ weights
                               for start, weights in self._groups], dim=-1).flatten(-2)
         # On CPU, runs of frames small enough for the cache: every phase group reads the same input.
+        # Runs start at multiples of `chunk` counted from the signal's first frame, and a run the
+        # stretch cuts short is padded with zero rows to full length, so every frame comes from a
+        # product of one shape at one row however the signal was cut: some BLAS builds (MKL on AMD
+        # EPYC, measured) take other kernels for products of few rows, which differ in the last bit.
         result = stretch.new_empty(stretch.shape[:-1] + (n_frames, self.new))
         chunk = max(1, _RESAMPLER_CHUNK_INPUT_SAMPLES // self.orig)
-        for first in range(0, n_frames, chunk):
-            frames = windows[..., first:first + chunk, :]
-            result[..., first:first + chunk, :] = torch.cat(
-                [frames[..., start:start + weights.shape[0]] @ weights
-                 for start, weights in self._groups], dim=-1)
+        position = 0
+        while position < n_frames:
+            row = (first_frame + position) % chunk
+            take = min(chunk - row, n_frames - position)
+            frames = windows[..., position:position + take, :]
+            if take < chunk:
+                padded = frames.new_zeros(frames.shape[:-2] + (chunk, self.kernel_length))
+                padded[..., row:row + take, :] = frames
+                frames = padded
+            products = torch.cat([frames[..., start:start + weights.shape[0]] @ weights
+                                  for start, weights in self._groups], dim=-1)
+            if take < chunk:
+                products = products[..., row:row + take, :]
+            result[..., position:position + take, :] = products
+            position += take
         return result.flatten(-2)
 
     def resample(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -712,7 +728,7 @@ def read_windows(audio: AudioFile, rule: WindowRule, numbers: np.ndarray, starts
         emit = kept & np.array([position not in touched for position in range(len(block))])
         if not emit.any():
             continue
-        resampled = resampler.resample_frames(torch.from_numpy(samples).to(device))
+        resampled = resampler.resample_frames(torch.from_numpy(samples).to(device), frame_start)
         block_out = frame_start * new                                # model-rate index of [0]
         first_zero = -(-audio.frames * rate_out // rate_in)           # the first sample past the end
         if first_zero < block_out + resampled.shape[0]:

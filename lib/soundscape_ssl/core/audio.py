@@ -221,16 +221,11 @@ class SincResampler:
         while position < n_frames:
             row = (first_frame + position) % chunk
             take = min(chunk - row, n_frames - position)
-            frames = windows[..., position:position + take, :]
-            if take < chunk:
-                padded = frames.new_zeros(frames.shape[:-2] + (chunk, self.kernel_length))
-                padded[..., row:row + take, :] = frames
-                frames = padded
+            frames = torch.nn.functional.pad(windows[..., position:position + take, :],
+                                             (0, 0, row, chunk - row - take))
             products = torch.cat([frames[..., start:start + weights.shape[0]] @ weights
                                   for start, weights in self._groups], dim=-1)
-            if take < chunk:
-                products = products[..., row:row + take, :]
-            result[..., position:position + take, :] = products
+            result[..., position:position + take, :] = products[..., row:row + take, :]
             position += take
         return result.flatten(-2)
 

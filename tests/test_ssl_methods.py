@@ -22,7 +22,8 @@ from soundscape_ssl.pretrain.dino import DinoConfig, DinoMethod, dino_cross_entr
 from soundscape_ssl.pretrain.mae import MaeConfig, MaeMethod, normalized_patch_targets, patch_keep_order
 from soundscape_ssl.pretrain.models import BackboneConfig, SSLMethod
 from soundscape_ssl.pretrain.schedules import CosineSchedule, LinearWarmupSchedule, scaled_learning_rate
-from soundscape_ssl.pretrain.vicreg import VicregConfig, VicregMethod, representation_spread, vicreg_terms
+from soundscape_ssl.pretrain.vicreg import (VicregConfig, VicregMethod, representation_spread, scale_gradients,
+                                            vicreg_terms)
 
 
 
@@ -283,7 +284,7 @@ def test_mae_loss_only_sees_hidden_patches() -> None:
 def test_vicreg_terms_against_a_direct_computation() -> None:
     torch.manual_seed(0)
     z_a, z_b = torch.randn(32, 8) * 0.5, torch.randn(32, 8) * 2.0
-    invariance, variance, covariance = vicreg_terms(z_a, z_b)
+    invariance, variance, covariance, below_hinge_fraction = vicreg_terms(z_a, z_b)
     assert invariance.item() == pytest.approx(((z_a - z_b) ** 2).mean().item())
     hinge = lambda z: torch.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()  # noqa: E731
     assert variance.item() == pytest.approx(((hinge(z_a) + hinge(z_b)) / 2).item(), rel=1e-5)
@@ -293,6 +294,26 @@ def test_vicreg_terms_against_a_direct_computation() -> None:
         return ((cov ** 2).sum() - (cov.diagonal() ** 2).sum()).item() / z.shape[1]
 
     assert covariance.item() == pytest.approx(off_diagonal_term(z_a) + off_diagonal_term(z_b), rel=1e-4)
+    below = lambda z: (torch.sqrt(z.var(0) + 1e-4) < 1).float().mean()  # noqa: E731
+    assert below_hinge_fraction.item() == pytest.approx(((below(z_a) + below(z_b)) / 2).item())
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0])
+def test_vicreg_scale_gradients_are_the_loss_derivative_under_rescaling(spread: float) -> None:
+    """Each logged scale gradient equals autograd's derivative of its weighted term with respect
+    to a common scale of both expansions, with dimensions on both sides of the hinge."""
+    config = VicregConfig(invariance_weight=25.0, variance_weight=25.0, covariance_weight=1.0)
+    generator = torch.Generator().manual_seed(3)
+    z_a = torch.randn(64, 16, generator=generator) * torch.linspace(0.1, 2.5, 16) * spread
+    z_b = z_a + 0.2 * torch.randn(64, 16, generator=generator)
+    scale = torch.ones((), requires_grad=True)
+    terms = vicreg_terms(scale * z_a, scale * z_b)
+    gradients = scale_gradients(terms, config)
+    for name, weight in (("invariance", 25.0), ("variance", 25.0), ("covariance", 1.0)):
+        (derivative,) = torch.autograd.grad(weight * getattr(terms, name), scale, retain_graph=True)
+        # the hinge's derivative is var / std per dimension, the logged one std: 1e-4 / std apart
+        assert gradients[f"scale_gradient_{name}"].item() == pytest.approx(derivative.item(), rel=2e-3, abs=1e-3)
+    assert gradients["scale_gradient_variance"] < 0 < gradients["scale_gradient_covariance"]
 
 
 def test_representation_spread_detects_collapse() -> None:
@@ -451,7 +472,7 @@ def _vicreg_terms_on_rank(rank: int, world_size: int, port: int, out_dir: str) -
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         z_a, z_b = (part.chunk(world_size)[rank].clone().requires_grad_(True) for part in _vicreg_batch())
-        invariance, variance, covariance = vicreg_terms(z_a, z_b)
+        invariance, variance, covariance, _ = vicreg_terms(z_a, z_b)
         (25 * invariance + 25 * variance + covariance).backward()
         torch.save({"terms": torch.stack([invariance, variance, covariance]).detach(),
                     "grad_a": z_a.grad, "grad_b": z_b.grad}, f"{out_dir}/rank{rank}.pt")
@@ -481,7 +502,7 @@ def test_vicreg_statistics_span_all_ranks(tmp_path) -> None:
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
 
     z_a, z_b = (part.clone().requires_grad_(True) for part in _vicreg_batch())
-    invariance, variance, covariance = vicreg_terms(z_a, z_b)
+    invariance, variance, covariance, _ = vicreg_terms(z_a, z_b)
     (25 * invariance + 25 * variance + covariance).backward()
     mean_terms = (ranks[0]["terms"] + ranks[1]["terms"]) / 2
     torch.testing.assert_close(mean_terms, torch.stack([invariance, variance, covariance]).detach())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -73,8 +74,15 @@ def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
-def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(invariance, variance, covariance) terms for two batches of expansions (batch, dim).
+class VicregTerms(NamedTuple):
+    invariance: torch.Tensor
+    variance: torch.Tensor
+    covariance: torch.Tensor
+    below_hinge_fraction: torch.Tensor  # share of expanded dimensions (both views) with std < 1; no gradient
+
+
+def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> VicregTerms:
+    """The invariance, variance and covariance terms for two batches of expansions (batch, dim).
 
     Invariance uses the local batch; variance and covariance the batch gathered over all ranks
     (a gradient-preserving all-gather, as the reference code), so that with DDP's averaging of
@@ -94,7 +102,24 @@ def vicreg_terms(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, to
         cov_a = (z_a.T @ z_a) / (n - 1)
         cov_b = (z_b.T @ z_b) / (n - 1)
         covariance = off_diagonal(cov_a).pow(2).sum() / dim + off_diagonal(cov_b).pow(2).sum() / dim
-    return invariance, variance, covariance
+        below_hinge_fraction = ((std_a < 1).float().mean() + (std_b < 1).float().mean()).detach() / 2
+    return VicregTerms(invariance, variance, covariance, below_hinge_fraction)
+
+
+def scale_gradients(terms: VicregTerms, config: VicregConfig) -> dict[str, torch.Tensor]:
+    """Each weighted term's derivative with respect to a common log-scale of the expansions.
+
+    Scaling every expansion by (1 + e) multiplies the invariance by (1 + e)^2 and the covariance
+    by (1 + e)^4, and lowers the variance hinge by e * mean(std * [std < 1]) = e * (share below 1
+    - hinge), up to the 1e-4 inside the square root. Where the three sum to about 0 the loss sits
+    at a balance of scale: the hinge asks for larger expansions and the other two terms for
+    smaller ones, and their shares say which term holds the hinge unmet.
+    """
+    return {
+        "scale_gradient_variance": -config.variance_weight * (terms.below_hinge_fraction - terms.variance.detach()),
+        "scale_gradient_invariance": 2 * config.invariance_weight * terms.invariance.detach(),
+        "scale_gradient_covariance": 4 * config.covariance_weight * terms.covariance.detach(),
+    }
 
 
 def representation_spread(representations: torch.Tensor) -> torch.Tensor:
@@ -139,15 +164,16 @@ class VicregMethod(SSLMethod):
         # Each view through the expander on its own, as in the reference: its batch normalisation
         # then standardises one view over the batch, never the two views of a tile together.
         z_a, z_b = (self.expander(part).float() for part in representations.chunk(2))
-        invariance, variance, covariance = vicreg_terms(z_a, z_b)
+        terms = vicreg_terms(z_a, z_b)
         config = self.config
-        loss = (config.invariance_weight * invariance + config.variance_weight * variance
-                + config.covariance_weight * covariance)
+        loss = (config.invariance_weight * terms.invariance + config.variance_weight * terms.variance
+                + config.covariance_weight * terms.covariance)
         metrics = {
-            "invariance": invariance.detach(),
-            "variance": variance.detach(),
-            "covariance": covariance.detach(),
+            "invariance": terms.invariance.detach(),
+            "variance": terms.variance.detach(),
+            "covariance": terms.covariance.detach(),
             "representation_spread": representation_spread(representations.detach()),
+            **scale_gradients(terms, config),
         }
         return MethodOutput(loss, metrics)
 

@@ -23,6 +23,10 @@ before and between the methods. The data loader's tiles/s is measured on its own
     python benchmarks/pretrain.py --device cpu --model vit_tiny --depth 4 --methods vicreg \
         --batch-size 32 --precision bf16                                     # bf16 autocast on a CPU
 
+bf16 on a CPU is fast only where the hardware computes it (`cpu_native_bf16` in the JSON):
+prefixing the last line with `ONEDNN_MAX_CPU_ISA=AVX512_CORE` times oneDNN's emulated bf16 on the
+same machine, as a CPU with AVX-512 but without its BF16 extension would run it.
+
 The last line printed is one JSON object.
 """
 
@@ -78,7 +82,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from soundscape_ssl.core.stage import tf32_matmuls  # noqa: E402
 from soundscape_ssl.pretrain.augment import Normalization  # noqa: E402
 from soundscape_ssl.pretrain.engine import train_step  # noqa: E402
-from soundscape_ssl.pretrain.train import TrainConfig, build_method, compile_for_training, parameter_groups  # noqa: E402
+from soundscape_ssl.pretrain.train import (TrainConfig, build_method, compile_for_training,  # noqa: E402
+                                            cpu_computes_bf16_natively, parameter_groups)
 
 # CPU attention runs as a kernel FlopCounterMode has no formula for; count it like the GPU ones.
 _CPU_ATTENTION_FLOPS = {
@@ -276,6 +281,10 @@ def main(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": args.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE matters a lot on shared CPUs
+        # bf16 speed on a CPU hinges on hardware bf16; ONEDNN_MAX_CPU_ISA=AVX512_CORE measures the
+        # emulated path on the same machine (cpuid still reports the hardware)
+        "cpu_native_bf16": cpu_computes_bf16_natively() if device.type == "cpu" else None,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "model": args.model, "depth": args.depth, "batch_size": batch_size,
         "tile_shape": [args.n_mels, args.n_frames],
         "dino_crops": {"global": 2, "local": args.local_crops, "out_dim": args.dino_out_dim},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -299,6 +300,19 @@ def test_tf32_is_on_while_training_and_restored_after(tmp_path: Path) -> None:
         with pytest.raises(NonFiniteLossError):                         # and after a failed run
             run(_tiny_config(tmp_path / "nan", "mae"), data_factory=nan_tile_data)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_fp32_is_faster(tmp_path: Path, caplog, monkeypatch,
+                                                                      native: bool) -> None:
+    """Emulated bf16 measured slower than fp32 (0.78x), so asking for it there deserves a word;
+    on a CPU with hardware bf16 it is the fast path and trains without one."""
+    monkeypatch.setattr(train, "cpu_computes_bf16_natively", lambda: native)
+    with caplog.at_level(logging.WARNING, logger=train.logger.name):
+        summary = run(_tiny_config(tmp_path, "vicreg", precision="bf16", max_steps=1), data_factory=tiny_tile_data)
+    warned = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert summary.step == 1 and len(warned) == (0 if native else 1)
+    assert json.loads((tmp_path / "config.json").read_text())["derived"]["autocast"] == "torch.bfloat16"
 
 
 # -- training, checkpoints, resume --------------------------------------------------------------

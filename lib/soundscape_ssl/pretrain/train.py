@@ -492,8 +492,8 @@ class _Trainer:
         self.autocast_dtype = torch.bfloat16 if (
             config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")) else None
         if self.autocast_dtype is not None and device.type == "cpu" and not cpu_computes_bf16_natively():
-            logger.warning("precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): emulated bf16 "
-                           "trains slower than fp32 here; precision fp32 is faster on this machine")
+            logger.warning("precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated, "
+                           "slower than fp32: use precision fp32 on this machine")
 
         self.sampler = ResumableShardSampler(len(data.dataset), context.rank, context.world_size,
                                              config.batch_size_per_gpu, config.seed)

@@ -29,6 +29,12 @@ trained with two seeds, or two recipes) on the windows both scored, over the sam
 predictions each wrote. The intervals above cover the sample of recordists, not training noise;
 two seeds of one recipe measure that.
 
+`--rescore RUN` trains nothing: it scores a finished run's checkpoints again with the scorer of
+this checkout (a pooling or a labelled set added since) with the windows and bootstrap of RUN's
+own command, replacing the sets in RUN's species.json and keeping its training record; `rescored` says which command and commit scored them. The
+same windows and folds give the same predictions for a space that was scored before, so
+`--compare` against older runs stays paired.
+
 `--table RUN [RUN ...]` trains and scores nothing either: it prints the finished runs as one
 Markdown table (a row per run and method; per labelled set the kNN accuracy, its paired difference
 against log-mel with the interval, the NMI and the untrained copy's kNN), the rows notebook 07's
@@ -42,6 +48,7 @@ tiling, training and embeddings are resumable stages.
     python benchmarks/species.py --methods vicreg --budget-min 6 --tag quick
     python benchmarks/species.py --device cuda --budget-min 8             # a GPU node
     python benchmarks/species.py --compare runs/species/seed1 runs/species/seed0  # two runs, paired
+    python benchmarks/species.py --rescore runs/species/r32_pcen_12000steps_bf16 --threads 1
     python benchmarks/species.py --table runs/species/r*/ --sets xeno-canto-phoebe-10sp,xeno-canto-acrocephalus
 
 The last line printed is one JSON object.
@@ -97,9 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", nargs="+", type=Path, metavar="RUN", default=None,
                         help="train and score nothing: the finished runs as one Markdown table, "
                              "labelled sets in --sets order (default: every set the runs scored)")
+    parser.add_argument("--rescore", type=Path, metavar="RUN", default=None,
+                        help="train nothing: score a finished run's checkpoints again with this checkout's "
+                             "scorer (every pooling, every labelled set), keeping its training record")
     args = parser.parse_args(argv)
-    if args.compare and args.table:
-        parser.error("--compare and --table are two different reports: give one")
+    if sum(bool(x) for x in (args.compare, args.table, args.rescore)) > 1:
+        parser.error("--compare, --table and --rescore are different jobs: give one")
     return args
 
 
@@ -319,12 +329,16 @@ def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: d
             continue
         untrained = validate.space_key(f"ssl_untrained_{method}", pooling)
         vs_untrained = validate.paired_against(result, untrained, n_bootstrap=ARGS.n_bootstrap)
+        # The other poolings of the same backbone, each paired against the trained one: whether
+        # another way of reading the same tokens is better is a question of its own.
+        vs_trained_pooling = validate.paired_against(result, key, n_bootstrap=ARGS.n_bootstrap)
+        others = {p: validate.space_key(f"ssl_{method}", p) for p in POOLINGS if p != pooling}
         methods[method] = {
             "pooling": pooling, **_values(result, key), "untrained": _values(result, untrained),
             "vs_logmel": _paired(vs_logmel, key), "vs_untrained": _paired(vs_untrained, key),
-            "other_poolings": {p: _values(result, validate.space_key(f"ssl_{method}", p))
-                               for p in POOLINGS if p != pooling
-                               and validate.space_key(f"ssl_{method}", p) in result.spaces},
+            "other_poolings": {p: {**_values(result, other), "vs_logmel": _paired(vs_logmel, other),
+                                   "vs_trained_pooling": _paired(vs_trained_pooling, other)}
+                               for p, other in others.items() if other in result.spaces},
         }
     summary["methods"] = methods
     return summary
@@ -337,7 +351,7 @@ def score_set(name: str, folder: Path, checkpoints: dict[str, Path], poolings: d
 def _report(run: Path) -> dict[str, Any]:
     path = run / "species.json"
     if not path.is_file():
-        raise SystemExit(f"species.py: no species.json in {run}: --compare and --table take folders this script wrote")
+        raise SystemExit(f"species.py: no species.json in {run}: --compare, --table and --rescore take folders this script wrote")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -459,7 +473,47 @@ def table_markdown(table: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def score_run(run_dir: Path, methods: list[str], held_out: list[str]) -> dict[str, Any]:
+    """Every labelled set scored in each method's checkpoint under `run_dir` (in the pooling it
+    trained, `checkpoint.embedding_pooling`) and in its untrained copy."""
+    checkpoints: dict[str, Path] = {}
+    poolings: dict[str, str] = {}
+    for method in methods:
+        checkpoint = run_dir / method / "checkpoint.pth"
+        if not checkpoint.is_file():
+            log(f"{method}: no checkpoint to score")
+            continue
+        poolings[method] = load_checkpoint(checkpoint).get("embedding_pooling") or "mean"
+        checkpoints[method] = checkpoint
+        checkpoints[f"untrained_{method}"] = save_untrained_copy(checkpoint, run_dir / f"untrained_{method}.pth")
+    return {name: score_set(name, folder, checkpoints, poolings, run_dir / "validation" / name,
+                            in_pool=name not in held_out)
+            for name, folder in labelled_sets(ARGS.data, ARGS.sets).items()}
+
+
+def rescore_run(run_dir: Path) -> dict[str, Any]:
+    """`--rescore`: a finished run's species.json with its sets scored again by this checkout."""
+    report = _report(run_dir)
+    started = time.perf_counter()
+    # The windows and intervals of the run's own command, so a space scored before is scored on
+    # the same windows again; --data and --sets are this call's (the data may have moved).
+    recorded = parse_args([str(a) for a in report["command"][2:]])
+    for option in ("top_k", "n_bootstrap", "no_birdnet"):
+        setattr(ARGS, option, getattr(recorded, option))
+    held_out = list(report.get("pool", {}).get("held_out_sets", []))
+    sets = score_run(run_dir, list(report["methods"]), held_out)
+    result = {**report, "sets": sets, "out": str(run_dir),
+              "rescored": {"command": [sys.executable, *sys.argv], **git_state(REPO), "threads": ARGS.threads,
+                           "wall_s": round(time.perf_counter() - started, 1), "torch": torch.__version__}}
+    (run_dir / "species.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> int:
+    if ARGS.rescore:
+        torch.set_num_threads(ARGS.threads)
+        print(json.dumps(rescore_run(ARGS.rescore), separators=(",", ":"), allow_nan=True))
+        return 0
     if ARGS.compare:
         print(json.dumps(compare_runs(*ARGS.compare), separators=(",", ":"), allow_nan=True))
         return 0
@@ -483,22 +537,8 @@ def main() -> int:
     settings = launch.train_settings_from_parameters(store, **params)
     overrides = merge_mappings(params["method_overrides"], parse_overrides(ARGS.overrides, methods))
 
-    trained: dict[str, dict[str, Any]] = {}
-    checkpoints: dict[str, Path] = {}
-    poolings: dict[str, str] = {}
-    for method in methods:
-        trained[method] = train_method(method, settings, overrides, run_dir / method)
-        checkpoint = run_dir / method / "checkpoint.pth"
-        if not checkpoint.is_file():
-            log(f"{method}: no checkpoint to score")
-            continue
-        poolings[method] = load_checkpoint(checkpoint).get("embedding_pooling") or "mean"
-        checkpoints[method] = checkpoint
-        checkpoints[f"untrained_{method}"] = save_untrained_copy(checkpoint, run_dir / f"untrained_{method}.pth")
-
-    sets = {name: score_set(name, folder, checkpoints, poolings, run_dir / "validation" / name,
-                            in_pool=name not in held_out)
-            for name, folder in labelled_sets(ARGS.data, ARGS.sets).items()}
+    trained = {method: train_method(method, settings, overrides, run_dir / method) for method in methods}
+    sets = score_run(run_dir, methods, held_out)
     result = {
         "benchmark": "species", "command": [sys.executable, *sys.argv], **git_state(REPO),
         "profile": ARGS.profile, "overrides": overrides, "device": ARGS.device, "threads": ARGS.threads,

@@ -40,6 +40,7 @@ from soundscape_ssl.analysis.attention import (
 from soundscape_ssl.report.attention_plots import plot_head_maps, plot_mask_overlays
 from soundscape_ssl.report.figures import save_figure
 from soundscape_ssl.pretrain.models import BackboneConfig, SpectrogramViT, build_backbone
+from soundscape_ssl.pretrain.pooling import POOLINGS
 from soundscape_ssl.tiles.spectrogram import SpectrogramConfig
 
 TINY = dict(arch="vit_tiny", depth=2, embed_dim=64, num_heads=4, patch_size=16, n_mels=128, n_frames=256,
@@ -486,7 +487,7 @@ def test_rectangular_patches_end_to_end(tmp_path) -> None:
     assert metadata["backbone_config"]["patch_frames"] == 32
     assert reloaded.config == model.config and reloaded.config.patch_hw == (8, 32)
     normalized = torch.from_numpy((tiles_db[:, None] - normalization["mean"]) / normalization["std"])
-    for name in ("mean", "cls", "band"):
+    for name in POOLINGS:
         torch.testing.assert_close(getattr(reloaded.embed(normalized), name), getattr(model.embed(normalized), name),
                                    rtol=0, atol=0)
 

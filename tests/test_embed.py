@@ -212,7 +212,7 @@ def test_an_interrupted_run_resumes_to_the_same_arrays(store, checkpoint, refere
 
 def test_pooling_names_and_the_band_array(store, checkpoint, reference, tmp_path):
     assert EmbedConfig(pooling="both").poolings == ("mean", "cls")
-    assert EmbedConfig(pooling="all").poolings == ("mean", "cls", "band")
+    assert EmbedConfig(pooling="all").poolings == ("mean", "cls", "band", "band_active")
     assert EmbedConfig(pooling="band, mean").poolings == ("mean", "band")
     with pytest.raises(ValueError, match="pooling"):
         EmbedConfig(pooling="mean,max")
@@ -223,6 +223,7 @@ def test_pooling_names_and_the_band_array(store, checkpoint, reference, tmp_path
     rows = BACKBONE.n_mels // BACKBONE.patch_hw[0]
     assert band.shape == (22, rows * EMBED_DIM)
     assert read_embeddings_metadata(out)["arrays"]["band"]["shape"] == [22, rows * EMBED_DIM]
+    assert load_embeddings(out, "band_active").shape == (22, rows * EMBED_DIM)
     # Same numbers as the two-pooling run, and the band rows average to the mean pooling.
     assert array_bytes(out) == array_bytes(reference)
     np.testing.assert_allclose(band.reshape(22, rows, EMBED_DIM).mean(axis=1),

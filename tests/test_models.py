@@ -125,7 +125,33 @@ def test_pooled_embeddings(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> N
     assert not torch.allclose(pooled.cls, pooled.mean)
     # One definition of the pooling names: the tuple's fields are they, in their order.
     assert PooledEmbeddings._fields == POOLINGS
-    assert [getattr(pooled, name).shape[1] for name in POOLINGS] == [64, 64, tiny_model.band_dim]
+    widths = [64, 64, tiny_model.band_dim, tiny_model.band_dim]
+    assert [getattr(pooled, name).shape[1] for name in POOLINGS] == widths
+    assert [tiny_model.pooling_dim(name) for name in POOLINGS] == widths
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tiny_model.pooling_dim("max")
+
+
+def test_band_active_pools_each_row_over_the_loud_columns_only(tiny_model: SpectrogramViT) -> None:
+    # 8 time columns of 8 frames: a call in columns 1, 2, 5 and 6 of each tile, quiet elsewhere
+    # (the other half), so the median column activity falls between quiet and loud.
+    tiles = 0.1 * torch.randn(2, 1, 32, 64, generator=torch.Generator().manual_seed(3))
+    loud = [1, 2, 5, 6]
+    for column in loud:
+        tiles[..., column * 8:(column + 1) * 8] += 3.0
+    expected_mask = torch.zeros(2, 8, dtype=torch.bool)
+    expected_mask[:, loud] = True
+    assert torch.equal(tiny_model.active_columns(tiles), expected_mask)
+    grid = tiny_model.token_grid(tiny_model.forward_features(tiles))          # (2, 4 rows, 8 columns, 64)
+    pooled = tiny_model.embed(tiles)
+    torch.testing.assert_close(pooled.band_active, grid[:, :, loud].mean(dim=2).flatten(1))
+    assert not torch.allclose(pooled.band_active, pooled.band)
+    # A flat tile has no column above another: every column is active, and the pooling is "band".
+    flat = torch.ones(1, 1, 32, 64)
+    assert tiny_model.active_columns(flat).all()
+    torch.testing.assert_close(tiny_model.embed(flat).band_active, tiny_model.embed(flat).band)
+    # A time crop (VICReg's views) is judged on its own columns.
+    assert tiny_model.active_columns(tiles[..., 8:24]).shape == (2, 2)
 
 
 def test_band_pooling_keeps_each_frequency_row(tiny_model: SpectrogramViT, tiles: torch.Tensor) -> None:

@@ -80,13 +80,13 @@ def test_embed_checkpoints_gives_every_pooling_and_reuses_finished_folders(store
                                                show_progress=False)
     assert notes == []
     assert {pooling: array.shape for pooling, array in embedded["mae"].items()} == {
-        "mean": (5, 32), "cls": (5, 32), "band": (5, 64)}
+        "mean": (5, 32), "cls": (5, 32), "band": (5, 64), "band_active": (5, 64)}
     # A finished folder is read back, not redone; a pooling it lacks is a note, not a crash.
     again, _ = spaces.embed_checkpoints(store_dir, {"mae": checkpoint}, tmp_path / "embeddings",
                                         EmbedConfig(pooling="band", device="cpu", num_workers=0), show_progress=False)
     np.testing.assert_array_equal(again["mae"]["band"], embedded["mae"]["band"])
     flat = spaces.flatten_spaces(embedded)
-    assert sorted(flat) == ["mae_band", "mae_cls", "mae_mean"]
+    assert sorted(flat) == ["mae_band", "mae_band_active", "mae_cls", "mae_mean"]
     assert list(spaces.flatten_spaces(again, with_pooling=False)) == ["mae"]
     with pytest.raises(ValueError, match="with_pooling=True"):
         spaces.flatten_spaces(embedded, with_pooling=False)

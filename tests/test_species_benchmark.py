@@ -46,7 +46,10 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     assert vicreg["vs_untrained"]["knn"] == pytest.approx(vicreg["knn"] - vicreg["untrained"]["knn"], abs=2e-4)
     low, high = vicreg["vs_logmel"]["knn_interval"]
     assert low <= high and 0.0 <= vicreg["vs_logmel"]["knn_share_not_better"] <= 1.0
-    assert set(vicreg["other_poolings"]) == {"mean", "cls"}
+    assert set(vicreg["other_poolings"]) == {"mean", "cls", "band_active"}
+    active = vicreg["other_poolings"]["band_active"]                   # paired against the trained pooling
+    assert active["vs_trained_pooling"]["knn"] == pytest.approx(active["knn"] - vicreg["knn"], abs=2e-4)
+    assert active["vs_logmel"]["knn"] == pytest.approx(active["knn"] - scored["logmel"]["knn"], abs=2e-4)
 
     # --compare pairs two finished runs without training; a run against itself differs by nothing.
     compare = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--n-bootstrap", "40", "--compare"]
@@ -60,7 +63,22 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     assert "27 recordists" in same["interval_method"]
     done = subprocess.run([*compare, str(out), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"species.py: no species.json in {tmp_path}: --compare and --table take folders this script wrote"]
+        f"species.py: no species.json in {tmp_path}: --compare, --table and --rescore take folders this script wrote"]
+
+    # --rescore scores the finished run again without training, on its own windows and bootstrap
+    # (taken from its command), and keeps the training record: a space scored before is unchanged.
+    rescore = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--data", str(DATA), "--sets",
+               "xeno-canto-phoebe-10sp", "--rescore", str(out)]
+    done = subprocess.run(rescore, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert again == json.loads((out / "species.json").read_text())
+    assert again["methods"] == result["methods"] and again["command"] == result["command"]
+    assert again["rescored"]["command"][-2:] == ["--rescore", str(out)] and "git_sha" in again["rescored"]
+    rescored = again["sets"]["xeno-canto-phoebe-10sp"]
+    assert rescored["in_pool"] is False                              # the run's held-out set stays held out
+    assert rescored["methods"]["vicreg"] == vicreg and rescored["logmel"] == scored["logmel"]
+    assert "40 resamples" in rescored["interval_method"]             # the run's --n-bootstrap, not the default
 
 
 def _species_json(run: Path, *, knn: float, logmel_knn: float, nmi: float | None = 0.3, in_pool: bool = True) -> None:
@@ -100,7 +118,7 @@ def test_table_prints_finished_runs_as_markdown_and_json(tmp_path):
     # A folder the script did not write is one line and exit 1, and two reports at once are refused.
     done = subprocess.run([*table, str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"species.py: no species.json in {tmp_path}: --compare and --table take folders this script wrote"]
+        f"species.py: no species.json in {tmp_path}: --compare, --table and --rescore take folders this script wrote"]
     done = subprocess.run([*table, str(tmp_path / "r12"), "--compare", str(tmp_path / "r12"), str(tmp_path / "r13")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2 and "give one" in done.stderr

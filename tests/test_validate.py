@@ -301,7 +301,8 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
 
     assert list(scores.columns) == list(SCORE_COLUMNS)
     assert set(scores["space"] + "/" + scores["pooling"]) == {
-        "ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band", "logmel_stats/mean_std_over_time"}
+        "ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band", "ssl_mae/band_active",
+        "logmel_stats/mean_std_over_time"}
     assert (scores["window_selection"] == "top_2_energy_1000-8000Hz").all()
     assert (scores["n_windows"] == 12).all() and (scores["n_recordings"] == 6).all()
     # The two tones are far apart in frequency: the log-mel baseline separates them perfectly.
@@ -317,7 +318,8 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert result.best("ssl_", exclude_prefix="ssl_mae") is None
     assert result.best("logmel").space == "logmel_stats"
     paired = paired_against(result, "logmel_stats/mean_std_over_time", n_bootstrap=200)
-    assert set(paired["space"] + "/" + paired["pooling"]) == {"ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band"}
+    assert set(paired["space"] + "/" + paired["pooling"]) == {"ssl_mae/mean", "ssl_mae/cls", "ssl_mae/band",
+                                                                   "ssl_mae/band_active"}
     assert sorted(paired["metric"].unique()) == ["ari", "knn_accuracy", "nmi"]
     knn_rows = paired[paired["metric"] == "knn_accuracy"].set_index("pooling")
     assert (knn_rows["reference"] == 1.0).all()
@@ -332,7 +334,7 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert (windows.loc[windows["selected"], "energy_rank"] <= 2).all()
     assert pd.read_csv(out / "skipped.csv")["reason"].tolist() == ["not_found"]
     predictions = pd.read_csv(out / "predictions.csv")
-    assert len(predictions) == 12 * 4
+    assert len(predictions) == 12 * 5                                   # 4 poolings and log-mel
     assert_no_recording_on_both_sides(
         predictions.query("space == 'ssl_mae' and pooling == 'mean'")["knn_fold"].to_numpy(),
         windows.set_index("window").loc[predictions.query("space == 'ssl_mae' and pooling == 'mean'")
@@ -340,6 +342,7 @@ def test_validate_writes_tidy_scores_and_never_leaks(labelled_set, tmp_path):
     assert np.load(out / "embeddings" / "ssl_mae__cls.npy").shape == (12, 32)
     # 32 mels in 16-bin patches: two frequency rows of 32 dims side by side.
     assert np.load(out / "embeddings" / "ssl_mae__band.npy").shape == (12, 64)
+    assert np.load(out / "embeddings" / "ssl_mae__band_active.npy").shape == (12, 64)
     summary = json.loads((out / "scores.json").read_text())
     assert len(summary["scores"]) == len(scores) and summary["n_labels"] == 2
     assert json.loads((out / "config.json").read_text())["config"]["top_k"] == 2

@@ -50,8 +50,10 @@ Choices:
   mean over time of each frequency row of patch tokens (8 rows x 192 = 1,536 dims for a ViT-Ti,
   6 KiB per tile): where in frequency a song lies, which a mean over all patches blurs. On the
   Acrocephalus set it raised a CPU-trained VICReg's kNN accuracy from 0.46 (mean) to 0.58
-  (notebook 07). `pooling` is one name, "both" (mean, cls), "all" (mean, cls, band) or a comma
-  list. Storing several lets every later step compare them without a second pass over the
+  (notebook 07). "band_active" is "band" over the tile's active time columns only (mean
+  model input at or above the tile's median column): a short call is not averaged with the
+  background around it. `pooling` is one name, "both" (mean, cls), "all" (every pooling) or a
+  comma list. Storing several lets every later step compare them without a second pass over the
   archive. `EMB.npy` of the audio command holds the first pooling asked for (POOLINGS order).
 * Output dtype, default float32. float16 would halve a file that is already small next to the
   tile store and is read by KMeans / UMAP in float32 anyway; float32 keeps the CPU (fp32)
@@ -135,7 +137,8 @@ class EmbedConfig:
     pooling: str = "checkpoint"      # "checkpoint": the pooling the checkpoint's method trained
                                      # (its `embedding_pooling`; "mean" when it records none);
                                      # or "mean" (patch tokens), "cls" (class token), "band"
-                                     # (per-frequency-row means), "both" (mean, cls), "all" or
+                                     # (per-frequency-row means), "band_active" (the same over
+                                     # active columns), "both" (mean, cls), "all" or
                                      # a comma list such as "mean,band"
     batch_size: int = 512            # tiles per forward pass
     chunk_tiles: int = 8192          # tiles per resumable unit of work (store mode)
@@ -184,8 +187,8 @@ class EmbedConfig:
 
 def pooling_dims(model: SpectrogramViT, poolings: Sequence[str]) -> dict[str, int]:
     """{pooling: width} in the given order: embed_dim for "mean" and "cls", rows x embed_dim
-    for "band"."""
-    return {name: int(model.band_dim if name == "band" else model.embed_dim) for name in poolings}
+    for the band poolings."""
+    return {name: int(model.pooling_dim(name)) for name in poolings}
 
 
 def split_poolings(values: np.ndarray, dims: dict[str, int]) -> dict[str, np.ndarray]:

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..core.provenance import write_config_json
 from ..core.stage import atomic_write, atomic_write_text, file_sha256
+from ..pretrain.pooling import split_space_name
 from .cluster import ClusterResult
 
 logger = logging.getLogger(__name__)
@@ -557,7 +558,10 @@ def space_embedding(run_dir: str | os.PathLike, space: str) -> np.ndarray:
     stored under embeddings/<checkpoint>/). Baseline spaces are not stored and are refused."""
     from .embed import load_embeddings
 
-    name, _, pooling = space.rpartition("_")
+    try:
+        name, pooling = split_space_name(space)
+    except ValueError:
+        name = pooling = ""
     folder = Path(run_dir) / "embeddings" / name
     if not name or not folder.is_dir():
         raise FileNotFoundError(f"space {space!r} has no stored embedding ({folder} is missing); "

@@ -88,6 +88,7 @@ from ..core.audio import AudioFile, AudioOpenError, WindowLoss, WindowRule, read
 from ..core.stage import atomic_save_npy, atomic_write, atomic_write_text, file_sha256
 from ..pretrain.checkpoint import checkpoint_backbone_config
 from ..pretrain.models import patch_grid_hw
+from ..pretrain.pooling import BAND_POOLINGS
 from ..recordings.archive import probe_recording
 from ..tiles.spectrogram import SpectrogramConfig, hz_to_mel_bin
 from ..tiles.store import TileStore
@@ -274,7 +275,7 @@ def open_space(run_dir: str | os.PathLike, name: str, chunk_rows: int = DEFAULT_
                                    f"{len(store)} tiles: they are from different runs")
         return SearchSpace(name, embeddings, _space_checkpoint(run_dir, folder, metadata), pooling,
                            store.config, folder / metadata["arrays"][pooling]["file"], run_dir,
-                           _frequency_rows(metadata, folder) if pooling == "band" else None)
+                           _frequency_rows(metadata, folder) if pooling in BAND_POOLINGS else None)
     raise SearchInputError(f"unknown space {name!r}: {run_dir} has {', '.join(run_spaces(run_dir))}")
 
 
@@ -631,7 +632,7 @@ def band_mel_bins(band_hz: tuple[float, float], spectrogram: SpectrogramConfig) 
 
 def band_columns(space: SearchSpace, band_hz: tuple[float, float]) -> np.ndarray:
     """The dimensions of `space` that describe the band: in "logmel_stats" the mean and the std
-    of each mel bin it covers; in a "band" pooling the frequency rows of the patch grid that
+    of each mel bin it covers; in a band pooling ("band", "band_active") the frequency rows of the patch grid that
     overlap those bins (each row a block of embed_dim dimensions, low to high). Other poolings mix
     every frequency into every dimension: SearchInputError."""
     n_mels = space.spectrogram.n_mels
@@ -647,7 +648,7 @@ def band_rows(space: SearchSpace, band_hz: tuple[float, float]) -> np.ndarray:
     to high; SearchInputError for a space that pools every frequency together."""
     n_mels, rows = space.spectrogram.n_mels, space.frequency_rows
     bins = band_mel_bins(band_hz, space.spectrogram)
-    if space.pooling != "band" or not rows or space.embeddings.shape[1] % rows or n_mels % rows:
+    if space.pooling not in BAND_POOLINGS or not rows or space.embeddings.shape[1] % rows or n_mels % rows:
         raise SearchInputError(f"a band search needs a space that keeps frequency apart ({LOGMEL_SPACE} or a "
                                f"*_band space); {space.name} pools every frequency together")
     return np.unique(bins // (n_mels // rows))

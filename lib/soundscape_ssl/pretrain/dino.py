@@ -152,7 +152,7 @@ class DinoNetwork(nn.Module):
 
 
 def head_input_dim(backbone: SpectrogramViT, pooling: str) -> int:
-    return backbone.band_dim if pooling == "band" else backbone.embed_dim
+    return backbone.pooling_dim(pooling)
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
+from .pooling import BAND_POOLINGS, POOLINGS
+
 logger = logging.getLogger(__name__)
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti/S).
@@ -105,6 +107,9 @@ class PooledEmbeddings(NamedTuple):
     # tokens, rows concatenated from low to high frequency. Keeps *where in frequency* the content
     # lies, which a mean over all patches blurs and which separates congeneric species.
     band: torch.Tensor
+    # (batch, frequency rows * embed_dim): "band" over the active time columns only (those whose
+    # mean input is at or above the tile's median column, `active_columns`).
+    band_active: torch.Tensor
 
 
 class LastBlockAttention(NamedTuple):
@@ -208,15 +213,28 @@ class SpectrogramViT(VisionTransformer):
         """Run embedded tokens (any subset of patches, class token first) through blocks and final norm."""
         return self.norm(self.blocks(tokens))
 
-    def pooled(self, tokens: torch.Tensor) -> PooledEmbeddings:
-        """CLS, mean-of-patches and per-frequency-band embeddings from final tokens.
+    def pooled(self, tokens: torch.Tensor, tiles: torch.Tensor) -> PooledEmbeddings:
+        """Every pooling (`pooling.POOLINGS`) of the final tokens of the input `tiles`
+        (batch, 1, n_mels, n_frames), which "band_active" needs to find the active columns.
 
         The patch tokens are in row-major order of the (frequency, time) grid, and every input
         spans all mel bins, so a time crop of any width has `patch_grid_hw[0]` rows.
         """
         patches = tokens[:, self.num_prefix_tokens:]
-        band = self.token_grid(tokens).mean(dim=2).flatten(1)
-        return PooledEmbeddings(mean=patches.mean(dim=1), cls=tokens[:, 0], band=band)
+        grid = self.token_grid(tokens)
+        active = self.active_columns(tiles).to(grid.dtype)[:, None, :, None]   # (batch, 1, columns, 1)
+        band_active = (grid * active).sum(dim=2) / active.sum(dim=2)
+        return PooledEmbeddings(mean=patches.mean(dim=1), cls=tokens[:, 0], band=grid.mean(dim=2).flatten(1),
+                                band_active=band_active.flatten(1))
+
+    def active_columns(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(batch, columns) bool: the time columns of patches whose mean input (all mel bins, the
+        column's frames) is at or above the tile's median column (linear interpolation between
+        the two middle ones for an even count, so half the columns when no two are equal, and at
+        least one whatever the input)."""
+        columns = self.grid_hw_for(tiles)[1]
+        activity = tiles.float().mean(dim=(1, 2)).unflatten(-1, (columns, -1)).mean(dim=-1)
+        return activity >= torch.quantile(activity, 0.5, dim=1, keepdim=True)
 
     def token_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final patch tokens as their (frequency, time) grid: (batch, rows, columns, embed_dim),
@@ -229,12 +247,18 @@ class SpectrogramViT(VisionTransformer):
 
     @property
     def band_dim(self) -> int:
-        """Width of the per-frequency-band embedding: frequency rows * embed_dim."""
+        """Width of the per-frequency-band embeddings: frequency rows * embed_dim."""
         return self.patch_grid_hw[0] * self.embed_dim
 
+    def pooling_dim(self, pooling: str) -> int:
+        """Width of one pooling's embedding (`pooling.POOLINGS`)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        return self.band_dim if pooling in BAND_POOLINGS else self.embed_dim
+
     def embed(self, tiles: torch.Tensor) -> PooledEmbeddings:
-        """Tile embeddings (CLS, mean of patch tokens, per-band means) for a batch of tiles."""
-        return self.pooled(self.forward_features(tiles))
+        """Tile embeddings, every pooling of `pooling.POOLINGS`, for a batch of tiles."""
+        return self.pooled(self.forward_features(tiles), tiles)
 
     def last_block_attention(self, tiles: torch.Tensor) -> LastBlockAttention:
         """Final tokens and every head's attention weights in the last block, in one forward pass."""

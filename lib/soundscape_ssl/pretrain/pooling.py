@@ -3,7 +3,11 @@
 * "mean": the mean over all patch tokens;
 * "cls": the class token;
 * "band": the mean over time of each frequency row of patch tokens, rows side by side from low
-  to high frequency (keeps *where in frequency* the content lies).
+  to high frequency (keeps *where in frequency* the content lies);
+* "band_active": "band" over the tile's active time columns only: the columns of patches whose
+  mean model input (after normalisation and background removal, so PCEN's foreground when that
+  is the removal) is at or above the tile's median column. A call often fills a few columns of
+  a 3 s tile; a mean over all of them mixes it with the background between calls.
 
 `models.PooledEmbeddings` has one field per name, in this order (the order in which the
 embedding stage concatenates them); VICReg's loss reads one of them (`vicreg.pooling`), the
@@ -13,7 +17,8 @@ so modules that avoid importing it (validation's configuration) can name pooling
 
 from __future__ import annotations
 
-POOLINGS = ("mean", "cls", "band")
+POOLINGS = ("mean", "cls", "band", "band_active")
+BAND_POOLINGS = ("band", "band_active")   # frequency rows side by side: rows x embed_dim wide
 POOLING_ALIASES = {"both": ("mean", "cls"), "all": POOLINGS}
 
 
@@ -30,3 +35,14 @@ def parse_poolings(pooling: str) -> tuple[str, ...]:
             raise ValueError(f"pooling must be one of {POOLINGS}, an alias in "
                              f"{sorted(POOLING_ALIASES)} or a comma list of them, got {pooling!r}")
     return tuple(name for name in POOLINGS if name in names)
+
+
+def split_space_name(space: str) -> tuple[str, str]:
+    """A stored space's name "<checkpoint>_<pooling>" -> (checkpoint, pooling), matching the
+    longest pooling name ("vicreg_band_active" -> ("vicreg", "band_active"), not "band_active"
+    cut at its last underscore); ValueError for a name that ends in no pooling."""
+    for pooling in sorted(POOLINGS, key=len, reverse=True):
+        checkpoint = space.removesuffix(f"_{pooling}")
+        if checkpoint and checkpoint != space:
+            return checkpoint, pooling
+    raise ValueError(f"space {space!r} is not <checkpoint>_<pooling> with a pooling of {POOLINGS}")

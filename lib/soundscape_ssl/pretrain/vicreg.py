@@ -35,8 +35,9 @@ class VicregConfig:
     variance_weight: float = 25.0
     covariance_weight: float = 1.0
     crop_frames: int = 224  # both views are time crops of this width
-    pooling: str = "cls"  # representation fed to the expander: "cls" token, "mean" of patches or
-                          # "band" (per-frequency-row means, see models.PooledEmbeddings)
+    pooling: str = "cls"  # representation fed to the expander: "cls" token, "mean" of patches,
+                          # "band" (per-frequency-row means) or "band_active" (the same over the
+                          # active time columns); see models.PooledEmbeddings
     spec_mask: bool = True  # SpecAugment masks on both views (VICReg is symmetric)
     collapse_std: float = 0.05  # representation spread below this (see `representation_spread`): collapse
 
@@ -148,13 +149,11 @@ class VicregMethod(SSLMethod):
         augment.validate()
         self.config, self.augment, self.normalization = config, augment, normalization
         self.backbone = build_backbone(backbone_config)
-        in_dim = self.backbone.band_dim if config.pooling == "band" else self.backbone.embed_dim
-        self.expander = build_expander(in_dim, config.expander_dim, config.expander_layers)
+        self.expander = build_expander(self.backbone.pooling_dim(config.pooling), config.expander_dim,
+                                       config.expander_layers)
 
     def _represent(self, views: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(views)
-        pooled = self.backbone.pooled(tokens)
-        return getattr(pooled, self.config.pooling)
+        return getattr(self.backbone.embed(views), self.config.pooling)
 
     def forward(self, tiles: torch.Tensor, step: int, generator: torch.Generator | None = None) -> MethodOutput:
         views = augmented_views(tiles, 2, self.config.crop_frames, self.augment, self.normalization, generator)

@@ -31,9 +31,9 @@ two seeds of one recipe measure that.
 
 `--rescore RUN` trains nothing: it scores a finished run's checkpoints again with the scorer of
 this checkout (a pooling or a labelled set added since) with the windows and bootstrap of RUN's
-own command, replacing the sets in RUN's species.json and keeping its training record; `rescored` says which command and commit scored them. The
-same windows and folds give the same predictions for a space that was scored before, so
-`--compare` against older runs stays paired.
+own command, replacing the sets in RUN's species.json and keeping its training record;
+`rescored` says which command and commit scored them. The same windows and folds give the same
+predictions for a space that was scored before, so `--compare` against older runs stays paired.
 
 `--table RUN [RUN ...]` trains and scores nothing either: it prints the finished runs as one
 Markdown table (a row per run and method; per labelled set the kNN accuracy, its paired difference

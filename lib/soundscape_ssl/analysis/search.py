@@ -632,9 +632,9 @@ def band_mel_bins(band_hz: tuple[float, float], spectrogram: SpectrogramConfig) 
 
 def band_columns(space: SearchSpace, band_hz: tuple[float, float]) -> np.ndarray:
     """The dimensions of `space` that describe the band: in "logmel_stats" the mean and the std
-    of each mel bin it covers; in a band pooling ("band", "band_active") the frequency rows of the patch grid that
-    overlap those bins (each row a block of embed_dim dimensions, low to high). Other poolings mix
-    every frequency into every dimension: SearchInputError."""
+    of each mel bin it covers; in a band pooling ("band", "band_active") the frequency rows of the
+    patch grid that overlap those bins (each row a block of embed_dim dimensions, low to high).
+    Other poolings mix every frequency into every dimension: SearchInputError."""
     n_mels = space.spectrogram.n_mels
     if space.name == LOGMEL_SPACE:
         bins = band_mel_bins(band_hz, space.spectrogram)

@@ -27,7 +27,9 @@ statistics, against an untrained copy of each backbone, and beside BirdNET:
 `--compare RUN REFERENCE_RUN` trains and scores nothing: it pairs two finished runs (e.g. one recipe
 trained with two seeds, or two recipes) on the windows both scored, over the same groups, from the
 predictions each wrote. The intervals above cover the sample of recordists, not training noise;
-two seeds of one recipe measure that.
+two seeds of one recipe measure that. Each run's space is the pooling it trained; `--pooling P`
+pairs pooling P of both (two recipes read the same way, e.g. one trained on `band` and one on
+`band_active`, both read with `band_active`).
 
 `--rescore RUN` trains nothing: it scores a finished run's checkpoints again with the scorer of
 this checkout (a pooling or a labelled set added since) with the windows and bootstrap of RUN's
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train and score nothing: pair each method's space in RUN against the same "
                              "method's in REFERENCE_RUN (two folders this script wrote, e.g. one recipe "
                              "with two seeds) on every labelled set both scored")
+    parser.add_argument("--pooling", default=None, metavar="POOLING",
+                        help="with --compare: pair this pooling of both runs' checkpoints (one each run "
+                             "scored, trained or not) instead of the pooling each run trained")
     parser.add_argument("--table", nargs="+", type=Path, metavar="RUN", default=None,
                         help="train and score nothing: the finished runs as one Markdown table, "
                              "labelled sets in --sets order (default: every set the runs scored)")
@@ -110,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if sum(bool(x) for x in (args.compare, args.table, args.rescore)) > 1:
         parser.error("--compare, --table and --rescore are different jobs: give one")
+    if args.pooling is not None and not args.compare:
+        parser.error("--pooling chooses the spaces --compare pairs: give it with --compare")
     return args
 
 
@@ -358,10 +365,21 @@ def _report(run: Path) -> dict[str, Any]:
         raise SystemExit(f"species.py: {path} is not this script's JSON: {error}") from error
 
 
-def compare_runs(run: Path, reference_run: Path) -> dict[str, Any]:
+def _scored_pooling(space: dict[str, Any], pooling: str | None) -> dict[str, Any] | None:
+    """A method's scores for `pooling` (None: the pooling it trained), or None where it was not scored."""
+    if pooling is None or pooling == space["pooling"]:
+        return space
+    return space.get("other_poolings", {}).get(pooling)
+
+
+def compare_runs(run: Path, reference_run: Path, pooling: str | None = None) -> dict[str, Any]:
     """Each method's space in `run` against the same method's in `reference_run`, paired over the
     groups of every labelled set both scored (`validate.paired_between_runs`). Two seeds of one
-    recipe measure training noise: a difference between recipes smaller than theirs is not one."""
+    recipe measure training noise: a difference between recipes smaller than theirs is not one.
+    The spaces are the poolings each run trained, or `pooling` in both: two recipes read the same
+    way, which separates what training changed from how its tokens are read."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise SystemExit(f"species.py: --pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     report, reference = _report(run), _report(reference_run)
     sets: dict[str, Any] = {}
     for name in sorted(set(report["sets"]) & set(reference["sets"])):
@@ -370,17 +388,25 @@ def compare_runs(run: Path, reference_run: Path) -> dict[str, Any]:
         for method in sorted(set(ours) & set(theirs)):
             if ours[method].get("missing") or theirs[method].get("missing"):
                 continue
-            key = validate.space_key(f"ssl_{method}", ours[method]["pooling"])
-            reference_key = validate.space_key(f"ssl_{method}", theirs[method]["pooling"])
+            our_scores, their_scores = _scored_pooling(ours[method], pooling), _scored_pooling(theirs[method], pooling)
+            if our_scores is None or their_scores is None:
+                unscored = run if our_scores is None else reference_run
+                raise SystemExit(f"species.py: {unscored} did not score {method} with {pooling} pooling on "
+                                 f"{name}: score it with --rescore first")
+            our_pooling, their_pooling = pooling or ours[method]["pooling"], pooling or theirs[method]["pooling"]
+            key = validate.space_key(f"ssl_{method}", our_pooling)
+            reference_key = validate.space_key(f"ssl_{method}", their_pooling)
             try:
                 table = validate.paired_between_runs(run / "validation" / name, key,
                                                      reference_run / "validation" / name, reference_key,
                                                      n_bootstrap=ARGS.n_bootstrap)
             except (KeyError, ValueError, OSError) as error:
                 raise SystemExit(f"species.py: cannot pair {method} on {name}: {error}") from error
-            headline = {short: ours[method].get(short) for short in HEADLINE_METRICS.values()}
-            reference_headline = {short: theirs[method].get(short) for short in HEADLINE_METRICS.values()}
-            methods[method] = {"pooling": ours[method]["pooling"], "reference_pooling": theirs[method]["pooling"],
+            headline = {short: our_scores.get(short) for short in HEADLINE_METRICS.values()}
+            reference_headline = {short: their_scores.get(short) for short in HEADLINE_METRICS.values()}
+            methods[method] = {"pooling": our_pooling, "reference_pooling": their_pooling,
+                               "trained_pooling": ours[method]["pooling"],
+                               "reference_trained_pooling": theirs[method]["pooling"],
                                "run": headline, "reference_run": reference_headline,
                                "difference": _differences(table),
                                "interval_method": str(table["interval_method"].iloc[0])}
@@ -515,7 +541,7 @@ def main() -> int:
         print(json.dumps(rescore_run(ARGS.rescore), separators=(",", ":"), allow_nan=True))
         return 0
     if ARGS.compare:
-        print(json.dumps(compare_runs(*ARGS.compare), separators=(",", ":"), allow_nan=True))
+        print(json.dumps(compare_runs(*ARGS.compare, pooling=ARGS.pooling), separators=(",", ":"), allow_nan=True))
         return 0
     if ARGS.table:
         table = table_rows(ARGS.table, [name.strip() for name in ARGS.sets.split(",")] if ARGS.sets else None)

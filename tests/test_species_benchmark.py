@@ -61,6 +61,14 @@ def test_species_benchmark_trains_scores_and_reports_paired_differences(tmp_path
     assert same["run"]["knn"] == vicreg["knn"] and same["reference_run"] == same["run"]
     assert same["difference"]["knn"] == 0 and same["difference"]["knn_interval"] == [0, 0]
     assert "27 recordists" in same["interval_method"]
+    # --pooling pairs another pooling of both checkpoints: here band_active, which neither trained.
+    done = subprocess.run([*compare, str(out), str(out), "--pooling", "band_active"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    active_pair = json.loads(done.stdout.strip().splitlines()[-1])["sets"]["xeno-canto-phoebe-10sp"]["vicreg"]
+    assert active_pair["pooling"] == active_pair["reference_pooling"] == "band_active"
+    assert active_pair["trained_pooling"] == active_pair["reference_trained_pooling"] == "band"
+    assert active_pair["run"]["knn"] == active["knn"] and active_pair["difference"]["knn"] == 0
     done = subprocess.run([*compare, str(out), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"species.py: no species.json in {tmp_path}: --compare, --table and --rescore take folders this script wrote"]
@@ -90,6 +98,24 @@ def _species_json(run: Path, *, knn: float, logmel_knn: float, nmi: float | None
         "benchmark": "species", "methods": {"vicreg": {"steps": 12000, "stopped": None}},
         "sets": {"phoebe": {"logmel": {"knn": logmel_knn, "nmi": 0.297}, "in_pool": in_pool,
                             "methods": {"vicreg": space}}}}))
+
+
+def test_compare_pooling_is_one_the_runs_scored(tmp_path):
+    _species_json(tmp_path / "r12", knn=0.374, logmel_knn=0.313)
+    _species_json(tmp_path / "r13", knn=0.389, logmel_knn=0.313)
+    compare = [sys.executable, str(REPO / "benchmarks" / "species.py"), "--compare", str(tmp_path / "r13"),
+               str(tmp_path / "r12"), "--pooling"]
+    done = subprocess.run([*compare, "band_active"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"species.py: {tmp_path / 'r13'} did not score vicreg with band_active pooling on phoebe: "
+        "score it with --rescore first"]
+    done = subprocess.run([*compare, "band_max"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "species.py: --pooling 'band_max' is not one of mean, cls, band, band_active"]
+    # Without --compare there is nothing for --pooling to choose.
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "species.py"), "--table", str(tmp_path / "r12"),
+                           "--pooling", "band"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "give it with --compare" in done.stderr
 
 
 def test_table_prints_finished_runs_as_markdown_and_json(tmp_path):

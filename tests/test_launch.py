@@ -135,6 +135,31 @@ def test_a_profiles_recipe_gives_the_same_train_config_to_notebook_and_script(tm
     assert config.model.arch == "vit_tiny" and config.store_dir == str(tmp_path / "tiles")
 
 
+@pytest.mark.parametrize("profile", ["real_pool", "poster"])
+def test_a_profiles_dino_is_the_recipe_measured_in_species(profile, tmp_path):
+    """real_pool's and poster's DINO train on PCEN input with the head on the bands and Sinkhorn-Knopp
+    targets (the study's own DINO, on the class token without background removal, learned a space
+    below its untrained copy: notebook 07, r39). The config builds, the method embeds with the band
+    pooling it trained, and one step on random tiles gives a finite loss."""
+    import torch
+
+    from soundscape_ssl.pretrain.augment import Normalization
+    from soundscape_ssl.pretrain.train import build_method
+    from soundscape_ssl.pipeline.runner import profile_parameters
+
+    params = profile_parameters(profile, "03")
+    settings = launch.train_settings_from_parameters(tmp_path / "tiles", **params)
+    config = launch.method_train_config("dino", settings, params["method_overrides"], tmp_path / "dino")
+    assert config.background_removal == "pcen" and config.augment.gain_db == 0.0
+    assert (config.dino.pooling, config.dino.centering) == ("band", "sinkhorn_knopp") and config.dino.koleo_weight > 0
+    config.model.arch, config.model.depth, config.dino.out_dim = "vit_tiny", 1, 64   # a step in seconds
+    torch.manual_seed(0)
+    method = build_method(config, Normalization(background="pcen"), total_steps=10, steps_per_epoch=5)
+    assert method.embedding_pooling == "band"
+    tiles = torch.randn(4, 1, config.model.n_mels, config.model.n_frames)
+    assert torch.isfinite(method(tiles, step=0).loss)
+
+
 def test_rectangular_patches_reach_a_profiles_recipe_as_species_sets_them(tmp_path):
     """`benchmarks/species.py --set vicreg.model.patch_size=8 --set vicreg.model.patch_frames=32`
     becomes this override, merged over the profile's: 8 x 32 patches on the real_pool VICReg recipe

@@ -143,9 +143,9 @@ def test_a_profiles_dino_is_the_recipe_measured_in_species(profile, tmp_path):
     pooling it trained, and one step on random tiles gives a finite loss."""
     import torch
 
+    from soundscape_ssl.pipeline.runner import profile_parameters
     from soundscape_ssl.pretrain.augment import Normalization
     from soundscape_ssl.pretrain.train import build_method
-    from soundscape_ssl.pipeline.runner import profile_parameters
 
     params = profile_parameters(profile, "03")
     settings = launch.train_settings_from_parameters(tmp_path / "tiles", **params)
